@@ -1,0 +1,58 @@
+# rmgrpc: `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(wildcard protos/rmgrpc/v1/*.proto)
+PROTOC  = $(BIN)/python -m grpc_tools.protoc -Iprotos \
+  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
+ARGS   ?=
+
+.PHONY: run test test-slow proto proto-check lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/rmgrpc serve $(ARGS)
+
+test: $(STAMP) proto-check
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# Stubs and .pyi files in generated/ come only from here; never edit them by hand.
+proto: $(STAMP)
+	rm -rf generated/rmgrpc
+	mkdir -p generated/rmgrpc/v1
+	$(PROTOC) \
+	  --python_out=generated --grpc_python_out=generated \
+	  --mypy_out=generated --mypy_grpc_out=generated $(PROTOS)
+	printf '"""Stubs generated from protos/rmgrpc/v1 by `make proto`."""\n' > generated/rmgrpc/v1/__init__.py
+	touch generated/rmgrpc/v1/py.typed
+
+# Fails when generated/ is not what `make proto` makes from protos/.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && mkdir -p $$tmp/rmgrpc/v1 && \
+	$(PROTOC) \
+	  --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) && \
+	printf '"""Stubs generated from protos/rmgrpc/v1 by `make proto`."""\n' > $$tmp/rmgrpc/v1/__init__.py && \
+	touch $$tmp/rmgrpc/v1/py.typed && \
+	if diff -r $$tmp/rmgrpc generated/rmgrpc >/dev/null; then rm -rf $$tmp; \
+	else echo "generated/ is stale: run 'make proto' and commit it"; diff -r $$tmp/rmgrpc generated/rmgrpc | head -20; rm -rf $$tmp; exit 1; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check src clients tests
+	$(BIN)/ruff format --check src clients tests
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

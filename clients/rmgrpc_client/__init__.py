@@ -1,0 +1,49 @@
+"""rmgrpc_client: a typed client for the rmgrpc resource manager.
+
+`AsyncClient` (asyncio) and `Client` (blocking) wrap every RPC of AllocatorService,
+GpuManagerService and QuotaService; `watch_allocations` is a watch that survives
+disconnects and compaction; every failure is an `RmgrpcError`. Only the protobuf stubs
+(`rmgrpc.v1`) are needed, not the server.
+"""
+
+from rmgrpc_client._async_client import AsyncClient
+from rmgrpc_client._errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RmgrpcError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from rmgrpc_client._paging import Page
+from rmgrpc_client._sync_client import Client
+from rmgrpc_client.watch import AllocationWatch, Relisted, Relister, WatchItem, watch_allocations
+
+__all__ = [
+    "AbortedError",
+    "AllocationWatch",
+    "AlreadyExistsError",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "Page",
+    "PermissionDeniedError",
+    "Relisted",
+    "Relister",
+    "ResourceExhaustedError",
+    "RmgrpcError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "WatchItem",
+    "watch_allocations",
+]

@@ -1,0 +1,523 @@
+"""`AsyncClient`: every RPC of AllocatorService, GpuManagerService and QuotaService as an
+`async` method taking plain keyword arguments and returning the interesting message."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import grpc
+from google.protobuf import message
+from rmgrpc.v1 import (
+    allocator_pb2,
+    allocator_pb2_grpc,
+    gpu_manager_pb2,
+    gpu_manager_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
+    resources_pb2,
+)
+
+from rmgrpc_client._channel import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    auth_metadata,
+)
+from rmgrpc_client._errors import from_rpc_error
+from rmgrpc_client._paging import Page, iterate_pages
+from rmgrpc_client._requests import allocate_request, quota_message
+
+if TYPE_CHECKING:
+    from rmgrpc_client.watch import AllocationWatch, Relister
+
+_R = TypeVar("_R", bound=message.Message)
+
+
+class AsyncClient:
+    """An asyncio client for one rmgrpc server.
+
+    >>> async with AsyncClient("127.0.0.1:50051", token="s3cret") as client:
+    ...     alloc = await client.allocate("org/team", 2, gpus=4, gpu_model="H100")
+
+    `target` is ``host:port``; pass `channel` instead to bring your own (TLS, interceptors,
+    options) — the client then leaves it open on `close()`. `credentials` makes the client
+    open a TLS channel to `target`. `token` is sent as ``authorization: Bearer <token>``.
+    `timeout` (seconds, `None` for none) bounds each unary call; watch streams are unbounded.
+    Every failed call raises `RmgrpcError` (a subclass per status code).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._owns_channel = channel is None
+        if channel is None:
+            if credentials is not None:
+                channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel
+        self._metadata = auth_metadata(token)
+        self._timeout = timeout
+        self._allocator = allocator_pb2_grpc.AllocatorServiceStub(channel)
+        self._gpu_manager = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
+        self._quota = quota_pb2_grpc.QuotaServiceStub(channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel, if this client opened it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def _call(self, method: Any, request: message.Message, response_type: type[_R]) -> _R:
+        try:
+            response = await method(request, metadata=self._metadata, timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return cast(_R, response)
+
+    # -- AllocatorService -------------------------------------------------------------
+
+    async def allocate(
+        self,
+        tenant: str,
+        count: int = 1,
+        *,
+        gpus: int = 0,
+        gpu_model: str = "",
+        cpu_millis: int = 0,
+        memory_bytes: int = 0,
+        node_selector: Mapping[str, str] | None = None,
+        priority: int = 0,
+        lease_seconds: int = 0,
+        max_duration_seconds: int = 0,
+        reservation_id: str = "",
+        request_id: str | None = None,
+    ) -> allocator_pb2.Allocation:
+        """Ask for `count` replicas (a gang: all placed or none) of the given shape.
+
+        Returns the allocation once the scheduler has considered it: ALLOCATED with
+        `placements`, or PENDING with `pending_reason`. `request_id` defaults to a fresh
+        uuid4, and the channel retries UNAVAILABLE with it, so a retry never allocates twice;
+        pass your own to make retries across processes idempotent too.
+        """
+        request = allocate_request(
+            tenant=tenant,
+            count=count,
+            gpus=gpus,
+            gpu_model=gpu_model,
+            cpu_millis=cpu_millis,
+            memory_bytes=memory_bytes,
+            node_selector=node_selector,
+            priority=priority,
+            lease_seconds=lease_seconds,
+            max_duration_seconds=max_duration_seconds,
+            reservation_id=reservation_id,
+            request_id=request_id,
+            dry_run=False,
+        )
+        response = await self._call(
+            self._allocator.Allocate, request, allocator_pb2.AllocateResponse
+        )
+        return response.allocation
+
+    async def allocate_dry_run(
+        self,
+        tenant: str,
+        count: int = 1,
+        *,
+        gpus: int = 0,
+        gpu_model: str = "",
+        cpu_millis: int = 0,
+        memory_bytes: int = 0,
+        node_selector: Mapping[str, str] | None = None,
+        priority: int = 0,
+        lease_seconds: int = 0,
+        max_duration_seconds: int = 0,
+        reservation_id: str = "",
+    ) -> allocator_pb2.AllocateResponse:
+        """`Allocate` with `dry_run`: what would happen now, changing nothing.
+
+        The whole response is returned: `allocation` (its would-be placements, or the
+        `pending_reason`) and `preempted_allocation_ids` (whom it would preempt).
+        """
+        request = allocate_request(
+            tenant=tenant,
+            count=count,
+            gpus=gpus,
+            gpu_model=gpu_model,
+            cpu_millis=cpu_millis,
+            memory_bytes=memory_bytes,
+            node_selector=node_selector,
+            priority=priority,
+            lease_seconds=lease_seconds,
+            max_duration_seconds=max_duration_seconds,
+            reservation_id=reservation_id,
+            request_id=None,
+            dry_run=True,
+        )
+        return await self._call(self._allocator.Allocate, request, allocator_pb2.AllocateResponse)
+
+    async def get_allocation(self, allocation_id: str) -> allocator_pb2.Allocation:
+        """The allocation with this id (NotFoundError when there is none)."""
+        response = await self._call(
+            self._allocator.GetAllocation,
+            allocator_pb2.GetAllocationRequest(id=allocation_id),
+            allocator_pb2.GetAllocationResponse,
+        )
+        return response.allocation
+
+    async def list_allocations_page(
+        self,
+        *,
+        tenant: str = "",
+        node_id: str = "",
+        states: Sequence[allocator_pb2.AllocationState.ValueType] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[allocator_pb2.Allocation]:
+        """One page of allocations matching the filters (empty filters match all)."""
+        response = await self._call(
+            self._allocator.ListAllocations,
+            allocator_pb2.ListAllocationsRequest(
+                tenant=tenant,
+                node_id=node_id,
+                states=list(states),
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            allocator_pb2.ListAllocationsResponse,
+        )
+        return Page(list(response.allocations), response.next_page_token, response.revision)
+
+    def list_allocations(
+        self,
+        *,
+        tenant: str = "",
+        node_id: str = "",
+        states: Sequence[allocator_pb2.AllocationState.ValueType] = (),
+        page_size: int = 0,
+    ) -> AsyncIterator[allocator_pb2.Allocation]:
+        """Every allocation matching the filters, across all pages: ``async for a in ...``."""
+        return iterate_pages(
+            lambda token: self.list_allocations_page(
+                tenant=tenant, node_id=node_id, states=states, page_size=page_size, page_token=token
+            )
+        )
+
+    async def release(self, allocation_id: str) -> allocator_pb2.Allocation:
+        """End the allocation (or cancel it while pending). Releasing twice is harmless."""
+        response = await self._call(
+            self._allocator.ReleaseAllocation,
+            allocator_pb2.ReleaseAllocationRequest(id=allocation_id),
+            allocator_pb2.ReleaseAllocationResponse,
+        )
+        return response.allocation
+
+    async def renew(self, allocation_id: str, lease_seconds: int = 0) -> allocator_pb2.Allocation:
+        """Extend the lease by `lease_seconds` from now (0: the allocation's own length)."""
+        response = await self._call(
+            self._allocator.RenewAllocation,
+            allocator_pb2.RenewAllocationRequest(id=allocation_id, lease_seconds=lease_seconds),
+            allocator_pb2.RenewAllocationResponse,
+        )
+        return response.allocation
+
+    async def watch_events(
+        self,
+        *,
+        start_revision: int = 0,
+        tenant: str = "",
+        node_id: str = "",
+        allocation_id: str = "",
+    ) -> AsyncGenerator[allocator_pb2.AllocationEvent, None]:
+        """One raw WatchAllocations stream, PROGRESS events included; it ends on the first
+        error (raised as `RmgrpcError`). Most callers want `watch_allocations` instead,
+        which resumes and relists by itself."""
+        call = self._allocator.WatchAllocations(
+            allocator_pb2.WatchAllocationsRequest(
+                start_revision=start_revision,
+                tenant=tenant,
+                node_id=node_id,
+                allocation_id=allocation_id,
+            ),
+            metadata=self._metadata,
+        )
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def watch_allocations(
+        self,
+        *,
+        start_revision: int = 0,
+        tenant: str = "",
+        node_id: str = "",
+        allocation_id: str = "",
+        relist: Relister | None = None,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+    ) -> AllocationWatch:
+        """A resumable watch; see `rmgrpc_client.watch.watch_allocations`."""
+        from rmgrpc_client.watch import watch_allocations
+
+        return watch_allocations(
+            self,
+            start_revision=start_revision,
+            tenant=tenant,
+            node_id=node_id,
+            allocation_id=allocation_id,
+            relist=relist,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
+
+    # -- GpuManagerService ------------------------------------------------------------
+
+    async def register_node(
+        self,
+        node_id: str,
+        *,
+        cpu_millis: int = 0,
+        memory_bytes: int = 0,
+        labels: Mapping[str, str] | None = None,
+        gpus: Sequence[gpu_manager_pb2.Gpu] = (),
+    ) -> gpu_manager_pb2.RegisterNodeResponse:
+        """Add the node, or update its capacity and GPUs. The response carries the
+        `heartbeat_interval_seconds` the agent should keep."""
+        return await self._call(
+            self._gpu_manager.RegisterNode,
+            gpu_manager_pb2.RegisterNodeRequest(
+                node_id=node_id,
+                cpu_millis=cpu_millis,
+                memory_bytes=memory_bytes,
+                labels=dict(labels or {}),
+                gpus=list(gpus),
+            ),
+            gpu_manager_pb2.RegisterNodeResponse,
+        )
+
+    async def heartbeat(
+        self, node_id: str, gpus: Sequence[gpu_manager_pb2.GpuStatus] = ()
+    ) -> gpu_manager_pb2.HeartbeatResponse:
+        """Refresh the node's lease, reporting GPU health and metrics.
+        NotFoundError means the server does not know the node: register it again."""
+        return await self._call(
+            self._gpu_manager.Heartbeat,
+            gpu_manager_pb2.HeartbeatRequest(node_id=node_id, gpus=list(gpus)),
+            gpu_manager_pb2.HeartbeatResponse,
+        )
+
+    async def get_node(self, node_id: str) -> gpu_manager_pb2.Node:
+        """The node with its GPUs, state and allocated capacity."""
+        response = await self._call(
+            self._gpu_manager.GetNode,
+            gpu_manager_pb2.GetNodeRequest(node_id=node_id),
+            gpu_manager_pb2.GetNodeResponse,
+        )
+        return response.node
+
+    async def list_nodes_page(
+        self,
+        *,
+        states: Sequence[gpu_manager_pb2.NodeState.ValueType] = (),
+        label_selector: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[gpu_manager_pb2.Node]:
+        """One page of nodes in `states` (empty: all) carrying every label of the selector."""
+        response = await self._call(
+            self._gpu_manager.ListNodes,
+            gpu_manager_pb2.ListNodesRequest(
+                states=list(states),
+                label_selector=dict(label_selector or {}),
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            gpu_manager_pb2.ListNodesResponse,
+        )
+        return Page(list(response.nodes), response.next_page_token, response.revision)
+
+    def list_nodes(
+        self,
+        *,
+        states: Sequence[gpu_manager_pb2.NodeState.ValueType] = (),
+        label_selector: Mapping[str, str] | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[gpu_manager_pb2.Node]:
+        """Every matching node, across all pages."""
+        return iterate_pages(
+            lambda token: self.list_nodes_page(
+                states=states, label_selector=label_selector, page_size=page_size, page_token=token
+            )
+        )
+
+    async def list_gpus_page(
+        self,
+        *,
+        node_id: str = "",
+        model: str = "",
+        free_only: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[gpu_manager_pb2.Gpu]:
+        """One page of GPUs, optionally of one node or model, or only those free."""
+        response = await self._call(
+            self._gpu_manager.ListGpus,
+            gpu_manager_pb2.ListGpusRequest(
+                node_id=node_id,
+                model=model,
+                free_only=free_only,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            gpu_manager_pb2.ListGpusResponse,
+        )
+        return Page(list(response.gpus), response.next_page_token, response.revision)
+
+    def list_gpus(
+        self,
+        *,
+        node_id: str = "",
+        model: str = "",
+        free_only: bool = False,
+        page_size: int = 0,
+    ) -> AsyncIterator[gpu_manager_pb2.Gpu]:
+        """Every matching GPU, across all pages."""
+        return iterate_pages(
+            lambda token: self.list_gpus_page(
+                node_id=node_id,
+                model=model,
+                free_only=free_only,
+                page_size=page_size,
+                page_token=token,
+            )
+        )
+
+    async def cordon(self, node_id: str, reason: str = "") -> gpu_manager_pb2.Node:
+        """Stop new work landing on the node; running work stays."""
+        response = await self._call(
+            self._gpu_manager.CordonNode,
+            gpu_manager_pb2.CordonNodeRequest(node_id=node_id, reason=reason),
+            gpu_manager_pb2.CordonNodeResponse,
+        )
+        return response.node
+
+    async def uncordon(self, node_id: str) -> gpu_manager_pb2.Node:
+        """Let new work land on the node again."""
+        response = await self._call(
+            self._gpu_manager.UncordonNode,
+            gpu_manager_pb2.UncordonNodeRequest(node_id=node_id),
+            gpu_manager_pb2.UncordonNodeResponse,
+        )
+        return response.node
+
+    async def drain(
+        self, node_id: str, reason: str = "", grace_seconds: int = 0
+    ) -> gpu_manager_pb2.DrainNodeResponse:
+        """Cordon the node and ask its allocations to leave within `grace_seconds`
+        (0: the server's grace period). The response lists the allocations asked."""
+        return await self._call(
+            self._gpu_manager.DrainNode,
+            gpu_manager_pb2.DrainNodeRequest(
+                node_id=node_id, reason=reason, grace_seconds=grace_seconds
+            ),
+            gpu_manager_pb2.DrainNodeResponse,
+        )
+
+    # -- QuotaService -----------------------------------------------------------------
+
+    async def set_quota(
+        self,
+        tenant: str,
+        *,
+        parent: str = "",
+        guaranteed: resources_pb2.Resources | None = None,
+        limit: resources_pb2.Resources | None = None,
+        weight: float = 0.0,
+        budget: quota_pb2.Budget | None = None,
+    ) -> quota_pb2.Quota:
+        """Create or replace the tenant's quota. Unset limit fields are unbounded; weight 0
+        and an empty parent take the server's defaults (1, and the tenant's path prefix)."""
+        quota = quota_message(
+            tenant=tenant,
+            parent=parent,
+            guaranteed=guaranteed,
+            limit=limit,
+            weight=weight,
+            budget=budget,
+        )
+        response = await self._call(
+            self._quota.SetQuota,
+            quota_pb2.SetQuotaRequest(quota=quota),
+            quota_pb2.SetQuotaResponse,
+        )
+        return response.quota
+
+    async def get_quota(self, tenant: str) -> quota_pb2.Quota:
+        """The tenant's quota."""
+        response = await self._call(
+            self._quota.GetQuota,
+            quota_pb2.GetQuotaRequest(tenant=tenant),
+            quota_pb2.GetQuotaResponse,
+        )
+        return response.quota
+
+    async def list_quotas_page(
+        self, *, parent: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[quota_pb2.Quota]:
+        """One page of quotas; with `parent`, only its direct children."""
+        response = await self._call(
+            self._quota.ListQuotas,
+            quota_pb2.ListQuotasRequest(parent=parent, page_size=page_size, page_token=page_token),
+            quota_pb2.ListQuotasResponse,
+        )
+        return Page(list(response.quotas), response.next_page_token, response.revision)
+
+    def list_quotas(
+        self, *, parent: str = "", page_size: int = 0
+    ) -> AsyncIterator[quota_pb2.Quota]:
+        """Every quota (or every direct child of `parent`), across all pages."""
+        return iterate_pages(
+            lambda token: self.list_quotas_page(
+                parent=parent, page_size=page_size, page_token=token
+            )
+        )
+
+    async def delete_quota(self, tenant: str) -> None:
+        """Return the tenant to the default quota."""
+        await self._call(
+            self._quota.DeleteQuota,
+            quota_pb2.DeleteQuotaRequest(tenant=tenant),
+            quota_pb2.DeleteQuotaResponse,
+        )
+
+    async def get_usage(self, tenant: str) -> quota_pb2.TenantUsage:
+        """What the tenant holds, waits for, borrows, is entitled to and has spent."""
+        response = await self._call(
+            self._quota.GetUsage,
+            quota_pb2.GetUsageRequest(tenant=tenant),
+            quota_pb2.GetUsageResponse,
+        )
+        return response.usage

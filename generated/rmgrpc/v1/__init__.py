@@ -1,0 +1,1 @@
+"""Stubs generated from protos/rmgrpc/v1 by `make proto`."""

@@ -1,0 +1,222 @@
+"""Plain domain objects: nodes, GPUs, shapes, allocations, quotas, events.
+
+These are the one vocabulary shared by the scheduler core, the store, the event
+log and the services. They carry no gRPC or storage concerns; `codec.py` turns
+them into protobuf messages and back. Times are float seconds since the epoch,
+taken from the injectable clock (`clock.py`). Enum values equal the proto ones.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class AllocationState(enum.IntEnum):
+    PENDING = 1
+    ALLOCATED = 2
+    RELEASED = 3
+    EXPIRED = 4
+    PREEMPTED = 5
+    LOST = 6
+    REJECTED = 7
+    CANCELLED = 8
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (AllocationState.PENDING, AllocationState.ALLOCATED)
+
+
+class AllocationEventType(enum.IntEnum):
+    CREATED = 1
+    PLACED = 2
+    UPDATED = 3
+    ENDED = 4
+    PROGRESS = 5
+
+
+class NodeState(enum.IntEnum):
+    READY = 1
+    CORDONED = 2
+    DRAINING = 3
+    DOWN = 4
+
+
+class GpuHealth(enum.IntEnum):
+    HEALTHY = 1
+    UNHEALTHY = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What one replica needs. Frozen and hashable: equal shapes share scheduling work."""
+
+    gpus: int = 0
+    gpu_model: str = ""
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    # Sorted (key, value) pairs so the shape stays hashable.
+    node_selector: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def of(
+        gpus: int = 0,
+        gpu_model: str = "",
+        cpu_millis: int = 0,
+        memory_bytes: int = 0,
+        node_selector: Mapping[str, str] | None = None,
+    ) -> Shape:
+        return Shape(
+            gpus, gpu_model, cpu_millis, memory_bytes, tuple(sorted((node_selector or {}).items()))
+        )
+
+    @property
+    def selector(self) -> dict[str, str]:
+        return dict(self.node_selector)
+
+
+@dataclass(slots=True)
+class GpuMetrics:
+    utilization_percent: float = 0.0
+    memory_used_bytes: int = 0
+    temperature_celsius: float = 0.0
+    power_watts: float = 0.0
+    ecc_errors: int = 0
+    xid_errors: int = 0
+    sample_time: float = 0.0
+
+
+@dataclass(slots=True)
+class Gpu:
+    index: int
+    uuid: str
+    model: str
+    memory_bytes: int
+    health: GpuHealth = GpuHealth.HEALTHY
+    metrics: GpuMetrics | None = None
+
+
+@dataclass(slots=True)
+class Node:
+    id: str
+    cpu_millis: int
+    memory_bytes: int
+    labels: dict[str, str] = field(default_factory=dict)
+    gpus: list[Gpu] = field(default_factory=list)
+    state: NodeState = NodeState.READY
+    state_reason: str = ""
+    simulated: bool = False
+    last_heartbeat_time: float = 0.0
+    # None: the node holds no lease (simulated nodes never go DOWN).
+    lease_expire_time: float | None = None
+    revision: int = 0
+
+    @property
+    def schedulable(self) -> bool:
+        return self.state == NodeState.READY
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    node_id: str
+    gpu_indices: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class Allocation:
+    id: str
+    tenant: str
+    count: int
+    shape: Shape
+    request_id: str = ""
+    priority: int = 0
+    lease_seconds: int = 0
+    max_duration_seconds: int = 0
+    reservation_id: str = ""
+    state: AllocationState = AllocationState.PENDING
+    placements: tuple[Placement, ...] = ()
+    pending_reason: str = ""
+    queue_position: int = 0
+    state_reason: str = ""
+    revision: int = 0
+    create_time: float = 0.0
+    allocate_time: float | None = None
+    lease_expire_time: float | None = None
+    max_end_time: float | None = None
+    end_time: float | None = None
+    grace_end_time: float | None = None
+    # For PREEMPTED: the pending allocation it made room for.
+    preempted_by: str = ""
+    # Sequence number in arrival order; the final tie-break of queue order.
+    seq: int = 0
+
+    def holds_capacity(self, now: float) -> bool:
+        """Placed and not yet given back: a PREEMPTED one holds until its grace ends."""
+        if self.state == AllocationState.ALLOCATED:
+            return True
+        return (
+            self.state == AllocationState.PREEMPTED
+            and self.grace_end_time is not None
+            and now < self.grace_end_time
+        )
+
+    @property
+    def total_gpus(self) -> int:
+        return self.count * self.shape.gpus
+
+
+@dataclass(slots=True)
+class Resources:
+    """An amount of capacity. In a limit, None means unbounded."""
+
+    gpus: int | None = None
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    gpus_by_model: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Budget:
+    amount: float = 0.0
+    period_seconds: int = 0
+
+
+@dataclass(slots=True)
+class Quota:
+    tenant: str
+    parent: str = ""
+    guaranteed: Resources = field(default_factory=Resources)
+    limit: Resources = field(default_factory=Resources)
+    weight: float = 1.0
+    budget: Budget | None = None
+    revision: int = 0
+    update_time: float = 0.0
+
+
+def parent_of(tenant: str) -> str:
+    """The tenant tree is spelled with '/': the parent of "org/team" is "org"."""
+    return tenant.rpartition("/")[0]
+
+
+class EventKind(enum.StrEnum):
+    ALLOCATION = "allocation"
+    NODE = "node"
+    QUOTA = "quota"
+    RESERVATION = "reservation"
+    BUDGET = "budget"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of the event log. `data` is the encoded object after the change."""
+
+    revision: int
+    kind: EventKind
+    type: int
+    object_id: str
+    time: float
+    data: bytes
+    # What watch filters match on, kept beside the payload so filtering needs no decode.
+    tenant: str = ""
+    node_ids: tuple[str, ...] = ()

@@ -1,0 +1,502 @@
+"""One scheduling pass: the pending queue in, admissions, preemptions and reasons out.
+
+The pass, in order (KAI's session running its actions over one snapshot):
+
+1. Preemptors first. A pending allocation that earlier preempted victims gets the
+   capacity they free before anyone else: while victims are still in their grace, what
+   it will need beyond their capacity is set aside so nobody takes it; once they are
+   gone, it is placed first.
+2. Starving gangs. A gang pending longer than `starvation_seconds` that still does not
+   fit gets nodes held for it (up to `max_held_gangs`): the nodes that would host it
+   soonest and most cheaply, onto which nothing new of its priority or lower is placed.
+3. The queue. Pending allocations are taken in order: priority (higher first), then
+   requests inside their tenant's guarantee before borrowers, then the tenant's weighted
+   dominant share (recomputed as the pass admits work), then arrival. Each is checked
+   against quota, placed if it fits (smaller requests pass a blocked larger one), or
+   else may preempt (see `preemption`), or waits with a reason.
+
+Everything iterates in sorted or insertion order over sorted inputs, so the same
+snapshot always gives the same decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import deque
+from collections.abc import Sequence
+
+from rmgrpc.model import Allocation, AllocationState, Placement, Shape
+from rmgrpc.scheduler.fairshare import Amount, Ledger, check_admissible
+from rmgrpc.scheduler.placement import CapacityView, gpus_text, nodes_to_hold
+from rmgrpc.scheduler.preemption import (
+    Mode,
+    Victim,
+    VictimPool,
+    quota_victims,
+    reason_for,
+    select_victims,
+)
+from rmgrpc.scheduler.snapshot import (
+    Admission,
+    Decisions,
+    DryRun,
+    PendingStatus,
+    Preemption,
+    Snapshot,
+)
+
+_ADMITTED = "admitted"
+_WAITING = "waiting for victims"
+_QUOTA = "quota"
+_CAPACITY = "capacity"
+_INVALID = "invalid"
+
+DRY_RUN_ID = "dry-run"
+
+_FailKey = tuple[Shape, int, str, int, "tuple[str, ...] | None"]
+
+
+def arrival_key(a: Allocation) -> tuple[int, float, str]:
+    return (a.seq, a.create_time, a.id)
+
+
+def queue_key(a: Allocation) -> tuple[int, int, float, str]:
+    """Order within one tenant: priority, then arrival."""
+    return (-a.priority, a.seq, a.create_time, a.id)
+
+
+def _seconds(x: float) -> str:
+    return f"{max(0, round(x))} s"
+
+
+class _Cycle:
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.config = snapshot.config
+        self.now = snapshot.now
+        allocs = sorted(snapshot.allocations.values(), key=arrival_key)
+        self.allocs = allocs
+        self.pending = [a for a in allocs if a.state == AllocationState.PENDING]
+        self.by_id = {a.id: a for a in allocs}
+        holding = [a for a in allocs if a.holds_capacity(self.now)]
+        self.holding = holding
+        self.view = CapacityView(snapshot.nodes, holding)
+        self.ledger = Ledger(snapshot)
+        self._pool: VictimPool | None = None
+        self.budget = max(0, self.config.max_preemptions_per_cycle)
+        self.decisions = Decisions()
+        self.order: list[str] = []
+        self.reasons: dict[str, str] = {}
+        self.prefix: dict[str, str] = {}
+        self.fail_keys: dict[str, _FailKey] = {}
+        self.budget_hit: set[str] = set()
+        self.handled: set[str] = set()
+        self._preempt_failed: set[tuple[object, ...]] = set()
+        self._amounts: dict[str, Amount] = {}
+        self._explained: dict[_FailKey, str] = {}
+        self._initial: CapacityView | None = None
+        self._initial_fits: dict[_FailKey, bool] = {}
+        # The queue: one deque per tenant, a heap of tenant heads.
+        self.queues: dict[str, deque[Allocation]] = {}
+        self.versions: dict[str, int] = {}
+        self.heap: list[tuple[tuple[int, int, float, int, float, str], int, str]] = []
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> VictimPool:
+        if self._pool is None:
+            self._pool = VictimPool(self.snapshot, self.ledger)
+        return self._pool
+
+    def amount(self, a: Allocation) -> Amount:
+        amt = self._amounts.get(a.id)
+        if amt is None:
+            amt = self._amounts[a.id] = Amount.of_request(a)
+        return amt
+
+    def placed_amount(self, a: Allocation, placements: Sequence[Placement]) -> Amount:
+        s = a.shape
+        amt = Amount(0, s.cpu_millis * len(placements), s.memory_bytes * len(placements))
+        for p in placements:
+            models = self.view.nodes[p.node_id].gpu_models
+            amt.gpus += len(p.gpu_indices)
+            for i in p.gpu_indices:
+                m = models.get(i, s.gpu_model)
+                amt.models[m] = amt.models.get(m, 0) + 1
+        return amt
+
+    def _touch(self, tenant: str) -> None:
+        """A tenant's usage changed: re-key it and its ancestors in the queue."""
+        for t in self.ledger.tree.chain(tenant):
+            q = self.queues.get(t)
+            if q:
+                self.versions[t] = self.versions.get(t, 0) + 1
+                self._push(t)
+
+    def _push(self, t: str) -> None:
+        head = self.queues[t][0]
+        inside = self.ledger.within_guarantee(t, self.amount(head))
+        key = (
+            -head.priority,
+            0 if inside else 1,
+            self.ledger.weighted_dominant_share(t),
+            head.seq,
+            head.create_time,
+            head.id,
+        )
+        heapq.heappush(self.heap, (key, self.versions.get(t, 0), t))
+
+    def _wait(self, a: Allocation) -> None:
+        self.order.append(a.id)
+        self.handled.add(a.id)
+
+    # -- the pass -------------------------------------------------------------------------
+
+    def run(self) -> Decisions:
+        self._preemptors_first()
+        self._starving_gangs()
+        self._queue()
+        self._explain()
+        return self.decisions
+
+    def _preemptors_first(self) -> None:
+        victims_of: dict[str, list[Allocation]] = {}
+        for a in self.allocs:
+            if a.state == AllocationState.PREEMPTED and a.preempted_by:
+                victims_of.setdefault(a.preempted_by, []).append(a)
+        preemptors = [
+            self.by_id[pid]
+            for pid in victims_of
+            if pid in self.by_id and self.by_id[pid].state == AllocationState.PENDING
+        ]
+        for p in sorted(preemptors, key=queue_key):
+            waiting = [v for v in victims_of[p.id] if v.holds_capacity(self.now)]
+            if waiting:
+                if self._reserve(p, waiting):
+                    self._wait(p)
+                    self.reasons[p.id] = self._waiting_text(waiting)
+            else:
+                outcome = self._attempt(p, allow_preempt=False)
+                if outcome == _ADMITTED:
+                    self.handled.add(p.id)
+
+    def _waiting_text(self, victims: Sequence[Allocation]) -> str:
+        ends = [v.grace_end_time for v in victims if v.grace_end_time is not None]
+        n = len(victims)
+        what = "allocation" if n == 1 else "allocations"
+        text = f"waiting for {n} preempted {what} to release their GPUs"
+        if ends:
+            text += f" (grace ends in {_seconds(max(ends) - self.now)})"
+        return text
+
+    def _reserve(self, p: Allocation, victims: Sequence[Allocation]) -> bool:
+        """Set aside what `p` needs beyond its victims' capacity, so nobody else takes it."""
+        models = self._models(p)
+        if models == ():
+            return False
+        st = self.view.statement()
+        for v in victims:
+            self.view.release(v)
+        placements = self.view.place_gang(
+            p.shape, p.count, owner=p.id, priority=p.priority, models=models
+        )
+        st.discard()
+        if placements is None:
+            return False
+        freed: dict[str, tuple[set[int], int, int]] = {}
+        for v in victims:
+            for pl in v.placements:
+                g, c, m = freed.get(pl.node_id, (set(), 0, 0))
+                freed[pl.node_id] = (
+                    g | set(pl.gpu_indices),
+                    c + v.shape.cpu_millis,
+                    m + v.shape.memory_bytes,
+                )
+        need: dict[str, tuple[set[int], int, int]] = {}
+        for pl in placements:
+            g, c, m = need.get(pl.node_id, (set(), 0, 0))
+            need[pl.node_id] = (
+                g | set(pl.gpu_indices),
+                c + p.shape.cpu_millis,
+                m + p.shape.memory_bytes,
+            )
+        for nid in sorted(need):
+            g, c, m = need[nid]
+            fg, fc, fm = freed.get(nid, (set(), 0, 0))
+            self.view.take(nid, sorted(g - fg), max(0, c - fc), max(0, m - fm))
+        return True
+
+    def _starving_gangs(self) -> None:
+        cfg = self.config
+        if cfg.max_held_gangs <= 0:
+            return
+        starving = [
+            a
+            for a in self.pending
+            if a.id not in self.handled
+            and a.count > 0
+            and a.shape.gpus > 0
+            and self.now - a.create_time >= cfg.starvation_seconds
+        ]
+        held = 0
+        for a in sorted(starving, key=queue_key):
+            if held >= cfg.max_held_gangs:
+                break
+            outcome = self._attempt(a)
+            if outcome == _ADMITTED:
+                self.handled.add(a.id)
+                continue
+            if outcome == _WAITING:
+                self._wait(a)
+                continue
+            if outcome != _CAPACITY:
+                self.fail_keys.pop(a.id, None)
+                self.reasons.pop(a.id, None)
+                continue  # the queue will say why (quota)
+            models = self._models(a)
+            nodes = nodes_to_hold(
+                self.view, a.shape, a.count, owner=a.id, priority=a.priority, models=models
+            )
+            if nodes is None:
+                continue
+            self.view.hold(nodes, a.id, a.priority)
+            self.decisions.held_nodes[a.id] = nodes
+            held += 1
+            noun = "node" if len(nodes) == 1 else "nodes"
+            self.prefix[a.id] = (
+                f"pending {_seconds(self.now - a.create_time)}: holding {len(nodes)} {noun} "
+                f"for this gang as they free ({', '.join(nodes)})"
+            )
+            self._wait(a)
+
+    def _queue(self) -> None:
+        for a in self.pending:
+            if a.id in self.handled:
+                continue
+            self.queues.setdefault(a.tenant, deque()).append(a)
+        for t in sorted(self.queues):
+            q = self.queues[t]
+            self.queues[t] = deque(sorted(q, key=queue_key))
+            self._push(t)
+        while self.heap:
+            _, ver, t = heapq.heappop(self.heap)
+            if ver != self.versions.get(t, 0):
+                continue
+            q = self.queues[t]
+            if not q:
+                continue
+            a = q.popleft()
+            outcome = self._attempt(a)
+            if outcome != _ADMITTED:
+                self._wait(a)
+            if q:
+                self.versions[t] = self.versions.get(t, 0) + 1
+                self._push(t)
+
+    # -- one request ----------------------------------------------------------------------
+
+    def _models(self, a: Allocation) -> tuple[str, ...] | None:
+        if a.shape.gpus <= 0 or a.shape.gpu_model:
+            return None
+        return self.ledger.allowed_models(a.tenant, self.amount(a).gpus, self.view.models)
+
+    def _attempt(self, a: Allocation, *, allow_preempt: bool = True) -> str:
+        if a.count <= 0:
+            self.reasons[a.id] = "count must be at least 1"
+            return _INVALID
+        amt = self.amount(a)
+        block = self.ledger.limit_block(a.tenant, amt)
+        if block is not None:
+            if allow_preempt and self.budget > 0 and a.priority > self.pool.min_priority:
+                pre = quota_victims(self.ledger, self.pool, a, block, self.budget)
+                if pre:
+                    victims = select_victims(
+                        self.view,
+                        self.ledger,
+                        self.pool,
+                        a,
+                        Mode.PRIORITY,
+                        models=None,
+                        budget=self.budget,
+                        prechosen=pre,
+                    )
+                    if victims:
+                        return self._preempt(a, victims, Mode.PRIORITY, None)
+            self.reasons[a.id] = block.text()
+            return _QUOTA
+        models = self._models(a)
+        if models == ():
+            self.reasons[a.id] = (
+                f"over quota of tenant {a.tenant}: no GPU model has room for "
+                f"{gpus_text(amt.gpus)} under its per-model limits"
+            )
+            return _QUOTA
+        placements = self.view.place_gang(
+            a.shape, a.count, owner=a.id, priority=a.priority, models=models
+        )
+        if placements is not None:
+            self._admit(a, placements)
+            return _ADMITTED
+        if allow_preempt:
+            outcome = self._try_preempt(a, models)
+            if outcome is not None:
+                return outcome
+        self.fail_keys[a.id] = (a.shape, a.count, a.id, a.priority, models)
+        return _CAPACITY
+
+    def _admit(self, a: Allocation, placements: tuple[Placement, ...]) -> None:
+        self.decisions.admissions.append(Admission(a.id, placements))
+        self.ledger.add_held(a.tenant, self.placed_amount(a, placements))
+        self.reasons.pop(a.id, None)
+        self.fail_keys.pop(a.id, None)
+        self._touch(a.tenant)
+
+    def _try_preempt(self, a: Allocation, models: tuple[str, ...] | None) -> str | None:
+        amt = self.amount(a)
+        modes = []
+        pool = self.pool
+        if not len(pool):
+            return None
+        if a.priority > pool.min_priority:
+            modes.append(Mode.PRIORITY)
+        if self.ledger.within_guarantee(a.tenant, amt):
+            modes.append(Mode.GUARANTEE)
+        if self.ledger.below_fair_share(a.tenant, amt):
+            modes.append(Mode.FAIR_SHARE)
+        if not modes:
+            return None
+        if self.budget <= 0:
+            self.budget_hit.add(a.id)
+            return None
+        owner = a.id if a.id in self.view.holders else ""
+        for mode in modes:
+            key = (a.tenant, a.priority, a.shape, a.count, models, mode, owner)
+            if key in self._preempt_failed:
+                continue
+            victims = select_victims(
+                self.view, self.ledger, pool, a, mode, models=models, budget=self.budget
+            )
+            if victims:
+                return self._preempt(a, victims, mode, models)
+            self._preempt_failed.add(key)
+        return None
+
+    def _preempt(
+        self, a: Allocation, victims: list[Victim], mode: Mode, models: tuple[str, ...] | None
+    ) -> str:
+        pool = self.pool
+        for v in victims:
+            pool.taken.add(v.id)
+            self.decisions.preemptions.append(Preemption(v.id, a.id, reason_for(mode, a, v)))
+            self.budget -= 1
+        if self.config.preemption_grace_seconds <= 0:
+            st = self.view.statement()
+            for v in victims:
+                self.view.release(v.alloc)
+                self.ledger.add_held(v.tenant, v.amount, -1)
+            placements = None
+            if self.ledger.limit_block(a.tenant, self.amount(a)) is None:
+                placements = self.view.place_gang(
+                    a.shape, a.count, owner=a.id, priority=a.priority, models=models
+                )
+            st.commit()
+            for v in victims:
+                self._touch(v.tenant)
+            if placements is not None:
+                self._admit(a, placements)
+                return _ADMITTED
+            self.reasons[a.id] = "preempted allocations released their capacity; placing next cycle"
+            return _WAITING
+        for v in victims:
+            self.ledger.add_leaving(v.tenant, v.amount)
+            self._touch(v.tenant)
+        self._reserve(a, [v.alloc for v in victims])
+        grace_end = self.now + self.config.preemption_grace_seconds
+        self.reasons[a.id] = self._waiting_text(
+            [dataclasses.replace(v.alloc, grace_end_time=grace_end) for v in victims]
+        )
+        return _WAITING
+
+    # -- explanations -----------------------------------------------------------------
+
+    def _capacity_text(self, key: _FailKey) -> str:
+        shape, count, owner, priority, models = key
+        # Only holds make the owner and priority matter: requests alike share one text.
+        holders = self.view.holders
+        key = (shape, count, owner if owner in holders else "", priority if holders else 0, models)
+        text = self._explained.get(key)
+        if text is None:
+            ex = self.view.explain(shape, count, owner=owner, priority=priority, models=models)
+            text = ex.text()
+            if self._fitted_at_start(key):
+                text = (
+                    "waiting behind higher-priority or earlier requests placed first; now " + text
+                )
+            self._explained[key] = text
+        return text
+
+    def _fitted_at_start(self, key: _FailKey) -> bool:
+        got = self._initial_fits.get(key)
+        if got is None:
+            if self._initial is None:
+                self._initial = CapacityView(self.snapshot.nodes, self.holding)
+            shape, count, _, _, models = key
+            got = self._initial.fits(shape, count, models=models)
+            self._initial_fits[key] = got
+        return got
+
+    def _explain(self) -> None:
+        limit = self.config.max_preemptions_per_cycle
+        for pos, aid in enumerate(self.order, start=1):
+            key = self.fail_keys.get(aid)
+            parts = []
+            if aid in self.prefix:
+                parts.append(self.prefix[aid])
+            if aid in self.reasons:
+                parts.append(self.reasons[aid])
+            if key is not None:
+                parts.append(self._capacity_text(key))
+            if aid in self.budget_hit:
+                parts.append(f"preemption limit of {limit} per cycle reached")
+            reason = "; ".join(parts) or "waiting"
+            self.decisions.pending[aid] = PendingStatus(reason, pos)
+
+
+def run_cycle(snapshot: Snapshot) -> Decisions:
+    """One scheduling pass over every PENDING allocation in the snapshot. Pure."""
+    return _Cycle(snapshot).run()
+
+
+def dry_run(snapshot: Snapshot, request: Allocation) -> DryRun:
+    """What would happen to `request` (not in the snapshot) if it arrived now. Pure."""
+    refused = check_admissible(snapshot, request)
+    if refused is not None:
+        return DryRun((), "would be refused: " + refused)
+    rid = request.id or DRY_RUN_ID
+    while rid in snapshot.allocations:
+        rid = DRY_RUN_ID + ":" + rid
+    seq = request.seq
+    if seq <= 0:
+        seq = max((a.seq for a in snapshot.allocations.values()), default=0) + 1
+    req = dataclasses.replace(
+        request,
+        id=rid,
+        state=AllocationState.PENDING,
+        placements=(),
+        seq=seq,
+        create_time=request.create_time or snapshot.now,
+        allocate_time=None,
+    )
+    allocations = dict(snapshot.allocations)
+    allocations[rid] = req
+    decisions = run_cycle(dataclasses.replace(snapshot, allocations=allocations))
+    victims = tuple(p.allocation_id for p in decisions.preemptions if p.preemptor_id == rid)
+    for adm in decisions.admissions:
+        if adm.allocation_id == rid:
+            return DryRun(adm.placements, "", victims)
+    status = decisions.pending.get(rid)
+    if status is None:
+        return DryRun((), "waiting", victims)
+    return DryRun((), status.reason, victims, status.position)

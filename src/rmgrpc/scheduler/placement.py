@@ -1,0 +1,751 @@
+"""Placement: feasibility filters, bin-packing scores, and the capacity view gangs go onto.
+
+Nomad's two phases, in our words. *Feasibility* is a chain of tiny named filters
+(`FILTERS`), each answering "can this node take one replica?"; a filter that rejects a
+node counts one under its own name, and a pending request's explanation is those counts
+("16 nodes: 12 have fewer than 4 free H100 GPUs, 2 cordoned, 2 lack label zone=a").
+*Ranking* prefers the node a replica fills best, so the least capacity is stranded: the
+fewest free GPUs left (small requests pack onto busy nodes, whole nodes stay whole for
+whole-node requests), then the least CPU and memory left.
+
+`CapacityView` is the scheduler's scratch copy of what is free. It indexes schedulable
+nodes by free GPU count per model (and per node selector, built on first use), so a
+placement walks the best-fitting buckets instead of every node, and it remembers, per
+cycle, that a request signature did not fit: capacity only shrinks during a pass unless
+something is released, which bumps a generation number. Every change is journaled, so a
+`Statement` can try "what if these victims were gone?" and discard it for free (KAI's
+statements).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rmgrpc.model import Allocation, GpuHealth, Node, NodeState, Placement, Shape
+
+GIB = 1024**3
+
+# How many feasible nodes of the best-fitting GPU bucket are scored before one is chosen.
+CANDIDATE_LIMIT = 4
+
+
+# ---------------------------------------------------------------------------------------
+# Words for amounts, shared by the explanations of placement and quota.
+
+
+def gpus_text(n: int, model: str = "", adjective: str = "") -> str:
+    """'1 GPU', '4 free H100 GPUs'."""
+    words = [str(n)]
+    if adjective:
+        words.append(adjective)
+    if model:
+        words.append(model)
+    words.append("GPU" if n == 1 else "GPUs")
+    return " ".join(words)
+
+
+def cpu_text(millis: int) -> str:
+    return f"{millis / 1000:g} CPU" if millis % 100 == 0 else f"{millis}m CPU"
+
+
+def memory_text(nbytes: int) -> str:
+    if nbytes >= GIB // 10 or nbytes == 0:
+        return f"{nbytes / GIB:.3g} GiB memory"
+    return f"{nbytes / 1024**2:.3g} MiB memory"
+
+
+def shape_text(shape: Shape) -> str:
+    """What one replica needs, e.g. '4 H100 GPUs, 16 CPU, 64 GiB memory (zone=a)'."""
+    parts = []
+    if shape.gpus:
+        parts.append(gpus_text(shape.gpus, shape.gpu_model))
+    if shape.cpu_millis:
+        parts.append(cpu_text(shape.cpu_millis))
+    if shape.memory_bytes:
+        parts.append(memory_text(shape.memory_bytes))
+    text = ", ".join(parts) or "nothing"
+    if shape.node_selector:
+        text += " (" + ",".join(f"{k}={v}" for k, v in shape.node_selector) + ")"
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# The scratch state of one node.
+
+
+class NodeCapacity:
+    """What one node has free, as the current pass sees it."""
+
+    __slots__ = (
+        "cpu_free",
+        "cpu_total",
+        "end_time",
+        "free",
+        "gpu_models",
+        "healthy",
+        "healthy_by_model",
+        "held_for",
+        "held_priority",
+        "id",
+        "indexes",
+        "labels",
+        "mem_free",
+        "mem_total",
+        "schedulable",
+        "state",
+    )
+
+    def __init__(self, node: Node) -> None:
+        self.id = node.id
+        self.labels: Mapping[str, str] = node.labels
+        self.state = node.state
+        self.schedulable = node.schedulable
+        self.cpu_total = node.cpu_millis
+        self.mem_total = node.memory_bytes
+        self.cpu_free = node.cpu_millis
+        self.mem_free = node.memory_bytes
+        self.gpu_models: dict[int, str] = {g.index: g.model for g in node.gpus}
+        self.healthy: frozenset[int] = frozenset(
+            g.index for g in node.gpus if g.health == GpuHealth.HEALTHY
+        )
+        self.healthy_by_model: dict[str, int] = {}
+        # Model -> sorted indices of healthy GPUs nobody holds.
+        self.free: dict[str, list[int]] = {}
+        for g in sorted(node.gpus, key=lambda g: g.index):
+            if g.index in self.healthy:
+                self.healthy_by_model[g.model] = self.healthy_by_model.get(g.model, 0) + 1
+                self.free.setdefault(g.model, []).append(g.index)
+        # Latest time a current holder is known to end (inf: unknown); for starving gangs.
+        self.end_time = 0.0
+        # Set when the node is held for a starving gang: only it (or higher priority) may use it.
+        self.held_for = ""
+        self.held_priority = 0
+        self.indexes: list[_Index] = []
+
+    def free_count(self, model: str) -> int:
+        lst = self.free.get(model)
+        return len(lst) if lst else 0
+
+    @property
+    def total_free(self) -> int:
+        return sum(len(v) for v in self.free.values())
+
+    def blocks(self, owner: str, priority: int) -> bool:
+        """Whether a hold for a starving gang keeps this request off the node."""
+        return bool(self.held_for) and self.held_for != owner and priority <= self.held_priority
+
+    def replicas_fit(self, shape: Shape, models: Sequence[str] | None, *, empty: bool) -> int:
+        """How many replicas of `shape` fit on this node now (or once `empty`)."""
+        cpu = self.cpu_total if empty else self.cpu_free
+        mem = self.mem_total if empty else self.mem_free
+        room = math.inf
+        if shape.cpu_millis > 0:
+            room = min(room, max(cpu, 0) // shape.cpu_millis)
+        if shape.memory_bytes > 0:
+            room = min(room, max(mem, 0) // shape.memory_bytes)
+        if shape.gpus > 0:
+            counts = self.healthy_by_model if empty else {m: len(v) for m, v in self.free.items()}
+            best = 0
+            for m in _models_for(shape, models, counts):
+                best += counts.get(m, 0) // shape.gpus
+            room = min(room, best)
+        return 0 if room == math.inf else int(room)
+
+
+def _models_for(shape: Shape, models: Sequence[str] | None, present: Iterable[str]) -> list[str]:
+    if shape.gpu_model:
+        return [shape.gpu_model] if models is None or shape.gpu_model in models else []
+    if models is None:
+        return sorted(present)
+    return [m for m in models if m in present]
+
+
+def labels_match(labels: Mapping[str, str], selector: tuple[tuple[str, str], ...]) -> bool:
+    return all(labels.get(k) == v for k, v in selector)
+
+
+# ---------------------------------------------------------------------------------------
+# Feasibility: the filter chain. Each filter returns None (the node passes) or the name
+# of the counter to bump ("cordoned", "lack label zone=a", ...).
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRequest:
+    """One replica as the filters see it."""
+
+    shape: Shape
+    # The allocation asking: a node held for it is not held against it.
+    owner: str = ""
+    priority: int = 0
+    # GPU models the tenant's quota still allows when the shape names none (None: any).
+    models: tuple[str, ...] | None = None
+
+
+Filter = Callable[[NodeCapacity, ReplicaRequest], str | None]
+
+
+def node_ready(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    return None if node.schedulable else node.state.name.lower()
+
+
+def not_held(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    if node.blocks(req.owner, req.priority):
+        return f"held for starving gang {node.held_for}"
+    return None
+
+
+def selector_matches(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    for k, v in req.shape.node_selector:
+        if node.labels.get(k) != v:
+            return f"lack label {k}={v}"
+    return None
+
+
+def gpu_model_present(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    g = req.shape.gpus
+    if g <= 0:
+        return None
+    models = _models_for(req.shape, req.models, node.healthy_by_model)
+    if any(node.healthy_by_model.get(m, 0) >= g for m in models):
+        return None
+    if req.shape.gpu_model:
+        if req.shape.gpu_model not in set(node.gpu_models.values()):
+            return f"have no {req.shape.gpu_model} GPUs"
+        return f"have fewer than {gpus_text(g, req.shape.gpu_model, 'healthy')}"
+    if req.models is not None and not models and node.healthy_by_model:
+        return "have only GPU models the tenant's quota excludes"
+    return f"have fewer than {gpus_text(g, '', 'healthy')}"
+
+
+def gpus_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    g = req.shape.gpus
+    if g <= 0:
+        return None
+    for m in _models_for(req.shape, req.models, node.free):
+        if node.free_count(m) >= g:
+            return None
+    return f"have fewer than {gpus_text(g, req.shape.gpu_model, 'free')}"
+
+
+def cpu_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    if node.cpu_free >= req.shape.cpu_millis:
+        return None
+    if node.cpu_total < req.shape.cpu_millis:
+        return f"have less than {cpu_text(req.shape.cpu_millis)} in total"
+    return f"lack {cpu_text(req.shape.cpu_millis)} free"
+
+
+def memory_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    if node.mem_free >= req.shape.memory_bytes:
+        return None
+    if node.mem_total < req.shape.memory_bytes:
+        return f"have less than {memory_text(req.shape.memory_bytes)} in total"
+    return f"lack {memory_text(req.shape.memory_bytes)} free"
+
+
+# Cheapest and most telling first, as Nomad orders its checkers.
+FILTERS: tuple[tuple[str, Filter], ...] = (
+    ("node_ready", node_ready),
+    ("not_held", not_held),
+    ("selector", selector_matches),
+    ("gpu_model", gpu_model_present),
+    ("gpus_free", gpus_free),
+    ("cpu", cpu_free),
+    ("memory", memory_free),
+)
+
+
+def feasible(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    """Run the whole chain; the first rejecting filter's counter name, or None."""
+    for _, check in FILTERS:
+        why = check(node, req)
+        if why is not None:
+            return why
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Ranking: bin-packing scores. Lower is better; the GPU fit is decided by the index.
+
+
+def leftover_score(node: NodeCapacity, shape: Shape) -> float:
+    """Fraction of CPU plus fraction of memory the node would have left: pack tightly."""
+    score = 0.0
+    if node.cpu_total > 0:
+        score += (node.cpu_free - shape.cpu_millis) / node.cpu_total
+    if node.mem_total > 0:
+        score += (node.mem_free - shape.memory_bytes) / node.mem_total
+    return score
+
+
+def gpu_leftover(node: NodeCapacity, shape: Shape, model: str) -> int:
+    """Free GPUs of the model the node would have left (stranded GPUs)."""
+    return node.free_count(model) - shape.gpus
+
+
+# ---------------------------------------------------------------------------------------
+# Explanations.
+
+
+@dataclass(slots=True)
+class Explanation:
+    """Why a gang does not fit: Nomad-style filter counters over every node."""
+
+    shape: Shape
+    count: int
+    nodes: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    # Nodes passing every filter, and how many replicas they could take together.
+    fitting_nodes: int = 0
+    replica_room: int = 0
+
+    def counters_text(self) -> str:
+        parts = [
+            f"{n} {name}"
+            for name, n in sorted(self.counters.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
+        if self.fitting_nodes:
+            parts.append(f"{self.fitting_nodes} could take {self.replica_room} in all")
+        noun = "node" if self.nodes == 1 else "nodes"
+        return f"{self.nodes} {noun}: " + ", ".join(parts)
+
+    def text(self) -> str:
+        if self.nodes == 0:
+            return "no nodes are registered"
+        need = shape_text(self.shape)
+        if self.fitting_nodes:
+            return (
+                f"room for only {self.replica_room} of {self.count} replicas of {need}; "
+                + self.counters_text()
+            )
+        if self.shape.gpus:
+            head = (
+                f"no node with {gpus_text(self.shape.gpus, self.shape.gpu_model, 'free')}"
+                + (f", {cpu_text(self.shape.cpu_millis)}" if self.shape.cpu_millis else "")
+                + (f", {memory_text(self.shape.memory_bytes)}" if self.shape.memory_bytes else "")
+            )
+        else:
+            head = f"no node with {need} free"
+        if self.shape.node_selector and self.shape.gpus:
+            head += " (" + ",".join(f"{k}={v}" for k, v in self.shape.node_selector) + ")"
+        return f"{head}: " + self.counters_text()
+
+
+# ---------------------------------------------------------------------------------------
+# The index and the view.
+
+
+class _Index:
+    """Schedulable nodes matching one node selector, bucketed by free GPUs.
+
+    Buckets are insertion-ordered dicts used as ordered sets, so iteration order is a
+    pure function of the operations applied: deterministic for the same snapshot.
+    """
+
+    __slots__ = ("by_model", "by_total", "selector")
+
+    def __init__(self, selector: tuple[tuple[str, str], ...], max_by_model: Mapping[str, int]):
+        self.selector = selector
+        self.by_model: dict[str, list[dict[str, None]]] = {
+            m: [{} for _ in range(mx + 1)] for m, mx in max_by_model.items()
+        }
+        self.by_total: list[dict[str, None]] = [{} for _ in range(sum(max_by_model.values()) + 1)]
+
+    def add(self, node: NodeCapacity) -> None:
+        for m, lst in node.free.items():
+            self.by_model[m][len(lst)][node.id] = None
+        self._total_bucket(node.total_free)[node.id] = None
+
+    def _total_bucket(self, n: int) -> dict[str, None]:
+        while n >= len(self.by_total):
+            self.by_total.append({})
+        return self.by_total[n]
+
+    def move_model(self, nid: str, model: str, old: int, new: int) -> None:
+        buckets = self.by_model[model]
+        del buckets[old][nid]
+        buckets[new][nid] = None
+
+    def move_total(self, nid: str, old: int, new: int) -> None:
+        del self.by_total[old][nid]
+        self._total_bucket(new)[nid] = None
+
+
+_TAKE = 0
+_GIVE = 1
+
+
+class CapacityView:
+    """Free capacity of every node during one pass; changes are journaled and undoable."""
+
+    def __init__(self, nodes: Mapping[str, Node], holding: Iterable[Allocation] = ()) -> None:
+        self.nodes: dict[str, NodeCapacity] = {}
+        for nid in sorted(nodes):
+            self.nodes[nid] = NodeCapacity(nodes[nid])
+        for a in holding:
+            self._hold_existing(a)
+        max_by_model: dict[str, int] = {}
+        for n in self.nodes.values():
+            for m, c in n.healthy_by_model.items():
+                max_by_model[m] = max(max_by_model.get(m, 0), c)
+        self.max_by_model = max_by_model
+        self.models: tuple[str, ...] = tuple(sorted(max_by_model))
+        self.max_gpus = max(max_by_model.values(), default=0)
+        self._indexes: dict[tuple[tuple[str, str], ...], _Index] = {}
+        self._journal: list[tuple[int, NodeCapacity, tuple[int, ...], int, int]] = []
+        self._depth = 0
+        # Bumped whenever capacity grows; a remembered "did not fit" is valid for one value.
+        self.generation = 0
+        self._no_fit: dict[tuple[object, ...], int] = {}
+        self.holders: dict[str, tuple[str, ...]] = {}
+        # Nodes, by id, that scans visited: a measure of the index's work.
+        self.visited = 0
+
+    # -- building -------------------------------------------------------------------
+
+    def _hold_existing(self, a: Allocation) -> None:
+        end = a.grace_end_time if a.grace_end_time is not None else a.max_end_time
+        for p in a.placements:
+            n = self.nodes.get(p.node_id)
+            if n is None:
+                continue
+            n.cpu_free -= a.shape.cpu_millis
+            n.mem_free -= a.shape.memory_bytes
+            for i in p.gpu_indices:
+                lst = n.free.get(n.gpu_models.get(i, ""))
+                if lst is not None and i in lst:
+                    lst.remove(i)
+            n.end_time = max(n.end_time, end if end is not None else math.inf)
+
+    def index(self, selector: tuple[tuple[str, str], ...]) -> _Index:
+        idx = self._indexes.get(selector)
+        if idx is None:
+            idx = _Index(selector, self.max_by_model)
+            for n in self.nodes.values():
+                if n.schedulable and labels_match(n.labels, selector):
+                    idx.add(n)
+                    n.indexes.append(idx)
+            self._indexes[selector] = idx
+        return idx
+
+    # -- changes ----------------------------------------------------------------------
+
+    def _change(self, n: NodeCapacity, indices: Sequence[int], take: bool) -> None:
+        before: dict[str, int] = {}
+        old_total = n.total_free if n.indexes else 0
+        for i in indices:
+            if i not in n.healthy:
+                continue
+            m = n.gpu_models[i]
+            lst = n.free[m]
+            before.setdefault(m, len(lst))
+            pos = bisect.bisect_left(lst, i)
+            present = pos < len(lst) and lst[pos] == i
+            if take and present:
+                del lst[pos]
+            elif not take and not present:
+                lst.insert(pos, i)
+        if n.indexes and before:
+            new_total = n.total_free
+            for idx in n.indexes:
+                for m, old in before.items():
+                    new = len(n.free[m])
+                    if new != old:
+                        idx.move_model(n.id, m, old, new)
+                if new_total != old_total:
+                    idx.move_total(n.id, old_total, new_total)
+
+    def take(self, node_id: str, indices: Sequence[int], cpu: int, mem: int) -> None:
+        n = self.nodes[node_id]
+        self._take(n, tuple(indices), cpu, mem)
+
+    def _take(self, n: NodeCapacity, indices: tuple[int, ...], cpu: int, mem: int) -> None:
+        self._change(n, indices, take=True)
+        n.cpu_free -= cpu
+        n.mem_free -= mem
+        self._journal.append((_TAKE, n, indices, cpu, mem))
+
+    def give(self, node_id: str, indices: Sequence[int], cpu: int, mem: int) -> None:
+        """Return capacity (a victim leaving); capacity grows, so forget every no-fit."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return
+        self._change(n, indices, take=False)
+        n.cpu_free += cpu
+        n.mem_free += mem
+        self._journal.append((_GIVE, n, tuple(indices), cpu, mem))
+        self.generation += 1
+
+    def release(self, alloc: Allocation) -> None:
+        """Give back everything an allocation holds."""
+        for p in alloc.placements:
+            self.give(p.node_id, p.gpu_indices, alloc.shape.cpu_millis, alloc.shape.memory_bytes)
+
+    def statement(self) -> Statement:
+        return Statement(self)
+
+    def _rollback(self, mark: int) -> None:
+        journal = self._journal
+        while len(journal) > mark:
+            op, n, indices, cpu, mem = journal.pop()
+            if op == _TAKE:
+                self._change(n, indices, take=False)
+                n.cpu_free += cpu
+                n.mem_free += mem
+            else:
+                self._change(n, indices, take=True)
+                n.cpu_free -= cpu
+                n.mem_free -= mem
+
+    # -- holds for starving gangs -------------------------------------------------------
+
+    def hold(self, node_ids: Sequence[str], owner: str, priority: int) -> None:
+        for nid in node_ids:
+            n = self.nodes[nid]
+            n.held_for = owner
+            n.held_priority = priority
+        self.holders[owner] = tuple(node_ids)
+
+    # -- placing --------------------------------------------------------------------------
+
+    def _key(
+        self, shape: Shape, count: int, owner: str, priority: int, models: tuple[str, ...] | None
+    ) -> tuple[object, ...]:
+        if self.holders:
+            return (shape, count, models, owner if owner in self.holders else "", priority)
+        return (shape, count, models)
+
+    def find_node(
+        self,
+        shape: Shape,
+        *,
+        owner: str = "",
+        priority: int = 0,
+        models: tuple[str, ...] | None = None,
+    ) -> tuple[NodeCapacity, str] | None:
+        """The best node for one replica, and the GPU model to take there."""
+        idx = self.index(shape.node_selector)
+        cpu = shape.cpu_millis
+        mem = shape.memory_bytes
+        g = shape.gpus
+        holds = bool(self.holders)
+        best: NodeCapacity | None = None
+        best_model = ""
+        best_score = math.inf
+        if g <= 0:
+            # CPU-only: nodes with the fewest free GPUs first, so GPUs are not stranded.
+            for bucket in idx.by_total:
+                found = 0
+                for nid in bucket:
+                    n = self.nodes[nid]
+                    self.visited += 1
+                    if n.cpu_free < cpu or n.mem_free < mem:
+                        continue
+                    if holds and n.blocks(owner, priority):
+                        continue
+                    s = leftover_score(n, shape)
+                    if s < best_score:
+                        best, best_score = n, s
+                    found += 1
+                    if found >= CANDIDATE_LIMIT:
+                        break
+                if best is not None:
+                    return best, ""
+            return None
+        if shape.gpu_model:
+            if models is not None and shape.gpu_model not in models:
+                return None
+            model_list: Sequence[str] = (shape.gpu_model,)
+        else:
+            model_list = self.models if models is None else models
+        for c in range(g, self.max_gpus + 1):
+            found = 0
+            for m in model_list:
+                buckets = idx.by_model.get(m)
+                if buckets is None or c >= len(buckets):
+                    continue
+                for nid in buckets[c]:
+                    n = self.nodes[nid]
+                    self.visited += 1
+                    if n.cpu_free < cpu or n.mem_free < mem:
+                        continue
+                    if holds and n.blocks(owner, priority):
+                        continue
+                    s = leftover_score(n, shape)
+                    if s < best_score:
+                        best, best_model, best_score = n, m, s
+                    found += 1
+                    if found >= CANDIDATE_LIMIT:
+                        break
+                if found >= CANDIDATE_LIMIT:
+                    break
+            if best is not None:
+                return best, best_model
+        return None
+
+    def place_gang(
+        self,
+        shape: Shape,
+        count: int,
+        *,
+        owner: str = "",
+        priority: int = 0,
+        models: tuple[str, ...] | None = None,
+    ) -> tuple[Placement, ...] | None:
+        """Place `count` replicas whole, taking their capacity; None (nothing taken) if not."""
+        key = self._key(shape, count, owner, priority, models)
+        if self._no_fit.get(key) == self.generation:
+            return None
+        mark = len(self._journal)
+        placements: list[Placement] = []
+        g = shape.gpus
+        for _ in range(count):
+            found = self.find_node(shape, owner=owner, priority=priority, models=models)
+            if found is None:
+                self._rollback(mark)
+                # Only outside trials: a trial's capacity is not the pass's capacity.
+                if self._depth == 0:
+                    self._no_fit[key] = self.generation
+                return None
+            n, model = found
+            indices = tuple(n.free[model][:g]) if g > 0 else ()
+            self._take(n, indices, shape.cpu_millis, shape.memory_bytes)
+            placements.append(Placement(n.id, indices))
+        if self._depth == 0:
+            self._journal.clear()
+        return tuple(placements)
+
+    def fits(
+        self,
+        shape: Shape,
+        count: int,
+        *,
+        owner: str = "",
+        priority: int = 0,
+        models: tuple[str, ...] | None = None,
+    ) -> bool:
+        """Would the gang fit now? Changes nothing."""
+        st = self.statement()
+        try:
+            return (
+                self.place_gang(shape, count, owner=owner, priority=priority, models=models)
+                is not None
+            )
+        finally:
+            st.discard()
+
+    def explain(
+        self,
+        shape: Shape,
+        count: int,
+        *,
+        owner: str = "",
+        priority: int = 0,
+        models: tuple[str, ...] | None = None,
+    ) -> Explanation:
+        """Run the filter chain over every node and count who rejected it and why."""
+        req = ReplicaRequest(shape, owner, priority, models)
+        ex = Explanation(shape, count, nodes=len(self.nodes))
+        for n in self.nodes.values():
+            why = feasible(n, req)
+            if why is None:
+                room = n.replicas_fit(shape, models, empty=False)
+                if room > 0:
+                    ex.fitting_nodes += 1
+                    ex.replica_room += room
+                    continue
+                why = "cannot take one replica"
+            ex.counters[why] = ex.counters.get(why, 0) + 1
+        return ex
+
+
+class Statement:
+    """A tentative set of changes to a view: `commit()` keeps them, `discard()` undoes them.
+
+    Statements nest; the view's generation is restored on discard, so what was known
+    not to fit before the trial is known again after it.
+    """
+
+    __slots__ = ("_done", "_generation", "_mark", "view")
+
+    def __init__(self, view: CapacityView) -> None:
+        self.view = view
+        self._mark = len(view._journal)
+        self._generation = view.generation
+        self._done = False
+        view._depth += 1
+
+    def commit(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.view._depth -= 1
+        if self.view._depth == 0:
+            self.view._journal.clear()
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.view._rollback(self._mark)
+        self.view.generation = self._generation
+        self.view._depth -= 1
+
+
+def place_gang(
+    view: CapacityView,
+    shape: Shape,
+    count: int,
+    *,
+    owner: str = "",
+    priority: int = 0,
+    models: tuple[str, ...] | None = None,
+) -> tuple[Placement, ...] | None:
+    """Place one gang on a capacity view (taking the capacity), or None if it does not fit."""
+    return view.place_gang(shape, count, owner=owner, priority=priority, models=models)
+
+
+def nodes_to_hold(
+    view: CapacityView,
+    shape: Shape,
+    count: int,
+    *,
+    owner: str,
+    priority: int = 0,
+    models: tuple[str, ...] | None = None,
+) -> tuple[str, ...] | None:
+    """Nodes to hold for a starving gang: those that could host it soonest and most cheaply.
+
+    A node's cost is when its current holders are known to end (unknown: last), then how
+    many of the GPUs the gang could use are busy. Nodes are taken in that order until,
+    once empty, they could host every replica. None when even the whole cluster could not.
+    """
+    ranked: list[tuple[tuple[float, int, str], int]] = []
+    for n in view.nodes.values():
+        if not n.schedulable or (n.held_for and n.held_for != owner):
+            continue
+        if not labels_match(n.labels, shape.node_selector):
+            continue
+        room = n.replicas_fit(shape, models, empty=True)
+        if room <= 0:
+            continue
+        busy = 0
+        for m in _models_for(shape, models, n.healthy_by_model):
+            busy += n.healthy_by_model.get(m, 0) - n.free_count(m)
+        ranked.append(((n.end_time, busy, n.id), room))
+    ranked.sort()
+    chosen: list[str] = []
+    total = 0
+    for (_, _, nid), room in ranked:
+        chosen.append(nid)
+        total += room
+        if total >= count:
+            return tuple(chosen)
+    return None
+
+
+def node_state_text(state: NodeState) -> str:
+    return state.name.lower()

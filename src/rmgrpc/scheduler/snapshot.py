@@ -1,0 +1,89 @@
+"""What the scheduler core takes in and gives back.
+
+The core is pure and synchronous: the engine hands it a `Snapshot` (references to
+its authoritative state plus the time and settings) and gets `Decisions` back. The
+core never mutates the snapshot's objects; it works on its own scratch structures,
+so a trial ("what if these two were preempted?") is free to abandon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from rmgrpc.model import Allocation, Node, Placement, Quota, Resources
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    # Quota for tenants that have none of their own: no guarantee, no limit, weight 1.
+    default_limit: Resources = field(default_factory=Resources)
+    default_weight: float = 1.0
+    # A placed allocation is not preempted before it has run this long.
+    min_runtime_seconds: float = 60.0
+    # At most this many allocations are preempted by one cycle.
+    max_preemptions_per_cycle: int = 8
+    # Victims keep their GPUs this long after the PREEMPTED event.
+    preemption_grace_seconds: float = 30.0
+    # A gang blocked this long gets free capacity held for it as it frees, so
+    # smaller requests that keep backfilling do not starve it.
+    starvation_seconds: float = 120.0
+    # How many starving gangs may hold capacity at once.
+    max_held_gangs: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    now: float
+    # Every known node, any state; the core filters out those not READY.
+    nodes: Mapping[str, Node]
+    # Live allocations only: PENDING, ALLOCATED, and PREEMPTED still inside their grace.
+    allocations: Mapping[str, Allocation]
+    # Explicit quotas by tenant; tenants absent here take the config defaults.
+    quotas: Mapping[str, Quota]
+    config: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    allocation_id: str
+    placements: tuple[Placement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    allocation_id: str
+    # The pending allocation the victim makes room for.
+    preemptor_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingStatus:
+    # Why it waits, in words a person can act on.
+    reason: str
+    # 1-based position among pending allocations in admission order.
+    position: int
+
+
+@dataclass(slots=True)
+class Decisions:
+    admissions: list[Admission] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
+    # Every allocation still PENDING after the cycle, by id.
+    pending: dict[str, PendingStatus] = field(default_factory=dict)
+    # Starving gangs this cycle held nodes for: gang id -> node ids (informational).
+    held_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    """What would happen to one request if it arrived now."""
+
+    # Where it would be placed now; empty when it would wait.
+    placements: tuple[Placement, ...]
+    # Why it would wait; empty when it would be placed.
+    reason: str
+    # Allocations that would be preempted to make room for it.
+    preempted_ids: tuple[str, ...] = ()
+    position: int = 0

@@ -1,0 +1,228 @@
+"""Wiring: store, engine, services, health, reflection, metrics and shutdown.
+
+`serve()` runs one rmgrpc server until SIGTERM/SIGINT: health flips to
+NOT_SERVING first, in-flight RPCs get the grace period, watch streams end,
+then the store drains its last commits and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rmgrpc import reflection, telemetry
+from rmgrpc.clock import Clock, SystemClock
+from rmgrpc.config import Settings
+from rmgrpc.engine import Engine
+from rmgrpc.gpu.simulated import simulated_nodes
+from rmgrpc.model import AllocationState, GpuHealth, Node, NodeState
+from rmgrpc.scheduler.snapshot import Decisions
+from rmgrpc.services.allocator import AllocatorService
+from rmgrpc.services.gpu_manager import GpuManagerService
+from rmgrpc.services.quota import QuotaService
+from rmgrpc.store import Store
+from rmgrpc.v1 import (
+    allocator_pb2,
+    allocator_pb2_grpc,
+    gpu_manager_pb2,
+    gpu_manager_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
+)
+
+log = logging.getLogger("rmgrpc")
+
+SERVICE_NAMES = [
+    allocator_pb2.DESCRIPTOR.services_by_name["AllocatorService"].full_name,
+    gpu_manager_pb2.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
+    quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
+]
+
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    # One process per port: a second server must fail to bind, not share it.
+    ("grpc.so_reuseport", 0),
+]
+
+
+class StartupError(Exception):
+    """Start-up failed for a reason an operator can fix; the message says which."""
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    engine: Engine
+    store: Store
+    health: health.aio.HealthServicer
+    port: int
+    metrics: telemetry.Metrics
+    metrics_server: telemetry.MetricsServer | None
+    tasks: list[asyncio.Task[None]]
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        # Watch streams never end on their own: close them so stop() need not wait the grace.
+        self.engine.hub.close()
+        await self.server.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+        await self.engine.stop()
+        await self.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+
+
+def inventory(settings: Settings, clock: Clock) -> list[Node]:
+    nodes = simulated_nodes(
+        settings.simulated_nodes,
+        settings.simulated_gpus_per_node,
+        gpu_model=settings.simulated_gpu_model,
+        cpu_millis=settings.simulated_cpu_millis,
+        memory_bytes=settings.simulated_memory_bytes,
+        now=clock.now(),
+    )
+    if settings.nvml == "auto":
+        from rmgrpc.gpu.nvml import NvmlInventory
+
+        nvml = NvmlInventory.probe()
+        if nvml is not None:
+            local = nvml.discover(socket.gethostname())
+            log.info("NVML: %d local GPUs on %s", len(local.gpus), local.id)
+            nodes.append(local)
+            nvml.close()
+    return nodes
+
+
+def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, Decisions], None]:
+    def observe(seconds: float, decisions: Decisions) -> None:
+        metrics.scheduling_cycle.observe(seconds)
+        metrics.scheduling_decisions.labels(decision="admitted").inc(len(decisions.admissions))
+        metrics.scheduling_decisions.labels(decision="preempted").inc(len(decisions.preemptions))
+        metrics.pending_allocations.set(len(decisions.pending))
+
+    return observe
+
+
+async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float) -> None:
+    while True:
+        state = engine.state
+        counts = dict.fromkeys((s.name for s in AllocationState), 0)
+        for a in state.allocations.values():
+            counts[a.state.name] += 1
+        metrics.set_allocation_counts(counts)
+        nodes = dict.fromkeys((s.name for s in NodeState), 0)
+        gpus: dict[tuple[str, str], int] = {}
+        for node in state.nodes.values():
+            nodes[node.state.name] += 1
+            for g in node.gpus:
+                gpus[(g.model, "total")] = gpus.get((g.model, "total"), 0) + 1
+                if (node.id, g.index) in state.holders:
+                    gpus[(g.model, "allocated")] = gpus.get((g.model, "allocated"), 0) + 1
+                if g.health == GpuHealth.UNHEALTHY:
+                    gpus[(g.model, "unhealthy")] = gpus.get((g.model, "unhealthy"), 0) + 1
+            sampled = {g.index: g.metrics for g in node.gpus if g.metrics is not None}
+            if sampled:
+                metrics.set_gpu_metrics(node.id, sampled)
+        metrics.set_node_counts(nodes)
+        metrics.set_gpu_counts(gpus)
+        metrics.watch_streams.set(engine.hub.watchers)
+        metrics.event_revision.set(engine.hub.revision)
+        await asyncio.sleep(every)
+
+
+async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
+    """Opens the store, rebuilds the state and starts serving; raises StartupError."""
+    from rmgrpc.store import StoreError
+
+    clock = clock or SystemClock()
+    try:
+        store = await Store.open(settings.db, synchronous=settings.sqlite_synchronous.upper())
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
+    metrics = telemetry.Metrics()
+    metrics_server = None
+    try:
+        engine = Engine(settings, store, clock)
+        engine.cycle_observers.append(_record_cycle(metrics))
+        await engine.start(inventory(settings, clock))
+
+        server = grpc.aio.server(
+            interceptors=[telemetry.MetricsInterceptor(metrics)], options=GRPC_OPTIONS
+        )
+        allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(AllocatorService(engine), server)
+        gpu_manager_pb2_grpc.add_GpuManagerServiceServicer_to_server(
+            GpuManagerService(engine), server
+        )
+        quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable(server, [*SERVICE_NAMES, health.SERVICE_NAME])
+        for name in ["", *SERVICE_NAMES]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            port = server.add_insecure_port(settings.listen)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {settings.listen}: {exc}") from None
+        if port == 0:
+            raise StartupError(f"cannot listen on {settings.listen}: address in use or invalid")
+        if settings.metrics_listen:
+            host, _, mport = settings.metrics_listen.rpartition(":")
+            try:
+                metrics_server = telemetry.start_metrics_server(metrics, host, int(mport))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror}"
+                ) from None
+        await server.start()
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.close()
+        await engine.stop() if "engine" in locals() else None
+        await store.close()
+        raise
+    tasks = [asyncio.create_task(_gauges_loop(engine, metrics, 5.0))]
+    return RunningServer(
+        server, engine, store, health_servicer, port, metrics, metrics_server, tasks
+    )
+
+
+async def serve(settings: Settings) -> int:
+    """Runs until SIGTERM or SIGINT; returns the process exit code."""
+    telemetry.setup_tracing(settings.tracing)
+    running = await start(settings)
+    host = settings.listen.rpartition(":")[0]
+    print(f"rmgrpc serving on {host}:{running.port}", flush=True)
+    if running.metrics_server is not None:
+        print(
+            f"rmgrpc metrics on http://{settings.metrics_listen.rpartition(':')[0]}:"
+            f"{running.metrics_server.port}/metrics",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    failed = asyncio.create_task(_watch_engine(running.engine))
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({failed, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down (grace %.1f s)", settings.shutdown_grace_seconds)
+    await running.stop(settings.shutdown_grace_seconds)
+    failed.cancel()
+    waiter.cancel()
+    return 1 if running.engine.failed is not None else 0
+
+
+async def _watch_engine(engine: Engine) -> None:
+    while engine.failed is None:
+        await asyncio.sleep(0.5)

@@ -1,0 +1,178 @@
+"""rmgrpc.v1.AllocatorService: validate, call the engine, answer."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from rmgrpc import codec
+from rmgrpc.engine import Engine
+from rmgrpc.events import Progress, WatchFilter
+from rmgrpc.model import Allocation, AllocationState, Event, EventKind
+from rmgrpc.services import validate as val
+from rmgrpc.services.pagination import decode_token, fingerprint, paginate
+from rmgrpc.services.status import Context as Ctx
+from rmgrpc.services.status import stream, unary
+from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc
+
+_STATES = [s.value for s in AllocationState]
+
+
+def allocation_request(req: allocator_pb2.AllocateRequest, max_lease_seconds: int) -> Allocation:
+    """The validated request as an Allocation template; InvalidArgument lists every bad field."""
+    v = val.Violations()
+    v.tenant("tenant", req.tenant)
+    v.identifier("request_id", req.request_id, required=False, kind="request id")
+    v.int_range("count", req.count, 1, val.MAX_COUNT)
+    shape = req.shape
+    v.int_range("shape.gpus", shape.gpus, 0, val.MAX_GPUS_PER_REPLICA)
+    v.int_range("shape.cpu_millis", shape.cpu_millis, 0, val.MAX_CPU_MILLIS)
+    v.int_range("shape.memory_bytes", shape.memory_bytes, 0, val.MAX_MEMORY_BYTES)
+    if shape.gpu_model:
+        v.text("shape.gpu_model", shape.gpu_model, 64)
+        v.check(shape.gpus > 0, "shape.gpu_model", "only makes sense with shape.gpus > 0")
+    v.labels("shape.node_selector", shape.node_selector)
+    if shape.gpus == 0 and shape.cpu_millis == 0 and shape.memory_bytes == 0:
+        v.add("shape", "must ask for at least one of gpus, cpu_millis or memory_bytes")
+    v.int_range("priority", req.priority, -val.MAX_PRIORITY, val.MAX_PRIORITY)
+    v.int_range("lease_seconds", req.lease_seconds, 0, max_lease_seconds)
+    v.int_range("max_duration_seconds", req.max_duration_seconds, 0, val.MAX_DURATION_SECONDS)
+    v.identifier("reservation_id", req.reservation_id, required=False, kind="reservation id")
+    v.raise_if_any()
+    return Allocation(
+        id="",
+        tenant=req.tenant,
+        count=req.count,
+        shape=codec.shape_from_proto(shape),
+        request_id=req.request_id,
+        priority=req.priority,
+        lease_seconds=req.lease_seconds,
+        max_duration_seconds=req.max_duration_seconds,
+        reservation_id=req.reservation_id,
+    )
+
+
+class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # Fan-out sends one event to many streams: decode it once.
+        self._decoded: OrderedDict[int, allocator_pb2.AllocationEvent] = OrderedDict()
+
+    def _event(self, event: Event) -> allocator_pb2.AllocationEvent:
+        msg = self._decoded.get(event.revision)
+        if msg is None:
+            msg = _allocation_event(event)
+            self._decoded[event.revision] = msg
+            if len(self._decoded) > 8192:
+                self._decoded.popitem(last=False)
+        return msg
+
+    def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
+        return codec.allocation_to_proto(a, self.engine.state.uuid_of)
+
+    @unary
+    async def Allocate(
+        self, request: allocator_pb2.AllocateRequest, context: Ctx
+    ) -> allocator_pb2.AllocateResponse:
+        template = allocation_request(request, self.engine.settings.max_lease_seconds)
+        allocation, preempted = await self.engine.allocate(template, request.dry_run)
+        return allocator_pb2.AllocateResponse(
+            allocation=self._proto(allocation),
+            preempted_allocation_ids=preempted,
+            dry_run=request.dry_run,
+        )
+
+    @unary
+    async def GetAllocation(
+        self, request: allocator_pb2.GetAllocationRequest, context: Ctx
+    ) -> allocator_pb2.GetAllocationResponse:
+        v = val.Violations()
+        v.identifier("id", request.id, kind="allocation id")
+        v.raise_if_any()
+        return allocator_pb2.GetAllocationResponse(
+            allocation=self._proto(self.engine.get_allocation(request.id))
+        )
+
+    @unary
+    async def ListAllocations(
+        self, request: allocator_pb2.ListAllocationsRequest, context: Ctx
+    ) -> allocator_pb2.ListAllocationsResponse:
+        v = val.Violations()
+        v.tenant("tenant", request.tenant, required=False)
+        v.identifier("node_id", request.node_id, required=False, kind="node id")
+        v.enum_values("states", request.states, _STATES, allow_unspecified=False)
+        page_size = v.page_size("page_size", request.page_size)
+        states = sorted(set(request.states))
+        fp = fingerprint("allocations", request.tenant, request.node_id, states)
+        after = decode_token(request.page_token, fp, v)
+        v.raise_if_any()
+        revision = self.engine.revision
+        items = self.engine.list_allocations(
+            request.tenant, request.node_id, frozenset(AllocationState(s) for s in states)
+        )
+        page, token = paginate(items, lambda a: a.seq, page_size, after, fp)
+        return allocator_pb2.ListAllocationsResponse(
+            allocations=[self._proto(a) for a in page], next_page_token=token, revision=revision
+        )
+
+    @unary
+    async def ReleaseAllocation(
+        self, request: allocator_pb2.ReleaseAllocationRequest, context: Ctx
+    ) -> allocator_pb2.ReleaseAllocationResponse:
+        v = val.Violations()
+        v.identifier("id", request.id, kind="allocation id")
+        v.raise_if_any()
+        allocation = await self.engine.release(request.id)
+        return allocator_pb2.ReleaseAllocationResponse(allocation=self._proto(allocation))
+
+    @unary
+    async def RenewAllocation(
+        self, request: allocator_pb2.RenewAllocationRequest, context: Ctx
+    ) -> allocator_pb2.RenewAllocationResponse:
+        v = val.Violations()
+        v.identifier("id", request.id, kind="allocation id")
+        v.int_range(
+            "lease_seconds", request.lease_seconds, 0, self.engine.settings.max_lease_seconds
+        )
+        v.raise_if_any()
+        allocation = await self.engine.renew(request.id, request.lease_seconds)
+        return allocator_pb2.RenewAllocationResponse(allocation=self._proto(allocation))
+
+    @stream
+    async def WatchAllocations(
+        self, request: allocator_pb2.WatchAllocationsRequest, context: Ctx
+    ) -> AsyncIterator[allocator_pb2.AllocationEvent]:
+        v = val.Violations()
+        v.check(request.start_revision >= 0, "start_revision", "must be >= 0")
+        v.tenant("tenant", request.tenant, required=False)
+        v.identifier("node_id", request.node_id, required=False, kind="node id")
+        v.identifier("allocation_id", request.allocation_id, required=False, kind="allocation id")
+        v.raise_if_any()
+        flt = WatchFilter(
+            kind=EventKind.ALLOCATION,
+            tenant=request.tenant,
+            node_id=request.node_id,
+            object_id=request.allocation_id,
+        )
+        hub = self.engine.hub
+        progress_seconds = self.engine.settings.watch_progress_seconds
+        async for item in hub.watch(flt, request.start_revision, progress_seconds):
+            if isinstance(item, Progress):
+                yield allocator_pb2.AllocationEvent(
+                    revision=item.revision,
+                    type=allocator_pb2.ALLOCATION_EVENT_TYPE_PROGRESS,
+                )
+            else:
+                yield self._event(item)
+
+
+def _allocation_event(event: Event) -> allocator_pb2.AllocationEvent:
+    msg = allocator_pb2.AllocationEvent(
+        revision=event.revision,
+        type=event.type,  # type: ignore[arg-type]
+        allocation=allocator_pb2.Allocation.FromString(event.data),
+    )
+    stamp = codec.ts(event.time)
+    if stamp is not None:
+        msg.event_time.CopyFrom(stamp)
+    return msg

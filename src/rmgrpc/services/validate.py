@@ -1,0 +1,116 @@
+"""Request validation: every client mistake becomes a field violation, all reported at once.
+
+Validators read a request message and either return the domain value it asks for
+or raise InvalidArgument listing every bad field (with its JSON path, e.g.
+`shape.gpus`), before anything is changed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from rmgrpc.errors import FieldViolation, InvalidArgument
+
+MAX_COUNT = 4096
+MAX_GPUS_PER_REPLICA = 64
+MAX_CPU_MILLIS = 10_000_000  # 10,000 cores
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+MAX_PRIORITY = 1_000_000
+MAX_DURATION_SECONDS = 366 * 86400
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_LABELS = 64
+
+_SEGMENT = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+TENANT_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT}){{0,7}}$")
+ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,251}[A-Za-z0-9])?$")
+LABEL_KEY_RE = re.compile(
+    r"^([A-Za-z0-9.-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+PRINTABLE_RE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+
+
+class Violations:
+    """Collects field violations; `raise_if_any` ends validation with all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def check(self, ok: bool, field: str, description: str) -> bool:
+        if not ok:
+            self.add(field, description)
+        return ok
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    # -- common checks -----------------------------------------------------
+
+    def tenant(self, field: str, value: str, required: bool = True) -> None:
+        if not value:
+            if required:
+                self.add(field, "is required")
+            return
+        if len(value) > 253:
+            self.add(field, f"must be at most 253 characters (got {len(value)})")
+        elif not TENANT_RE.match(value):
+            self.add(
+                field,
+                "must be one or more '/'-separated names of letters, digits, '.', '_' or '-' "
+                "(e.g. 'org/team')",
+            )
+
+    def identifier(self, field: str, value: str, required: bool = True, kind: str = "id") -> None:
+        if not value:
+            if required:
+                self.add(field, "is required")
+            return
+        if len(value) > 253:
+            self.add(field, f"must be at most 253 characters (got {len(value)})")
+        elif not ID_RE.match(value):
+            self.add(field, f"is not a valid {kind}: use letters, digits, '.', '_', ':' or '-'")
+
+    def text(self, field: str, value: str, max_len: int) -> None:
+        if len(value) > max_len:
+            self.add(field, f"must be at most {max_len} characters (got {len(value)})")
+        elif not PRINTABLE_RE.match(value):
+            self.add(field, "must not contain control characters")
+
+    def int_range(self, field: str, value: int, lo: int, hi: int) -> None:
+        if not lo <= value <= hi:
+            self.add(field, f"must be between {lo} and {hi} (got {value})")
+
+    def labels(self, field: str, labels: Mapping[str, str]) -> None:
+        if len(labels) > MAX_LABELS:
+            self.add(field, f"must have at most {MAX_LABELS} entries (got {len(labels)})")
+            return
+        for key in sorted(labels):
+            if not LABEL_KEY_RE.match(key):
+                self.add(f"{field}[{key[:64]!r}]", "is not a valid label key")
+            elif not LABEL_VALUE_RE.match(labels[key]):
+                self.add(
+                    f"{field}[{key!r}]",
+                    "label values are at most 63 letters, digits, '.', '_' or '-'",
+                )
+
+    def enum_values(
+        self, field: str, values: Iterable[int], known: Iterable[int], allow_unspecified: bool
+    ) -> None:
+        allowed = set(known)
+        for i, value in enumerate(values):
+            if value == 0 and not allow_unspecified:
+                self.add(f"{field}[{i}]", "must not be UNSPECIFIED")
+            elif value not in allowed:
+                self.add(f"{field}[{i}]", f"unknown value {value}")
+
+    def page_size(self, field: str, value: int) -> int:
+        if value < 0 or value > MAX_PAGE_SIZE:
+            self.add(field, f"must be between 0 and {MAX_PAGE_SIZE} (got {value})")
+            return DEFAULT_PAGE_SIZE
+        return value or DEFAULT_PAGE_SIZE

@@ -1,0 +1,509 @@
+"""The store: durability across restarts and kill -9, group commit, compaction, locking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from rmgrpc.model import Event, EventKind
+from rmgrpc.store import SCHEMA_VERSION, Store, StoreError, Write
+from rmgrpc.store.schema import SchemaError, migrate
+
+ALLOC = EventKind.ALLOCATION
+
+
+def ev(revision: int, time: float = 0.0, **kw: object) -> Event:
+    fields: dict[str, object] = {
+        "kind": ALLOC,
+        "type": 1,
+        "object_id": f"a{revision}",
+        "time": time,
+        "data": f"payload {revision}".encode(),
+    }
+    fields.update(kw)
+    return Event(revision, **fields)  # type: ignore[arg-type]
+
+
+def put_write(revision: int, time: float = 0.0) -> Write:
+    """One event describing one object put, as the engine writes them."""
+    return Write(events=[ev(revision, time)], puts=[(ALLOC, f"a{revision}", b"v%d" % revision)])
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "rmgrpc.db")
+
+
+@pytest.fixture
+async def store(db_path: str) -> AsyncIterator[Store]:
+    s = await Store.open(db_path)
+    yield s
+    await s.close()
+
+
+async def commit_range(store: Store, first: int, last: int, time: float = 0.0) -> None:
+    for revision in range(first, last + 1):
+        await store.commit(put_write(revision, time))
+
+
+# --- basics and restart ---------------------------------------------------------------
+
+
+async def test_new_database_is_empty_and_migrated(db_path: str) -> None:
+    store = await Store.open(db_path)
+    state = await store.load()
+    await store.close()
+    assert state.objects == {kind: {} for kind in EventKind}
+    assert (state.last_revision, state.oldest_revision) == (0, 1)
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_restart_keeps_objects_events_and_revisions(db_path: str) -> None:
+    store = await Store.open(db_path)
+    events = [
+        ev(1, 10.0, tenant="org/team", node_ids=("n1", "n2")),
+        ev(2, 11.0, kind=EventKind.NODE, object_id="n1", type=3),
+        ev(3, 12.0),
+    ]
+    await store.commit(
+        Write(events=events[:2], puts=[(ALLOC, "a1", b"alloc"), (EventKind.NODE, "n1", b"node")])
+    )
+    await store.commit(
+        Write(events=events[2:], puts=[(EventKind.QUOTA, "org", b"q")], deletes=[(ALLOC, "a1")])
+    )
+    await store.close()
+
+    store = await Store.open(db_path)
+    try:
+        state = await store.load()
+        assert state.objects[EventKind.NODE] == {"n1": b"node"}
+        assert state.objects[EventKind.QUOTA] == {"org": b"q"}
+        assert state.objects[ALLOC] == {}
+        assert state.objects[EventKind.BUDGET] == {}
+        assert (state.last_revision, state.oldest_revision) == (3, 1)
+        assert await store.read_events(0) == events
+        # Revisions continue where the previous process stopped, and only there.
+        with pytest.raises(ValueError, match="expected 4"):
+            await store.commit(put_write(5))
+        await store.commit(put_write(4))
+        assert store.last_revision == 4
+    finally:
+        await store.close()
+
+
+async def test_later_writes_win_within_one_batch(store: Store) -> None:
+    # All four land in one transaction; the final state must still follow their order.
+    await asyncio.gather(
+        store.commit(Write(puts=[(ALLOC, "x", b"1"), (ALLOC, "y", b"1")])),
+        store.commit(Write(deletes=[(ALLOC, "x")])),
+        store.commit(Write(deletes=[(ALLOC, "y")])),
+        store.commit(Write(puts=[(ALLOC, "y", b"2")])),
+    )
+    assert store.transactions_committed == 1
+    assert (await store.load()).objects[ALLOC] == {"y": b"2"}
+
+
+async def test_event_fields_round_trip_and_node_ids_are_checked(store: Store) -> None:
+    events = [
+        ev(1, tenant="t", node_ids=("n-1",)),
+        ev(2, node_ids=()),
+        ev(3, node_ids=("a", "b", "c"), type=4, time=1.5),
+    ]
+    await store.commit(Write(events=events))
+    assert await store.read_events(0) == events
+    with pytest.raises(ValueError, match="node id"):
+        await store.commit(Write(events=[ev(4, node_ids=("a,b",))]))
+    with pytest.raises(ValueError, match="node id"):
+        await store.commit(Write(events=[ev(4, node_ids=("",))]))
+    with pytest.raises(ValueError, match="bytes"):
+        await store.commit(Write(puts=[(ALLOC, "a", "text")]))  # type: ignore[list-item]
+
+
+async def test_in_memory_store(tmp_path: Path) -> None:
+    store = await Store.open(":memory:")
+    try:
+        await commit_range(store, 1, 5, time=1.0)
+        assert [e.revision for e in await store.read_events(2)] == [3, 4, 5]
+        assert await store.compact(max_events=2, min_time=0.0) == 4
+        assert len((await store.load()).objects[ALLOC]) == 5
+    finally:
+        await store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_bad_synchronous_mode(db_path: str) -> None:
+    with pytest.raises(ValueError):
+        await Store.open(db_path, synchronous="SOMETIMES")
+
+
+async def test_closed_store_refuses_work(db_path: str) -> None:
+    store = await Store.open(db_path)
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await store.commit(put_write(1))
+    with pytest.raises(StoreError, match="closed"):
+        await store.read_events(0)
+
+
+async def test_close_drains_pending_commits(db_path: str) -> None:
+    store = await Store.open(db_path)
+    futures = [store.submit(put_write(revision)) for revision in range(1, 21)]
+    await store.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    store = await Store.open(db_path)
+    try:
+        assert store.last_revision == 20
+        assert len((await store.load()).objects[ALLOC]) == 20
+    finally:
+        await store.close()
+
+
+# --- group commit ----------------------------------------------------------------------
+
+
+async def test_group_commit_lands_everything_in_few_transactions(db_path: str) -> None:
+    seen: list[int] = []
+    calls: list[int] = []
+
+    def on_commit(events: object) -> None:
+        assert isinstance(events, list)
+        # Called only once the data is durable: the store already counts it as committed.
+        assert opened.last_revision == events[-1].revision
+        calls.append(len(events))
+        seen.extend(e.revision for e in events)
+
+    opened = await Store.open(db_path, on_commit=on_commit)
+    store = opened
+    try:
+        # Revisions are assigned in call order, as the engine does under its own lock.
+        await asyncio.gather(*(store.commit(put_write(r)) for r in range(1, 101)))
+        assert seen == list(range(1, 101))
+        assert store.transactions_committed <= 10 < 100
+        assert sum(calls) == 100
+        assert [e.revision for e in await store.read_events(0, limit=200)] == seen
+        assert len((await store.load()).objects[ALLOC]) == 100
+    finally:
+        await store.close()
+
+
+async def test_concurrent_committers_keep_order(db_path: str) -> None:
+    seen: list[int] = []
+    store = await Store.open(db_path)
+    # Attached after open, as the engine does once its watch hub exists.
+    store.on_commit = lambda evs: seen.extend(e.revision for e in evs)
+    counter = iter(range(1, 1_000_000))
+
+    async def committer() -> None:
+        for _ in range(20):
+            # No await between taking a revision and submitting it.
+            await store.submit(put_write(next(counter)))
+
+    try:
+        await asyncio.gather(*(committer() for _ in range(25)))
+        assert seen == list(range(1, 501))
+        assert store.transactions_committed < 100
+    finally:
+        await store.close()
+
+
+async def test_gap_fails_only_its_caller(store: Store) -> None:
+    results = await asyncio.gather(
+        store.commit(put_write(1)),
+        store.commit(put_write(3)),  # gap: rejected before it is queued
+        store.commit(put_write(2)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], ValueError)
+    assert store.last_revision == 2
+    with pytest.raises(ValueError):
+        await store.commit(put_write(2))  # a repeat is a gap too
+
+
+async def test_failed_transaction_fails_its_batch_and_applies_nothing(db_path: str) -> None:
+    store = await Store.open(db_path)
+    await commit_range(store, 1, 2)
+    await store.close()
+    # A trigger makes one object id fail inside SQLite, after validation passed.
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON objects WHEN NEW.id = 'poison'"
+            " BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        )
+    seen: list[int] = []
+    store = await Store.open(db_path, on_commit=lambda evs: seen.extend(e.revision for e in evs))
+    try:
+        poisoned = Write(events=[ev(4)], puts=[(ALLOC, "poison", b"x")])
+        results = await asyncio.gather(
+            store.commit(put_write(3)), store.commit(poisoned), return_exceptions=True
+        )
+        assert all(isinstance(r, StoreError) and "poisoned" in str(r) for r in results)
+        assert seen == [] and store.last_revision == 2
+        assert [e.revision for e in await store.read_events(0)] == [1, 2]
+
+        # A write queued behind a failing batch continues its revisions: it fails too.
+        first = store.submit(Write(events=[ev(3)], puts=[(ALLOC, "poison", b"x")]))
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the writer take the first batch
+        behind = store.submit(put_write(4))
+        with pytest.raises(StoreError, match="poisoned"):
+            await first
+        with pytest.raises(StoreError, match="earlier"):
+            await behind
+
+        # Revisions restart after the last durable one.
+        await store.commit(put_write(3))
+        assert seen == [3] and store.last_revision == 3
+        assert sorted((await store.load()).objects[ALLOC]) == ["a1", "a2", "a3"]
+    finally:
+        await store.close()
+
+
+async def test_on_commit_error_does_not_fail_durable_commits(
+    db_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(events: object) -> None:
+        raise RuntimeError("watcher bug")
+
+    store = await Store.open(db_path, on_commit=broken)
+    try:
+        await store.commit(put_write(1))
+        assert store.last_revision == 1
+        assert "on_commit failed" in caplog.text
+    finally:
+        await store.close()
+
+
+# --- reading and compaction ------------------------------------------------------------
+
+
+async def test_read_events_paging(store: Store) -> None:
+    await store.commit(Write(events=[ev(r) for r in range(1, 26)]))
+    pages: list[list[int]] = []
+    after = 0
+    while page := await store.read_events(after, limit=10):
+        pages.append([e.revision for e in page])
+        after = page[-1].revision
+    assert pages == [list(range(1, 11)), list(range(11, 21)), list(range(21, 26))]
+    assert await store.read_events(25) == []
+    assert await store.read_events(1000) == []
+    with pytest.raises(ValueError):
+        await store.read_events(0, limit=0)
+
+
+async def test_compaction_by_count(store: Store) -> None:
+    await commit_range(store, 1, 10, time=100.0)
+    assert await store.compact(max_events=4, min_time=0.0) == 7
+    assert (store.oldest_revision, store.last_revision) == (7, 10)
+    assert [e.revision for e in await store.read_events(6)] == [7, 8, 9, 10]
+    # What was compacted is simply gone: the caller sees the log start at 7.
+    assert [e.revision for e in await store.read_events(3, limit=2)] == [7, 8]
+    # Nothing more to drop: unchanged.
+    assert await store.compact(max_events=4, min_time=0.0) == 7
+    # Objects are current state, not history: compaction leaves them alone.
+    assert len((await store.load()).objects[ALLOC]) == 10
+
+
+async def test_compaction_by_age_removes_only_a_prefix(store: Store) -> None:
+    times = [1.0, 2.0, 9.0, 3.0, 10.0, 11.0]
+    await store.commit(Write(events=[ev(r, t) for r, t in enumerate(times, start=1)]))
+    # Revision 4 (time 3) is old but follows a young one: it stays, so the log stays gapless.
+    assert await store.compact(max_events=100, min_time=5.0) == 3
+    assert [e.revision for e in await store.read_events(2)] == [3, 4, 5, 6]
+    assert await store.compact(max_events=100, min_time=10.5) == 6
+
+
+async def test_compaction_of_everything_survives_restart(db_path: str) -> None:
+    store = await Store.open(db_path)
+    await commit_range(store, 1, 5)
+    assert await store.compact(max_events=0, min_time=0.0) == 6
+    assert (store.last_revision, store.oldest_revision) == (5, 6)
+    assert await store.read_events(0) == []
+    await store.close()
+
+    store = await Store.open(db_path)
+    try:
+        state = await store.load()
+        assert (state.last_revision, state.oldest_revision) == (5, 6)
+        with pytest.raises(ValueError):
+            await store.commit(put_write(1))
+        await store.commit(put_write(6))
+        assert [e.revision for e in await store.read_events(5)] == [6]
+        assert (store.last_revision, store.oldest_revision) == (6, 6)
+    finally:
+        await store.close()
+
+    store = await Store.open(db_path)
+    try:
+        assert (store.last_revision, store.oldest_revision) == (6, 6)
+    finally:
+        await store.close()
+
+
+# --- schema ----------------------------------------------------------------------------
+
+
+async def test_migration_from_an_existing_empty_database(db_path: str) -> None:
+    Path(db_path).parent.mkdir(parents=True)
+    sqlite3.connect(db_path).close()  # a valid SQLite file with no tables, version 0
+    store = await Store.open(db_path)
+    try:
+        await store.commit(put_write(1))
+    finally:
+        await store.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"objects", "events", "meta"} <= tables
+
+
+async def test_each_migration_step_is_one_transaction(tmp_path: Path) -> None:
+    steps = [
+        ("CREATE TABLE a (x)",),
+        ("CREATE TABLE b (x)", "THIS IS NOT SQL"),
+    ]
+    conn = await aiosqlite.connect(str(tmp_path / "m.db"), isolation_level=None)
+    try:
+        with pytest.raises(SchemaError, match="version 2"):
+            await migrate(conn, steps)
+        rows = await conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table'")
+        assert [r[0] for r in rows] == ["a"]  # step 2 left nothing behind
+        steps[1] = ("CREATE TABLE b (x)",)
+        assert await migrate(conn, steps) == 2
+        rows = await conn.execute_fetchall("PRAGMA user_version")
+        assert next(iter(rows))[0] == 2
+    finally:
+        await conn.close()
+
+
+async def test_newer_schema_version_is_refused(db_path: str) -> None:
+    await (await Store.open(db_path)).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        await Store.open(db_path)
+
+
+# --- opening: locks and bad files ------------------------------------------------------
+
+
+async def test_second_open_of_a_locked_database_fails(db_path: str) -> None:
+    first = await Store.open(db_path)
+    with pytest.raises(StoreError, match="in use by another rmgrpc process") as info:
+        await Store.open(db_path)
+    assert "\n" not in str(info.value)
+    await first.close()
+    second = await Store.open(db_path)
+    await second.close()
+
+
+async def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a database, just some text\n" * 200)
+    with pytest.raises(StoreError, match="not a database") as info:
+        await Store.open(str(path))
+    assert "\n" not in str(info.value)
+    # The failed open released its lock: a real database there opens fine.
+    path.unlink()
+    await (await Store.open(str(path))).close()
+
+
+async def test_unusable_paths_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="directory"):
+        await Store.open(str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="cannot open"):
+        await Store.open(str(tmp_path / "file" / "sub" / "db"))
+
+
+# --- kill -9 ---------------------------------------------------------------------------
+
+CHILD = r"""
+import asyncio, sys
+from rmgrpc.model import Event, EventKind
+from rmgrpc.store import Store, Write
+
+async def main() -> None:
+    store = await Store.open(sys.argv[1])
+    print("ready", flush=True)
+    slots = asyncio.Semaphore(8)
+    tasks = set()
+
+    async def one(revision: int) -> None:
+        await store.commit(Write(
+            events=[Event(revision, EventKind.ALLOCATION, 1, f"a{revision}", 0.0, b"e")],
+            puts=[(EventKind.ALLOCATION, f"a{revision}", b"%d" % revision)],
+        ))
+        sys.stdout.write(f"{revision}\n")
+        sys.stdout.flush()
+        slots.release()
+
+    revision = store.last_revision
+    while True:
+        await slots.acquire()
+        revision += 1
+        task = asyncio.ensure_future(one(revision))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+asyncio.run(main())
+"""
+
+
+def test_acknowledged_commits_survive_kill_9(db_path: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, db_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    acked: list[int] = []
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 20
+        while len(acked) < 400 and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            acked.append(int(line))
+        assert len(acked) >= 400, child.stderr.read() if child.stderr else ""
+        # While the child lives, its lock keeps us out.
+        with pytest.raises(StoreError, match="in use"):
+            asyncio.run(Store.open(db_path))
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        out, _ = child.communicate(timeout=10)
+    # Lines the child wrote before dying were acknowledged too.
+    acked += [int(line) for line in out.split()]
+    assert child.returncode == -signal.SIGKILL
+
+    async def check() -> None:
+        # The kernel released the dead child's lock.
+        store = await Store.open(db_path)
+        try:
+            events = await store.read_events(0, limit=1_000_000)
+            revisions = [e.revision for e in events]
+            assert revisions == list(range(1, store.last_revision + 1))
+            assert set(acked) <= set(revisions)
+            objects = (await store.load()).objects[EventKind.ALLOCATION]
+            assert all(objects[f"a{r}"] == b"%d" % r for r in acked)
+            # And the log continues without a gap.
+            await store.commit(put_write(store.last_revision + 1))
+        finally:
+            await store.close()
+
+    asyncio.run(check())

@@ -1,0 +1,277 @@
+"""Metrics registry, the /metrics endpoint, the RPC metrics interceptor and tracing set-up."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY, generate_latest
+
+from rmgrpc import telemetry
+from rmgrpc.model import GpuMetrics
+from rmgrpc.telemetry import Metrics, MetricsInterceptor, setup_tracing, start_metrics_server
+
+HEALTH = "grpc.health.v1.Health"
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+# --- registry and helpers -------------------------------------------------------------
+
+
+def test_metrics_use_their_own_registry() -> None:
+    a, b = Metrics(), Metrics()  # a second set must not clash with the first
+    a.watch_events_sent.inc(3)
+    assert sample(a, "rmgrpc_watch_events_sent_total") == 3
+    assert sample(b, "rmgrpc_watch_events_sent_total") == 0
+    assert b"rmgrpc_" not in generate_latest(REGISTRY)
+
+
+def test_allocation_counts_drop_missing_states_to_zero() -> None:
+    m = Metrics()
+    m.set_allocation_counts({"PENDING": 2, "ALLOCATED": 5})
+    m.set_allocation_counts({"ALLOCATED": 4})
+    assert sample(m, "rmgrpc_allocations", {"state": "PENDING"}) == 0
+    assert sample(m, "rmgrpc_allocations", {"state": "ALLOCATED"}) == 4
+
+
+def test_gpu_counts_remove_vanished_models() -> None:
+    m = Metrics()
+    m.set_gpu_counts({("H100", "total"): 8, ("A100", "total"): 4})
+    m.set_gpu_counts({("H100", "total"): 8, ("H100", "allocated"): 3})
+    assert sample(m, "rmgrpc_gpus", {"model": "A100", "status": "total"}) is None
+    assert sample(m, "rmgrpc_gpus", {"model": "H100", "status": "allocated"}) == 3
+
+
+def test_gpu_metrics_per_node_and_forget() -> None:
+    m = Metrics()
+    m.set_gpu_metrics(
+        "n1",
+        {
+            0: GpuMetrics(utilization_percent=50, temperature_celsius=60, power_watts=300),
+            1: GpuMetrics(memory_used_bytes=1024),
+        },
+    )
+    assert sample(m, "rmgrpc_gpu_utilization_percent", {"node": "n1", "gpu": "0"}) == 50
+    assert sample(m, "rmgrpc_gpu_power_watts", {"node": "n1", "gpu": "0"}) == 300
+    assert sample(m, "rmgrpc_gpu_memory_used_bytes", {"node": "n1", "gpu": "1"}) == 1024
+    m.set_gpu_metrics("n1", {0: GpuMetrics(utilization_percent=10)})
+    assert sample(m, "rmgrpc_gpu_memory_used_bytes", {"node": "n1", "gpu": "1"}) is None
+    m.forget_node("n1")
+    assert sample(m, "rmgrpc_gpu_utilization_percent", {"node": "n1", "gpu": "0"}) is None
+
+
+# --- /metrics endpoint ----------------------------------------------------------------
+
+
+def test_metrics_endpoint_serves_all_metric_names() -> None:
+    m = Metrics()
+    m.observe_rpc(HEALTH, "Check", "OK", 0.01)
+    m.scheduling_decisions.labels("admitted").inc()
+    m.event_revision.set(42)
+    server = start_metrics_server(m, "127.0.0.1", 0)
+    try:
+        assert server.port > 0
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = response.read().decode()
+    finally:
+        server.close()
+    for name in (
+        "rmgrpc_rpc_requests_total",
+        "rmgrpc_rpc_duration_seconds",
+        "rmgrpc_scheduling_cycle_seconds",
+        "rmgrpc_scheduling_decisions_total",
+        "rmgrpc_allocations",
+        "rmgrpc_pending_allocations",
+        "rmgrpc_gpus",
+        "rmgrpc_nodes",
+        "rmgrpc_watch_streams",
+        "rmgrpc_watch_events_sent_total",
+        "rmgrpc_watch_streams_cut_total",
+        "rmgrpc_event_revision",
+        "rmgrpc_store_commit_seconds",
+        "rmgrpc_store_transactions_total",
+        "rmgrpc_gpu_utilization_percent",
+        "rmgrpc_gpu_temperature_celsius",
+        "rmgrpc_gpu_power_watts",
+        "rmgrpc_gpu_memory_used_bytes",
+    ):
+        assert f"# TYPE {name}" in body or f"# HELP {name}" in body, name
+    assert "rmgrpc_event_revision 42.0" in body
+    assert 'rmgrpc_scheduling_decisions_total{decision="admitted"} 1.0' in body
+
+
+def test_metrics_endpoint_on_busy_port_raises_oserror() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            start_metrics_server(Metrics(), "127.0.0.1", taken.getsockname()[1])
+
+
+# --- interceptor on a real grpc.aio server --------------------------------------------
+
+
+class _Demo(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A tiny service: an async-generator stream that aborts after one message."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method == "/demo.Demo/Count":
+            return grpc.unary_stream_rpc_method_handler(self.count)
+        return None
+
+    async def count(self, request: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
+        yield b"1"
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stop")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Metrics, aio.Channel, health.aio.HealthServicer]]:
+    metrics = Metrics()
+    server = aio.server(interceptors=[MetricsInterceptor(metrics)])
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers([_Demo()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield metrics, channel, servicer
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def test_interceptor_counts_ok_and_failed_unary_calls(
+    served: tuple[Metrics, aio.Channel, health.aio.HealthServicer],
+) -> None:
+    metrics, channel, _ = served
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    with pytest.raises(aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+    ok = {"service": HEALTH, "method": "Check", "code": "OK"}
+    not_found = {**ok, "code": "NOT_FOUND"}
+    assert sample(metrics, "rmgrpc_rpc_requests_total", ok) == 2
+    assert sample(metrics, "rmgrpc_rpc_requests_total", not_found) == 1
+    timing = {"service": HEALTH, "method": "Check"}
+    assert sample(metrics, "rmgrpc_rpc_duration_seconds_count", timing) == 3
+
+
+async def test_interceptor_counts_server_streams(
+    served: tuple[Metrics, aio.Channel, health.aio.HealthServicer],
+) -> None:
+    metrics, channel, servicer = served
+    # Health.Watch is a coroutine that writes with context.write(); end it from the server.
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    first = await watch.read()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    await servicer.enter_graceful_shutdown()
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+
+    # An async-generator stream that aborts after its first message.
+    count = channel.unary_stream("/demo.Demo/Count")(b"")
+    assert await count.read() == b"1"
+    with pytest.raises(aio.AioRpcError) as failed:
+        await count.read()
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    labels = {"service": "demo.Demo", "method": "Count", "code": "FAILED_PRECONDITION"}
+    assert sample(metrics, "rmgrpc_rpc_requests_total", labels) == 1
+    # The cancelled watch is counted once the server sees the cancellation.
+    for _ in range(100):
+        if sample(metrics, "rmgrpc_rpc_requests_total", _watch("CANCELLED")):
+            break
+        await asyncio.sleep(0.01)
+    assert sample(metrics, "rmgrpc_rpc_requests_total", _watch("CANCELLED")) == 1
+
+
+def _watch(code: str) -> dict[str, str]:
+    return {"service": HEALTH, "method": "Watch", "code": code}
+
+
+async def test_unknown_method_passes_through(
+    served: tuple[Metrics, aio.Channel, health.aio.HealthServicer],
+) -> None:
+    metrics, channel, _ = served
+    with pytest.raises(aio.AioRpcError) as failed:
+        await channel.unary_unary("/demo.Demo/Nope")(b"")
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Nope" not in generate_latest(metrics.registry).decode()
+
+
+# --- tracing --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_tracing() -> Iterator[None]:
+    yield
+    setup_tracing("none")
+
+
+@pytest.mark.parametrize("exporter", ["", "none", "None "])
+def test_tracing_off(exporter: str, no_tracing: None) -> None:
+    assert setup_tracing(exporter) is None
+    with telemetry.tracer().start_as_current_span("x") as span:
+        assert not span.get_span_context().is_valid
+
+
+def test_tracing_console_exports_spans_and_can_be_set_up_twice(no_tracing: None) -> None:
+    out = io.StringIO()
+    first = setup_tracing("console", out=out)
+    assert isinstance(first, TracerProvider)
+    second = setup_tracing("console", out=out)  # replaces the first without error
+    assert isinstance(second, TracerProvider) and second is not first
+    with telemetry.tracer().start_as_current_span("scheduling-cycle") as span:
+        assert span.get_span_context().is_valid
+    second.force_flush()
+    assert '"name": "scheduling-cycle"' in out.getvalue()
+
+
+def test_tracing_otlp_without_exporter_package_is_off(
+    monkeypatch: pytest.MonkeyPatch, no_tracing: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whether or not the real exporter is installed, point at modules that do not exist.
+    monkeypatch.setattr(telemetry, "_OTLP_EXPORTERS", ("rmgrpc_no_such_otlp_exporter",))
+    assert setup_tracing("otlp") is None
+    assert "opentelemetry-exporter-otlp is not installed" in caplog.text
+
+
+def test_tracing_unknown_exporter_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown trace exporter"):
+        setup_tracing("zipkin")
+
+
+async def test_interceptor_records_rpc_spans(
+    served: tuple[Metrics, aio.Channel, health.aio.HealthServicer], no_tracing: None
+) -> None:
+    _, channel, _ = served
+    out = io.StringIO()
+    provider = setup_tracing("console", out=out)
+    assert provider is not None
+    stub = health_pb2_grpc.HealthStub(channel)
+    await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    with pytest.raises(aio.AioRpcError):
+        await stub.Check(health_pb2.HealthCheckRequest(service="missing"))
+    provider.force_flush()
+    text = out.getvalue()
+    assert f'"name": "{HEALTH}/Check"' in text
+    assert '"rpc.grpc.status_code": "OK"' in text
+    assert '"rpc.grpc.status_code": "NOT_FOUND"' in text
