@@ -35,7 +35,7 @@ def ts(seconds: float | None) -> Timestamp | None:
     out = Timestamp()
     whole = math.floor(seconds)
     out.seconds = whole
-    out.nanos = min(int(round((seconds - whole) * 1e9)), 999_999_999)
+    out.nanos = min(round((seconds - whole) * 1e9), 999_999_999)
     return out
 
 

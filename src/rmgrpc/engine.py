@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from rmgrpc import codec
+from rmgrpc import codec, telemetry
 from rmgrpc.clock import Clock
 from rmgrpc.config import Settings
 from rmgrpc.errors import FailedPrecondition, NotFound, QuotaExceeded, QuotaViolation
@@ -265,11 +265,15 @@ class Engine:
 
     def run_cycle_now(self) -> Decisions:
         """One synchronous scheduling pass; its events are committed by the caller."""
-        started = time.perf_counter()
-        snap = self.snapshot()
-        decisions = scheduler_cycle.run_cycle(snap)
-        self.last_cycle_seconds = time.perf_counter() - started
-        self._apply(snap.now, decisions)
+        with telemetry.tracer().start_as_current_span("rmgrpc.scheduling_cycle") as span:
+            started = time.perf_counter()
+            snap = self.snapshot()
+            decisions = scheduler_cycle.run_cycle(snap)
+            self.last_cycle_seconds = time.perf_counter() - started
+            self._apply(snap.now, decisions)
+            span.set_attribute("rmgrpc.pending", len(decisions.pending))
+            span.set_attribute("rmgrpc.admitted", len(decisions.admissions))
+            span.set_attribute("rmgrpc.preempted", len(decisions.preemptions))
         for observe in self.cycle_observers:
             observe(self.last_cycle_seconds, decisions)
         return decisions

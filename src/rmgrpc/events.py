@@ -212,6 +212,10 @@ class EventHub:
                             yield Progress(self.revision)
                     continue
                 event = sub.buffer.popleft()
+                if event.revision < next_rev:
+                    # Asked to start past the committed head (e.g. a List's revision counts
+                    # events still being committed): those were covered by the caller.
+                    continue
                 next_rev = event.revision + 1
                 self.delivered += 1
                 yield event

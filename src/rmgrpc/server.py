@@ -20,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rmgrpc import reflection, telemetry
 from rmgrpc.clock import Clock, SystemClock
 from rmgrpc.config import Settings
-from rmgrpc.engine import Engine
-from rmgrpc.gpu.simulated import simulated_nodes
+from rmgrpc.engine import Engine, GpuReport
+from rmgrpc.gpu.nvml import NvmlInventory
+from rmgrpc.gpu.simulated import simulated_metrics, simulated_nodes
 from rmgrpc.model import AllocationState, GpuHealth, Node, NodeState
 from rmgrpc.scheduler.snapshot import Decisions
 from rmgrpc.services.allocator import AllocatorService
@@ -69,6 +70,7 @@ class RunningServer:
     metrics: telemetry.Metrics
     metrics_server: telemetry.MetricsServer | None
     tasks: list[asyncio.Task[None]]
+    nvml: NvmlInventory | None = None
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -77,13 +79,16 @@ class RunningServer:
         await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()
+        if self.nvml is not None:
+            self.nvml.close()
         await self.engine.stop()
         await self.store.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
 
 
-def inventory(settings: Settings, clock: Clock) -> list[Node]:
+def inventory(settings: Settings, clock: Clock) -> tuple[list[Node], NvmlInventory | None]:
+    """The simulated nodes of the config, plus this machine's GPUs when NVML works."""
     nodes = simulated_nodes(
         settings.simulated_nodes,
         settings.simulated_gpus_per_node,
@@ -92,16 +97,36 @@ def inventory(settings: Settings, clock: Clock) -> list[Node]:
         memory_bytes=settings.simulated_memory_bytes,
         now=clock.now(),
     )
-    if settings.nvml == "auto":
-        from rmgrpc.gpu.nvml import NvmlInventory
+    nvml = NvmlInventory.probe() if settings.nvml == "auto" else None
+    if nvml is not None:
+        local = nvml.discover(socket.gethostname())
+        log.info("NVML: %d local GPUs on %s", len(local.gpus), local.id)
+        nodes.append(local)
+    return nodes, nvml
 
-        nvml = NvmlInventory.probe()
-        if nvml is not None:
-            local = nvml.discover(socket.gethostname())
-            log.info("NVML: %d local GPUs on %s", len(local.gpus), local.id)
-            nodes.append(local)
-            nvml.close()
-    return nodes
+
+async def _gpu_metrics_loop(engine: Engine, nvml: NvmlInventory | None, every: float) -> None:
+    """Refreshes GPU metrics: sampled through NVML for the local node (reported like an
+    agent's heartbeat, so its health changes are events), simulated for simulated nodes."""
+    local = socket.gethostname()
+    while True:
+        now = engine.clock.now()
+        busy: dict[str, set[int]] = {}
+        for node_id, index in engine.state.holders:
+            busy.setdefault(node_id, set()).add(index)
+        for node in engine.state.nodes.values():
+            if node.simulated:
+                samples = simulated_metrics(node, now, busy.get(node.id, set()))
+                for gpu in node.gpus:
+                    gpu.metrics = samples.get(gpu.index, gpu.metrics)
+        if nvml is not None and local in engine.state.nodes:
+            samples = await nvml.sample_async()
+            health = await nvml.health_async()
+            reports = [
+                GpuReport(index=i, health=health.get(i), metrics=m) for i, m in samples.items()
+            ]
+            await engine.heartbeat(local, reports)
+        await asyncio.sleep(every)
 
 
 def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, Decisions], None]:
@@ -155,7 +180,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     try:
         engine = Engine(settings, store, clock)
         engine.cycle_observers.append(_record_cycle(metrics))
-        await engine.start(inventory(settings, clock))
+        nodes, nvml = inventory(settings, clock)
+        await engine.start(nodes)
 
         server = grpc.aio.server(
             interceptors=[telemetry.MetricsInterceptor(metrics)], options=GRPC_OPTIONS
@@ -191,9 +217,14 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         await engine.stop() if "engine" in locals() else None
         await store.close()
         raise
-    tasks = [asyncio.create_task(_gauges_loop(engine, metrics, 5.0))]
+    tasks = [
+        asyncio.create_task(_gauges_loop(engine, metrics, 5.0)),
+        asyncio.create_task(
+            _gpu_metrics_loop(engine, nvml, min(5.0, settings.heartbeat_interval_seconds))
+        ),
+    ]
     return RunningServer(
-        server, engine, store, health_servicer, port, metrics, metrics_server, tasks
+        server, engine, store, health_servicer, port, metrics, metrics_server, tasks, nvml
     )
 
 

@@ -135,9 +135,7 @@ def build_snapshot(
     seq = 0
     # Running work, placed first-fit on 1-GPU slots of READY nodes.
     ready = [n for n in nodes.values() if n.state == NodeState.READY]
-    slots = [
-        (n, g) for n in ready for g in n.gpus if g.health == GpuHealth.HEALTHY and g.index < 6
-    ]
+    slots = [(n, g) for n in ready for g in n.gpus if g.health == GpuHealth.HEALTHY and g.index < 6]
     rng.shuffle(slots)
     for i in range(min(n_running, len(slots))):
         node, gpu = slots[i]

@@ -216,3 +216,21 @@ def test_sigterm_stops_cleanly_and_keeps_answered_work(tmp_path: Path) -> None:
 def test_unknown_or_incomplete_flags_fail_fast(flag: str) -> None:
     proc = run_cli("serve", flag)
     assert proc.returncode == 2
+
+
+async def test_metrics_endpoint_reports_rpcs_and_cycles(tmp_path: Path) -> None:
+    import urllib.request
+
+    running = await start(make_settings(tmp_path, metrics_listen="127.0.0.1:0"))
+    try:
+        assert running.metrics_server is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            await allocator_pb2_grpc.AllocatorServiceStub(ch).Allocate(
+                pb.AllocateRequest(tenant="t", count=1, shape=Shape(gpus=1)))
+        url = f"http://127.0.0.1:{running.metrics_server.port}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        text = body.decode()
+        assert 'rmgrpc_rpc_requests_total{code="OK",method="Allocate"' in text
+        assert "rmgrpc_scheduling_cycle_seconds_count" in text
+    finally:
+        await running.stop(0)

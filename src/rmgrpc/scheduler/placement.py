@@ -227,6 +227,8 @@ def gpus_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
     for m in _models_for(req.shape, req.models, node.free):
         if node.free_count(m) >= g:
             return None
+    if g == 1:
+        return f"have no free {req.shape.gpu_model + ' ' if req.shape.gpu_model else ''}GPU"
     return f"have fewer than {gpus_text(g, req.shape.gpu_model, 'free')}"
 
 
@@ -256,6 +258,12 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
     ("cpu", cpu_free),
     ("memory", memory_free),
 )
+
+
+# The first five depend only on a node's class (state, hold, labels, GPU counts), so an
+# explanation runs them once per class of alike nodes; the last two per node.
+CLASS_FILTERS = FILTERS[:5]
+NODE_FILTERS = FILTERS[5:]
 
 
 def feasible(node: NodeCapacity, req: ReplicaRequest) -> str | None:
@@ -403,6 +411,8 @@ class CapacityView:
         self.holders: dict[str, tuple[str, ...]] = {}
         # Nodes, by id, that scans visited: a measure of the index's work.
         self.visited = 0
+        self._changes = 0
+        self._class_cache: tuple[tuple[int, int, int], list[list[NodeCapacity]]] | None = None
 
     # -- building -------------------------------------------------------------------
 
@@ -434,6 +444,7 @@ class CapacityView:
     # -- changes ----------------------------------------------------------------------
 
     def _change(self, n: NodeCapacity, indices: Sequence[int], take: bool) -> None:
+        self._changes += 1
         before: dict[str, int] = {}
         old_total = n.total_free if n.indexes else 0
         for i in indices:
@@ -649,17 +660,54 @@ class CapacityView:
         """Run the filter chain over every node and count who rejected it and why."""
         req = ReplicaRequest(shape, owner, priority, models)
         ex = Explanation(shape, count, nodes=len(self.nodes))
-        for n in self.nodes.values():
-            why = feasible(n, req)
-            if why is None:
-                room = n.replicas_fit(shape, models, empty=False)
-                if room > 0:
-                    ex.fitting_nodes += 1
-                    ex.replica_room += room
-                    continue
-                why = "cannot take one replica"
-            ex.counters[why] = ex.counters.get(why, 0) + 1
+        counters = ex.counters
+        for group in self._classes():
+            why = None
+            for _, check in CLASS_FILTERS:
+                why = check(group[0], req)
+                if why is not None:
+                    break
+            if why is not None:
+                counters[why] = counters.get(why, 0) + len(group)
+                continue
+            for n in group:
+                why = None
+                for _, check in NODE_FILTERS:
+                    why = check(n, req)
+                    if why is not None:
+                        break
+                if why is None:
+                    room = n.replicas_fit(shape, models, empty=False)
+                    if room > 0:
+                        ex.fitting_nodes += 1
+                        ex.replica_room += room
+                        continue
+                    why = "cannot take one replica"
+                counters[why] = counters.get(why, 0) + 1
         return ex
+
+    def _classes(self) -> list[list[NodeCapacity]]:
+        """Nodes grouped by what the class filters look at; cached until the view changes."""
+        if self._class_cache is not None and self._class_cache[0] == self._version():
+            return self._class_cache[1]
+        groups: dict[tuple[object, ...], list[NodeCapacity]] = {}
+        for n in self.nodes.values():
+            key = (
+                n.state,
+                n.held_for,
+                n.held_priority,
+                tuple(sorted(n.labels.items())),
+                tuple(sorted(n.healthy_by_model.items())),
+                tuple(sorted((m, len(v)) for m, v in n.free.items())),
+                tuple(sorted(set(n.gpu_models.values()))),
+            )
+            groups.setdefault(key, []).append(n)
+        out = list(groups.values())
+        self._class_cache = (self._version(), out)
+        return out
+
+    def _version(self) -> tuple[int, int, int]:
+        return (self._changes, len(self._journal), len(self.holders))
 
 
 class Statement:
