@@ -23,7 +23,13 @@ from dataclasses import dataclass, replace
 from rmgrpc import codec, telemetry
 from rmgrpc.clock import Clock
 from rmgrpc.config import Settings
-from rmgrpc.errors import FailedPrecondition, NotFound, QuotaExceeded, QuotaViolation
+from rmgrpc.errors import (
+    FailedPrecondition,
+    NotFound,
+    QuotaExceeded,
+    QuotaViolation,
+    Unavailable,
+)
 from rmgrpc.events import EventHub
 from rmgrpc.model import (
     Allocation,
@@ -212,7 +218,7 @@ class Engine:
             # The in-memory state is now ahead of the disk: stop rather than serve it.
             self.failed = exc
             log.critical("store commit failed, shutting down: %s", exc)
-            raise
+            raise Unavailable("the store failed; the server is shutting down") from exc
 
     def _on_commit(self, events: Sequence[Event]) -> None:
         self.hub.publish(events)
@@ -258,8 +264,17 @@ class Engine:
             # Let a burst of requests arrive so one cycle serves them all.
             await asyncio.sleep(0)
             ticket = self._cycles_requested
-            self.run_cycle_now()
-            await self._flush()
+            try:
+                self.run_cycle_now()
+            except Exception:
+                # A bug in the core must not take the server down with it: answer the
+                # waiting callers, keep serving, and try again on the next change.
+                log.exception("scheduling cycle failed")
+            try:
+                await self._flush()
+            except Exception as exc:
+                self._cycle_waiters = _release(self._cycle_waiters, ticket, exc)
+                return
             self._cycles_done = ticket
             self._cycle_waiters = _release(self._cycle_waiters, ticket)
 
@@ -483,9 +498,9 @@ class Engine:
         )
         self.state.add(a)
         self._emit_allocation(a, AllocationEventType.CREATED)
-        ticket = self.request_cycle()
-        await self._flush()
-        await self._wait_cycle(ticket)
+        # The cycle's commit carries the creation too: one transaction, and the answer
+        # (placed or pending with a reason) is durable when the cycle is done.
+        await self._wait_cycle(self.request_cycle())
         return a, []
 
     def _dry_run(self, snap: Snapshot, request: Allocation) -> tuple[Allocation, list[str]]:
@@ -664,13 +679,20 @@ class Engine:
 
 
 def _release(
-    waiters: list[tuple[int, asyncio.Future[None]]], reached: int
+    waiters: list[tuple[int, asyncio.Future[None]]],
+    reached: int,
+    error: BaseException | None = None,
 ) -> list[tuple[int, asyncio.Future[None]]]:
+    """Wakes the waiters whose mark is reached (all of them, with `error`, on failure)."""
     keep = []
     for wanted, fut in waiters:
-        if wanted <= reached:
-            if not fut.done():
+        if wanted <= reached or error is not None:
+            if fut.done():
+                continue
+            if error is None:
                 fut.set_result(None)
+            else:
+                fut.set_exception(Unavailable(f"the store failed: {error}"))
         else:
             keep.append((wanted, fut))
     return keep

@@ -609,13 +609,13 @@ async def test_a_thousand_idle_streams_are_cheap_and_cleaned_up(servers: Servers
             for i in range(1000)
         ]
         async with asyncio.timeout(30):
-            await asyncio.gather(*(c.initial_metadata() for c in calls))
             while hub.watchers < 1000:
                 await asyncio.sleep(0.02)
         assert hub.watchers == 1000
 
         fresh = stub.WatchAllocations(pb.WatchAllocationsRequest(tenant="t7"))
-        await fresh.initial_metadata()
+        while hub.watchers < 1001:
+            await asyncio.sleep(0.01)
         resp = await stub.Allocate(pb.AllocateRequest(tenant="t7", count=1, shape=shape(1)))
         async with asyncio.timeout(10):
             ev = await fresh.read()
