@@ -119,14 +119,19 @@ class Engine:
                     a.lease_expire_time,
                     now + min(a.lease_seconds, self.settings.node_lease_seconds),
                 )
-            self.state.add(a)
-            self._arm_allocation(a)
+            self.state.add(a, now)
+            if a.id in self.state.live:
+                self._arm_allocation(a)
         for node in self.state.nodes.values():
             self._arm_node(node)
+        configured = {node.id for node in inventory}
+        for node in list(self.state.nodes.values()):
+            if node.simulated and node.id not in configured:
+                self._remove_node(node, "no longer in the configured simulated inventory")
         for node in inventory:
             if node.id not in self.state.nodes:
-                node.revision = self._emit_node(node)
                 self.state.nodes[node.id] = node
+                self._emit_node(node)
         await self._flush()
         self._tasks = [
             asyncio.create_task(self._scheduler_loop(), name="rmgrpc-scheduler"),
@@ -183,12 +188,26 @@ class Engine:
         nodes = dict.fromkeys(p.node_id for p in a.placements)
         self._emit(EventKind.ALLOCATION, type, a.id, encode, a.tenant, nodes)
 
-    def _emit_node(self, node: Node) -> int:
+    def _emit_node(self, node: Node, *, removed: bool = False) -> None:
         def encode(rev: int) -> bytes:
             node.revision = rev
             return codec.node_to_proto(node).SerializeToString()
 
-        return self._emit(EventKind.NODE, int(node.state), node.id, encode, "", (node.id,))
+        self._emit(
+            EventKind.NODE, int(node.state), node.id, encode, "", (node.id,), persist=not removed
+        )
+        if removed:
+            self._deletes.append((EventKind.NODE, node.id))
+
+    def _remove_node(self, node: Node, reason: str) -> None:
+        for a in self.state.on_node(node.id):
+            if a.state == AllocationState.ALLOCATED:
+                self._end(a, AllocationState.LOST, f"node {node.id} was removed: {reason}")
+            else:
+                self.state.free(a)
+        node.state, node.state_reason = NodeState.DOWN, f"removed: {reason}"
+        del self.state.nodes[node.id]
+        self._emit_node(node, removed=True)
 
     def _emit_quota(self, quota: Quota, deleted: bool = False) -> None:
         def encode(rev: int) -> bytes:
@@ -496,7 +515,7 @@ class Engine:
             create_time=snap.now,
             placements=(),
         )
-        self.state.add(a)
+        self.state.add(a, snap.now)
         self._emit_allocation(a, AllocationEventType.CREATED)
         # The cycle's commit carries the creation too: one transaction, and the answer
         # (placed or pending with a reason) is durable when the cycle is done.

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from itertools import islice
 
-from rmgrpc.errors import RevisionCompacted, WatcherTooSlow
+from rmgrpc.errors import RevisionCompacted, Unavailable, WatcherTooSlow
 from rmgrpc.model import Event, EventKind
 
 ReadEvents = Callable[[int, int], Awaitable[list[Event]]]
@@ -219,6 +219,7 @@ class EventHub:
                 next_rev = event.revision + 1
                 self.delivered += 1
                 yield event
+            raise Unavailable(f"server is shutting down; resume with start_revision={next_rev}")
         finally:
             self._unregister(sub)
 

@@ -26,11 +26,11 @@ class ClusterState:
 
     # -- allocations -------------------------------------------------------
 
-    def add(self, a: Allocation) -> None:
+    def add(self, a: Allocation, now: float) -> None:
         self.allocations[a.id] = a
         if a.request_id:
             self.by_request[(a.tenant, a.request_id)] = a.id
-        in_grace = a.state == AllocationState.PREEMPTED and a.grace_end_time is not None
+        in_grace = a.state == AllocationState.PREEMPTED and a.holds_capacity(now)
         if a.state in (AllocationState.PENDING, AllocationState.ALLOCATED) or in_grace:
             self.live[a.id] = a
         if a.id in self.live:

@@ -226,11 +226,41 @@ async def test_metrics_endpoint_reports_rpcs_and_cycles(tmp_path: Path) -> None:
         assert running.metrics_server is not None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             await allocator_pb2_grpc.AllocatorServiceStub(ch).Allocate(
-                pb.AllocateRequest(tenant="t", count=1, shape=Shape(gpus=1)))
+                pb.AllocateRequest(tenant="t", count=1, shape=Shape(gpus=1))
+            )
         url = f"http://127.0.0.1:{running.metrics_server.port}/metrics"
         body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
         text = body.decode()
         assert 'rmgrpc_rpc_requests_total{code="OK",method="Allocate"' in text
         assert "rmgrpc_scheduling_cycle_seconds_count" in text
+    finally:
+        await running.stop(0)
+
+
+async def test_shrinking_the_simulated_inventory_removes_nodes(tmp_path: Path) -> None:
+    running = await start(make_settings(tmp_path, simulated_nodes=3))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        stub = allocator_pb2_grpc.AllocatorServiceStub(ch)
+        gang = (
+            await stub.Allocate(pb.AllocateRequest(tenant="t", count=3, shape=Shape(gpus=8)))
+        ).allocation
+        assert gang.state == pb.ALLOCATION_STATE_ALLOCATED
+    await running.stop(0)
+    running = await start(make_settings(tmp_path, simulated_nodes=2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            nodes = (
+                await gpu_manager_pb2_grpc.GpuManagerServiceStub(ch).ListNodes(
+                    gpu_manager_pb2.ListNodesRequest()
+                )
+            ).nodes
+            assert sorted(n.id for n in nodes) == ["sim-node-0", "sim-node-1"]
+            lost = (
+                await allocator_pb2_grpc.AllocatorServiceStub(ch).GetAllocation(
+                    pb.GetAllocationRequest(id=gang.id)
+                )
+            ).allocation
+            assert lost.state == pb.ALLOCATION_STATE_LOST
+            assert "sim-node-2" in lost.state_reason
     finally:
         await running.stop(0)

@@ -194,5 +194,10 @@ class Simulator:
             and (a.tenant == tenant or a.tenant.startswith(tenant + "/"))
         )
 
+    def get(self, alloc_id: str) -> Allocation:
+        """An allocation, live or ended."""
+        a = self.allocations.get(alloc_id)
+        return a if a is not None else self.ended[alloc_id]
+
     def copy_allocation(self, alloc_id: str) -> Allocation:
         return dataclasses.replace(self.allocations[alloc_id])
