@@ -7,11 +7,11 @@ import asyncio
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+
+from rmgrpc.server import RunningServer
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc, gpu_manager_pb2, gpu_manager_pb2_grpc
 from rmgrpc.v1.resources_pb2 import Shape
-
-from rmgrpc.server import RunningServer
 from tests.e2e.helpers import detail, eventually, field_violations
 
 ALLOCATED = pb.ALLOCATION_STATE_ALLOCATED

@@ -1,6 +1,6 @@
 """Fair share, quotas, preemption, packing and gangs through a real server.
 
-The server runs on 2 simulated nodes × 8 GPUs with no preemption grace and no
+The server runs on 2 simulated nodes of 8 GPUs with no preemption grace and no
 minimum runtime, so convergence happens within a few scheduling cycles.
 """
 
@@ -70,9 +70,7 @@ async def test_weights_three_to_one_converge_to_twelve_and_four(
     await quota.SetQuota(quota_pb2.SetQuotaRequest(quota=quota_pb2.Quota(tenant="small", weight=1)))
     await flood(alloc, "small", 16)
     await flood(alloc, "big", 16)
-    held = await eventually(
-        lambda: held_gpus(alloc), lambda h: h["big"] == 12 and h["small"] == 4
-    )
+    held = await eventually(lambda: held_gpus(alloc), lambda h: h["big"] == 12 and h["small"] == 4)
     assert held == Counter({"big": 12, "small": 4})
 
 
@@ -81,8 +79,9 @@ async def test_small_requests_leave_a_whole_node_free(
 ) -> None:
     smalls = [(await alloc.Allocate(one_gpu("t"))).allocation for _ in range(4)]
     assert len({a.placements[0].node_id for a in smalls}) == 1
-    whole = (await alloc.Allocate(pb.AllocateRequest(
-        tenant="t", count=1, shape=Shape(gpus=8)))).allocation
+    whole = (
+        await alloc.Allocate(pb.AllocateRequest(tenant="t", count=1, shape=Shape(gpus=8)))
+    ).allocation
     assert whole.state == ALLOCATED
     assert whole.placements[0].node_id != smalls[0].placements[0].node_id
 
@@ -90,22 +89,25 @@ async def test_small_requests_leave_a_whole_node_free(
 async def test_borrower_is_preempted_when_the_owner_returns(
     alloc: allocator_pb2_grpc.AllocatorServiceStub, quota: quota_pb2_grpc.QuotaServiceStub
 ) -> None:
-    await quota.SetQuota(quota_pb2.SetQuotaRequest(
-        quota=quota_pb2.Quota(tenant="owner", guaranteed=Resources(gpus=8))))
+    await quota.SetQuota(
+        quota_pb2.SetQuotaRequest(
+            quota=quota_pb2.Quota(tenant="owner", guaranteed=Resources(gpus=8))
+        )
+    )
     borrowed = [(await alloc.Allocate(one_gpu("borrower"))).allocation for _ in range(16)]
     assert all(a.state == ALLOCATED for a in borrowed)
     usage = (await quota.GetUsage(quota_pb2.GetUsageRequest(tenant="borrower"))).usage
     assert usage.held.gpus == 16
-    back = (await alloc.Allocate(pb.AllocateRequest(
-        tenant="owner", count=1, shape=Shape(gpus=8)))).allocation
+    back = (
+        await alloc.Allocate(pb.AllocateRequest(tenant="owner", count=1, shape=Shape(gpus=8)))
+    ).allocation
     placed = await eventually(
         lambda: alloc.GetAllocation(pb.GetAllocationRequest(id=back.id)),
         lambda r: r.allocation.state == ALLOCATED,
     )
     assert len(placed.allocation.placements[0].gpu_indices) == 8
     victims = [
-        (await alloc.GetAllocation(pb.GetAllocationRequest(id=a.id))).allocation
-        for a in borrowed
+        (await alloc.GetAllocation(pb.GetAllocationRequest(id=a.id))).allocation for a in borrowed
     ]
     preempted = [v for v in victims if v.state == pb.ALLOCATION_STATE_PREEMPTED]
     assert len(preempted) == 8  # the fewest that make room
@@ -118,8 +120,9 @@ async def test_blocked_gang_does_not_stop_small_requests_and_is_placed(
     alloc: allocator_pb2_grpc.AllocatorServiceStub,
 ) -> None:
     first = (await alloc.Allocate(one_gpu("small"))).allocation
-    gang = (await alloc.Allocate(pb.AllocateRequest(
-        tenant="big", count=2, shape=Shape(gpus=8)))).allocation
+    gang = (
+        await alloc.Allocate(pb.AllocateRequest(tenant="big", count=2, shape=Shape(gpus=8)))
+    ).allocation
     assert gang.state == PENDING
     later = (await alloc.Allocate(one_gpu("small"))).allocation
     assert later.state == ALLOCATED  # admitted past the blocked gang
@@ -135,8 +138,9 @@ async def test_blocked_gang_does_not_stop_small_requests_and_is_placed(
 async def test_limit_is_never_exceeded_and_over_limit_request_is_refused(
     alloc: allocator_pb2_grpc.AllocatorServiceStub, quota: quota_pb2_grpc.QuotaServiceStub
 ) -> None:
-    await quota.SetQuota(quota_pb2.SetQuotaRequest(
-        quota=quota_pb2.Quota(tenant="capped", limit=Resources(gpus=4))))
+    await quota.SetQuota(
+        quota_pb2.SetQuotaRequest(quota=quota_pb2.Quota(tenant="capped", limit=Resources(gpus=4)))
+    )
     answers = [(await alloc.Allocate(one_gpu("capped"))).allocation for _ in range(6)]
     assert [a.state for a in answers] == [ALLOCATED] * 4 + [PENDING] * 2
     assert "capped" in answers[-1].pending_reason
@@ -149,8 +153,9 @@ async def test_limit_is_never_exceeded_and_over_limit_request_is_refused(
 async def test_parent_bounds_children(
     alloc: allocator_pb2_grpc.AllocatorServiceStub, quota: quota_pb2_grpc.QuotaServiceStub
 ) -> None:
-    await quota.SetQuota(quota_pb2.SetQuotaRequest(
-        quota=quota_pb2.Quota(tenant="org", limit=Resources(gpus=6))))
+    await quota.SetQuota(
+        quota_pb2.SetQuotaRequest(quota=quota_pb2.Quota(tenant="org", limit=Resources(gpus=6)))
+    )
     for team in ("org/x", "org/y"):
         for _ in range(4):
             await alloc.Allocate(one_gpu(team))
@@ -163,11 +168,17 @@ async def test_parent_bounds_children(
 async def test_higher_priority_preempts_lower(
     alloc: allocator_pb2_grpc.AllocatorServiceStub,
 ) -> None:
-    low = (await alloc.Allocate(pb.AllocateRequest(
-        tenant="t", count=2, shape=Shape(gpus=8), priority=0))).allocation
+    low = (
+        await alloc.Allocate(
+            pb.AllocateRequest(tenant="t", count=2, shape=Shape(gpus=8), priority=0)
+        )
+    ).allocation
     assert low.state == ALLOCATED
-    high = (await alloc.Allocate(pb.AllocateRequest(
-        tenant="u", count=1, shape=Shape(gpus=4), priority=10))).allocation
+    high = (
+        await alloc.Allocate(
+            pb.AllocateRequest(tenant="u", count=1, shape=Shape(gpus=4), priority=10)
+        )
+    ).allocation
     placed = await eventually(
         lambda: alloc.GetAllocation(pb.GetAllocationRequest(id=high.id)),
         lambda r: r.allocation.state == ALLOCATED,
@@ -180,10 +191,12 @@ async def test_higher_priority_preempts_lower(
 async def test_dry_run_names_its_victims_and_changes_nothing(
     alloc: allocator_pb2_grpc.AllocatorServiceStub,
 ) -> None:
-    low = (await alloc.Allocate(pb.AllocateRequest(
-        tenant="t", count=2, shape=Shape(gpus=8)))).allocation
-    answer = await alloc.Allocate(pb.AllocateRequest(
-        tenant="u", count=1, shape=Shape(gpus=8), priority=5, dry_run=True))
+    low = (
+        await alloc.Allocate(pb.AllocateRequest(tenant="t", count=2, shape=Shape(gpus=8)))
+    ).allocation
+    answer = await alloc.Allocate(
+        pb.AllocateRequest(tenant="u", count=1, shape=Shape(gpus=8), priority=5, dry_run=True)
+    )
     assert answer.dry_run
     assert list(answer.preempted_allocation_ids) == [low.id]
     still = (await alloc.GetAllocation(pb.GetAllocationRequest(id=low.id))).allocation
@@ -191,8 +204,12 @@ async def test_dry_run_names_its_victims_and_changes_nothing(
 
 
 async def test_quota_crud_and_validation(quota: quota_pb2_grpc.QuotaServiceStub) -> None:
-    q = quota_pb2.Quota(tenant="org/team", guaranteed=Resources(gpus=2),
-                        limit=Resources(gpus=8, gpus_by_model={"H100": 4}), weight=2)
+    q = quota_pb2.Quota(
+        tenant="org/team",
+        guaranteed=Resources(gpus=2),
+        limit=Resources(gpus=8, gpus_by_model={"H100": 4}),
+        weight=2,
+    )
     saved = (await quota.SetQuota(quota_pb2.SetQuotaRequest(quota=q))).quota
     assert saved.parent == "org" and saved.revision > 0
     got = (await quota.GetQuota(quota_pb2.GetQuotaRequest(tenant="org/team"))).quota
@@ -206,8 +223,9 @@ async def test_quota_crud_and_validation(quota: quota_pb2_grpc.QuotaServiceStub)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await quota.DeleteQuota(quota_pb2.DeleteQuotaRequest(tenant="org/team"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    bad = quota_pb2.Quota(tenant="", guaranteed=Resources(gpus=9), limit=Resources(gpus=3),
-                          weight=-1)
+    bad = quota_pb2.Quota(
+        tenant="", guaranteed=Resources(gpus=9), limit=Resources(gpus=3), weight=-1
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await quota.SetQuota(quota_pb2.SetQuotaRequest(quota=bad))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -217,15 +235,19 @@ async def test_quota_crud_and_validation(quota: quota_pb2_grpc.QuotaServiceStub)
 
 
 async def test_preemption_cap_and_min_runtime_hold(tmp_path: Path) -> None:
-    running: RunningServer = await start(make_settings(
-        tmp_path, max_preemptions_per_cycle=2, min_runtime_seconds=3600.0))
+    running: RunningServer = await start(
+        make_settings(tmp_path, max_preemptions_per_cycle=2, min_runtime_seconds=3600.0)
+    )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = allocator_pb2_grpc.AllocatorServiceStub(ch)
             for _ in range(16):
                 await stub.Allocate(one_gpu("low"))
-            high = (await stub.Allocate(pb.AllocateRequest(
-                tenant="high", count=1, shape=Shape(gpus=1), priority=10))).allocation
+            high = (
+                await stub.Allocate(
+                    pb.AllocateRequest(tenant="high", count=1, shape=Shape(gpus=1), priority=10)
+                )
+            ).allocation
             # Everything placed is younger than the minimum runtime: nobody is preempted.
             assert high.state == PENDING
             assert (await held_gpus(stub))["low"] == 16

@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rmgrpc.server import start
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc, gpu_manager_pb2, gpu_manager_pb2_grpc
 from rmgrpc.v1.resources_pb2 import Shape
-
-from rmgrpc.server import start
 from tests.conftest import ServerProcess, free_port, make_settings
 
 
