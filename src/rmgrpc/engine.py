@@ -90,6 +90,8 @@ class Engine:
         self._cycle_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Victims whose grace ended: dropped from the snapshot after the next cycle.
+        self._graced: list[str] = []
         self.cycle_observers: list[CycleObserver] = []
         self.last_cycle_seconds = 0.0
         self.failed: BaseException | None = None
@@ -305,6 +307,9 @@ class Engine:
             decisions = scheduler_cycle.run_cycle(snap)
             self.last_cycle_seconds = time.perf_counter() - started
             self._apply(snap.now, decisions)
+            for aid in self._graced:
+                self.state.live.pop(aid, None)
+            self._graced = []
             span.set_attribute("rmgrpc.pending", len(decisions.pending))
             span.set_attribute("rmgrpc.admitted", len(decisions.admissions))
             span.set_attribute("rmgrpc.preempted", len(decisions.preemptions))
@@ -421,8 +426,11 @@ class Engine:
                 )
                 changed = True
             elif kind == "grace" and a.state == AllocationState.PREEMPTED:
-                # The grace period is over: the GPUs go back to the scheduler.
-                self.state.free(a)
+                # The grace period is over: the GPUs go back to the scheduler. The victim
+                # stays in the snapshot for one more cycle (holding nothing) so the core
+                # hands what it freed to its preemptor first.
+                self.state.free(a, keep_live=True)
+                self._graced.append(a.id)
                 changed = True
         if changed:
             self.request_cycle()

@@ -41,13 +41,14 @@ class ClusterState:
             for index in p.gpu_indices:
                 self.holders[(p.node_id, index)] = a.id
 
-    def free(self, a: Allocation) -> None:
-        """Gives back the GPUs `a` holds and drops it from the live set."""
+    def free(self, a: Allocation, *, keep_live: bool = False) -> None:
+        """Gives back the GPUs `a` holds and (unless `keep_live`) drops it from the live set."""
         for p in a.placements:
             for index in p.gpu_indices:
                 if self.holders.get((p.node_id, index)) == a.id:
                     del self.holders[(p.node_id, index)]
-        self.live.pop(a.id, None)
+        if not keep_live:
+            self.live.pop(a.id, None)
 
     def forget(self, a: Allocation) -> None:
         """Drops an ended allocation past its retention."""

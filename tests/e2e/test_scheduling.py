@@ -253,3 +253,32 @@ async def test_preemption_cap_and_min_runtime_hold(tmp_path: Path) -> None:
             assert (await held_gpus(stub))["low"] == 16
     finally:
         await running.stop(0)
+
+
+async def test_victims_keep_their_gpus_for_the_grace_period(tmp_path: Path) -> None:
+    running = await start(make_settings(tmp_path, preemption_grace_seconds=1.0))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = allocator_pb2_grpc.AllocatorServiceStub(ch)
+            low = (
+                await stub.Allocate(pb.AllocateRequest(tenant="low", count=2, shape=Shape(gpus=8)))
+            ).allocation
+            high = (
+                await stub.Allocate(
+                    pb.AllocateRequest(tenant="high", count=1, shape=Shape(gpus=8), priority=5)
+                )
+            ).allocation
+            assert high.state == PENDING
+            assert "grace" in high.pending_reason
+            victim = (await stub.GetAllocation(pb.GetAllocationRequest(id=low.id))).allocation
+            assert victim.state == pb.ALLOCATION_STATE_PREEMPTED
+            assert victim.HasField("grace_end_time") and victim.preempted_by == high.id
+            placed = await eventually(
+                lambda: stub.GetAllocation(pb.GetAllocationRequest(id=high.id)),
+                lambda r: r.allocation.state == ALLOCATED,
+            )
+            assert placed.allocation.allocate_time.ToNanoseconds() >= (
+                victim.grace_end_time.ToNanoseconds()
+            )
+    finally:
+        await running.stop(0)

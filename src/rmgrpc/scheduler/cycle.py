@@ -6,14 +6,16 @@ The pass, in order (KAI's session running its actions over one snapshot):
    capacity they free before anyone else: while victims are still in their grace, what
    it will need beyond their capacity is set aside so nobody takes it; once they are
    gone, it is placed first.
-2. Starving gangs. A gang pending longer than `starvation_seconds` that still does not
-   fit gets nodes held for it (up to `max_held_gangs`): the nodes that would host it
-   soonest and most cheaply, onto which nothing new of its priority or lower is placed.
-3. The queue. Pending allocations are taken in order: priority (higher first), then
+2. The queue. Pending allocations are taken in order: priority (higher first), then
    requests inside their tenant's guarantee before borrowers, then the tenant's weighted
    dominant share (recomputed as the pass admits work), then arrival. Each is checked
    against quota, placed if it fits (smaller requests pass a blocked larger one), or
    else may preempt (see `preemption`), or waits with a reason.
+3. Starving gangs, at their turn. A multi-GPU request pending longer than
+   `starvation_seconds` that does not fit when its turn comes gets nodes held for it
+   (up to `max_held_gangs`): those that would host it soonest and most cheaply. Nothing
+   after it in the queue (of its priority or lower) is placed on them, so capacity
+   freeing there piles up for it instead of going to smaller requests behind it.
 
 Everything iterates in sorted or insertion order over sorted inputs, so the same
 snapshot always gives the same decisions.
@@ -97,6 +99,7 @@ class _Cycle:
         self._explained: dict[_FailKey, str] = {}
         self._initial: CapacityView | None = None
         self._initial_fits: dict[_FailKey, bool] = {}
+        self._sharing: bool | None = None
         # The queue: one deque per tenant, a heap of tenant heads.
         self.queues: dict[str, deque[Allocation]] = {}
         self.versions: dict[str, int] = {}
@@ -156,7 +159,6 @@ class _Cycle:
 
     def run(self) -> Decisions:
         self._preemptors_first()
-        self._starving_gangs()
         self._queue()
         self._explain()
         return self.decisions
@@ -185,8 +187,8 @@ class _Cycle:
     def _waiting_text(self, victims: Sequence[Allocation]) -> str:
         ends = [v.grace_end_time for v in victims if v.grace_end_time is not None]
         n = len(victims)
-        what = "allocation" if n == 1 else "allocations"
-        text = f"waiting for {n} preempted {what} to release their GPUs"
+        what = "allocation to release its" if n == 1 else "allocations to release their"
+        text = f"waiting for {n} preempted {what} GPUs"
         if ends:
             text += f" (grace ends in {_seconds(max(ends) - self.now)})"
         return text
@@ -228,48 +230,33 @@ class _Cycle:
             self.view.take(nid, sorted(g - fg), max(0, c - fc), max(0, m - fm))
         return True
 
-    def _starving_gangs(self) -> None:
-        cfg = self.config
-        if cfg.max_held_gangs <= 0:
+    def _starving(self, a: Allocation) -> bool:
+        """A gang blocked long enough to hold nodes for (only multi-GPU requests can be
+        passed over by smaller ones: any GPU that frees fits a 1-GPU request in its turn)."""
+        return (
+            len(self.view.holders) < self.config.max_held_gangs
+            and a.total_gpus > 1
+            and self.now - a.create_time >= self.config.starvation_seconds
+        )
+
+    def _hold_for(self, a: Allocation) -> None:
+        """Hold the nodes that would host `a` soonest, against everything after it."""
+        models = self._models(a)
+        nodes = nodes_to_hold(
+            self.view, a.shape, a.count, owner=a.id, priority=a.priority, models=models
+        )
+        if nodes is None:
             return
-        starving = [
-            a
-            for a in self.pending
-            if a.id not in self.handled
-            and a.count > 0
-            and a.shape.gpus > 0
-            and self.now - a.create_time >= cfg.starvation_seconds
-        ]
-        held = 0
-        for a in sorted(starving, key=queue_key):
-            if held >= cfg.max_held_gangs:
-                break
-            outcome = self._attempt(a)
-            if outcome == _ADMITTED:
-                self.handled.add(a.id)
-                continue
-            if outcome == _WAITING:
-                self._wait(a)
-                continue
-            if outcome != _CAPACITY:
-                self.fail_keys.pop(a.id, None)
-                self.reasons.pop(a.id, None)
-                continue  # the queue will say why (quota)
-            models = self._models(a)
-            nodes = nodes_to_hold(
-                self.view, a.shape, a.count, owner=a.id, priority=a.priority, models=models
-            )
-            if nodes is None:
-                continue
-            self.view.hold(nodes, a.id, a.priority)
-            self.decisions.held_nodes[a.id] = nodes
-            held += 1
-            noun = "node" if len(nodes) == 1 else "nodes"
-            self.prefix[a.id] = (
-                f"pending {_seconds(self.now - a.create_time)}: holding {len(nodes)} {noun} "
-                f"for this gang as they free ({', '.join(nodes)})"
-            )
-            self._wait(a)
+        self.view.hold(nodes, a.id, a.priority)
+        self.decisions.held_nodes[a.id] = nodes
+        what = (
+            "1 node for this gang as it frees"
+            if len(nodes) == 1
+            else (f"{len(nodes)} nodes for this gang as they free")
+        )
+        self.prefix[a.id] = (
+            f"pending {_seconds(self.now - a.create_time)}: holding {what} ({', '.join(nodes)})"
+        )
 
     def _queue(self) -> None:
         for a in self.pending:
@@ -290,6 +277,8 @@ class _Cycle:
             a = q.popleft()
             outcome = self._attempt(a)
             if outcome != _ADMITTED:
+                if outcome == _CAPACITY and self._starving(a):
+                    self._hold_for(a)
                 self._wait(a)
             if q:
                 self.versions[t] = self.versions.get(t, 0) + 1
@@ -447,6 +436,26 @@ class _Cycle:
             self._initial_fits[key] = got
         return got
 
+    def _share_note(self, a: Allocation) -> str:
+        """Where the tenant stands against its fair share, when GPUs are contended."""
+        led = self.ledger
+        if not led.contended[0] or a.shape.gpus <= 0 or led.total.gpus <= 0:
+            return ""
+        if self._sharing is None:
+            users = [
+                t
+                for t in led.tree.parent
+                if (led.own_held.get(t) or Amount()).gpus
+                or (led.own_pending.get(t) or Amount()).gpus
+            ]
+            self._sharing = len(users) >= 2
+        if not self._sharing:
+            return ""  # nobody to share with: the share says nothing
+        fair = self.ledger.fair.get(a.tenant, (0.0, 0.0, 0.0))[0]
+        held = self.ledger.effective(a.tenant).gpus
+        share = f"{fair:.1f}".removesuffix(".0")
+        return f"tenant {a.tenant} holds {gpus_text(held)}, fair share {share}"
+
     def _explain(self) -> None:
         limit = self.config.max_preemptions_per_cycle
         for pos, aid in enumerate(self.order, start=1):
@@ -458,6 +467,9 @@ class _Cycle:
                 parts.append(self.reasons[aid])
             if key is not None:
                 parts.append(self._capacity_text(key))
+                note = self._share_note(self.by_id[aid])
+                if note:
+                    parts.append(note)
             if aid in self.budget_hit:
                 parts.append(f"preemption limit of {limit} per cycle reached")
             reason = "; ".join(parts) or "waiting"

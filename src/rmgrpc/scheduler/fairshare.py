@@ -370,27 +370,22 @@ class Ledger:
                         return False
         return explicit
 
-    def floor_ok(
-        self, tenant: str, removed: Amount, dims: tuple[bool, bool, bool], *, fair: bool
-    ) -> bool:
-        """After `removed` leaves `tenant`, is it still at or above its guarantee (and fair share)?
-
-        Only dimensions the removal touches count; fair share only in `dims`.
-        """
-        eff = self.effective(tenant)
+    def slack(
+        self, tenant: str, dims: tuple[bool, bool, bool], *, fair: bool
+    ) -> tuple[float, float, float]:
+        """How much may leave `tenant` per resource and leave it at or above its guarantee
+        (and, when `fair`, its fair share in the contended resources among `dims`)."""
+        eff = self.effective(tenant).vector()
         g = _limit_dims(self.tree.guaranteed(tenant))
         fs = self.fair.get(tenant, (0.0, 0.0, 0.0))
-        after = eff.minus(removed).vector()
-        before = eff.vector()
+        out = [float("inf")] * 3
         for i in range(3):
-            if removed.vector()[i] <= 0:
-                continue
             cap = g[i]
-            if cap is not None and after[i] < cap and before[i] > after[i]:
-                return False
-            if fair and dims[i] and self.contended[i] and after[i] < fs[i] - EPS:
-                return False
-        return True
+            if cap is not None:
+                out[i] = eff[i] - cap
+            if fair and dims[i] and self.contended[i]:
+                out[i] = min(out[i], eff[i] - fs[i] + EPS)
+        return (out[0], out[1], out[2])
 
     def below_fair_share(self, tenant: str, amt: Amount) -> bool:
         """Would the tenant still be at or under its fair share with the request admitted?"""

@@ -298,6 +298,16 @@ def gpu_leftover(node: NodeCapacity, shape: Shape, model: str) -> int:
 # Explanations.
 
 
+def _agree(n: int, phrase: str) -> str:
+    """Counter names are written for many nodes ("have", "lack"); one node "has"."""
+    if n == 1:
+        if phrase.startswith("have "):
+            return "has " + phrase[5:]
+        if phrase.startswith("lack "):
+            return "lacks " + phrase[5:]
+    return phrase
+
+
 @dataclass(slots=True)
 class Explanation:
     """Why a gang does not fit: Nomad-style filter counters over every node."""
@@ -312,7 +322,7 @@ class Explanation:
 
     def counters_text(self) -> str:
         parts = [
-            f"{n} {name}"
+            f"{n} {_agree(n, name)}"
             for name, n in sorted(self.counters.items(), key=lambda kv: (-kv[1], kv[0]))
         ]
         if self.fitting_nodes:

@@ -29,6 +29,10 @@ from rmgrpc.scheduler.fairshare import Amount, Ledger, QuotaBlock
 from rmgrpc.scheduler.placement import CapacityView, NodeCapacity, labels_match
 from rmgrpc.scheduler.snapshot import Snapshot
 
+# Nodes whose victim sets are compared per replica before the cheapest is taken: exact on
+# small clusters, bounded work on large ones (Nomad likewise scores a limited sample).
+SOLUTION_LIMIT = 64
+
 
 class Mode(enum.Enum):
     PRIORITY = "higher priority"
@@ -43,6 +47,8 @@ class Victim:
     chain: tuple[str, ...]
     # Node id -> (GPU indices, CPU millis, memory bytes) the victim frees there.
     on_node: dict[str, tuple[list[int], int, int]] = field(default_factory=dict)
+    # (GPUs, CPU millis, memory bytes) it frees in all.
+    vec: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def id(self) -> str:
@@ -86,7 +92,8 @@ class VictimPool:
         self.ordered: list[Victim] = []
         self.by_node: dict[str, list[Victim]] = {}
         for a in eligible:
-            v = Victim(a, Amount.of_placed(a, ledger.gpu_models), ledger.tree.chain(a.tenant))
+            amt = Amount.of_placed(a, ledger.gpu_models)
+            v = Victim(a, amt, ledger.tree.chain(a.tenant), vec=amt.vector())
             for p in a.placements:
                 gpus, cpu, mem = v.on_node.get(p.node_id, ([], 0, 0))
                 v.on_node[p.node_id] = (
@@ -100,31 +107,44 @@ class VictimPool:
         self.node_ids = sorted(self.by_node)
         # Chosen this cycle: never chosen twice.
         self.taken: set[str] = set()
+        # (shape, models) -> nodes that could ever take one replica (state, labels, size).
+        self._static: dict[tuple[object, ...], list[str]] = {}
         self.min_priority = min((v.priority for v in self.ordered), default=math.inf)
 
     def __len__(self) -> int:
         return len(self.ordered) - len(self.taken)
 
+    def candidate_nodes(
+        self, view: CapacityView, request: Allocation, models: tuple[str, ...] | None
+    ) -> list[str]:
+        """Nodes with victims on them that could host a replica if emptied (holds aside)."""
+        key = (request.shape, models)
+        got = self._static.get(key)
+        if got is None:
+            got = []
+            for nid in self.node_ids:
+                n = view.nodes.get(nid)
+                if n is not None and _statically_fits(n, request, models):
+                    got.append(nid)
+            self._static[key] = got
+        return got
+
 
 class Tally:
-    """What the victims chosen so far free, per tenant subtree."""
+    """What the victims chosen so far free, per tenant subtree: (GPUs, CPU, memory)."""
 
     def __init__(self) -> None:
-        self.freed: dict[str, Amount] = {}
+        self.freed: dict[str, list[int]] = {}
 
     def add(self, v: Victim, sign: int = 1) -> None:
+        g, c, m = v.vec
         for t in v.chain:
             cur = self.freed.get(t)
             if cur is None:
-                cur = self.freed[t] = Amount()
-            cur.add(v.amount, sign)
-
-    def with_(self, t: str, v: Victim) -> Amount:
-        cur = self.freed.get(t)
-        out = v.amount.copy()
-        if cur is not None:
-            out.add(cur)
-        return out
+                cur = self.freed[t] = [0, 0, 0]
+            cur[0] += sign * g
+            cur[1] += sign * c
+            cur[2] += sign * m
 
 
 Accept = Callable[[Victim, Tally], bool]
@@ -138,6 +158,8 @@ def acceptor(ledger: Ledger, pool: VictimPool, request: Allocation, mode: Mode) 
     ask = Amount.of_request(request)
     dims = (ask.gpus > 0, ask.cpu > 0, ask.mem > 0)
     fair = mode == Mode.FAIR_SHARE
+    slacks: dict[str, tuple[float, float, float]] = {}
+    under: dict[str, bool] = {}
 
     def accept(v: Victim, tally: Tally) -> bool:
         if v.id in pool.taken:
@@ -150,20 +172,28 @@ def acceptor(ledger: Ledger, pool: VictimPool, request: Allocation, mode: Mode) 
         elif mode == Mode.GUARANTEE:
             if v.tenant in tset:
                 return False
-        else:
-            if v.priority > request.priority or v.tenant in tset:
-                return False
-        vset = set(v.chain)
+        elif v.priority > request.priority or v.tenant in tset:
+            return False
+        vec = v.vec
         for y in v.chain:
             if y in tset:
                 break  # common ancestors: their totals do not change
-            if not ledger.floor_ok(y, tally.with_(y, v), dims, fair=fair):
-                return False
+            sl = slacks.get(y)
+            if sl is None:
+                sl = slacks[y] = ledger.slack(y, dims, fair=fair)
+            fr = tally.freed.get(y)
+            for i in range(3):
+                if vec[i] > 0 and vec[i] + (fr[i] if fr else 0) > sl[i]:
+                    return False
         if fair:
+            vset = v.chain
             for x in tchain:
                 if x in vset:
                     break
-                if not ledger.below_fair_share(x, ask):
+                ok = under.get(x)
+                if ok is None:
+                    ok = under[x] = ledger.below_fair_share(x, ask)
+                if not ok:
                     return False
         return True
 
@@ -172,7 +202,7 @@ def acceptor(ledger: Ledger, pool: VictimPool, request: Allocation, mode: Mode) 
 
 def _statically_fits(n: NodeCapacity, request: Allocation, models: Sequence[str] | None) -> bool:
     s = request.shape
-    if not n.schedulable or n.blocks(request.id, request.priority):
+    if not n.schedulable:
         return False
     if not labels_match(n.labels, s.node_selector):
         return False
@@ -275,9 +305,10 @@ def select_victims(
             best: list[Victim] | None = None
             best_cost: tuple[int, int, float, str] | None = None
             room = budget - len(chosen)
-            for nid in pool.node_ids:
-                n = view.nodes.get(nid)
-                if n is None or not _statically_fits(n, request, models):
+            solutions = 0
+            for nid in pool.candidate_nodes(view, request, models):
+                n = view.nodes[nid]
+                if n.held_for and n.blocks(request.id, request.priority):
                     continue
                 acc = _cheapest_on_node(
                     n, request, models, pool.by_node[nid], ids, accept, tally, room
@@ -289,6 +320,9 @@ def select_victims(
                     best, best_cost = acc, cost
                     if cost[0] == 1 and cost[1] == pool.min_priority:
                         break  # one victim of the lowest priority: cannot do better
+                solutions += 1
+                if solutions >= SOLUTION_LIMIT:
+                    break
             if best is None:
                 return None
             for v in best:
@@ -361,6 +395,7 @@ def quota_victims(
     accept = acceptor(ledger, pool, request, Mode.PRIORITY)
     ask = Amount.of_request(request)
     tally = Tally()
+    freed: dict[str, Amount] = {}
     out: list[Victim] = []
     for v in pool.ordered:
         if len(out) >= budget:
@@ -368,8 +403,10 @@ def quota_victims(
         if block.tenant not in v.chain or not accept(v, tally):
             continue
         tally.add(v)
+        for t in v.chain:
+            freed.setdefault(t, Amount()).add(v.amount)
         out.append(v)
-        if ledger.limit_block(request.tenant, ask, tally.freed) is None:
+        if ledger.limit_block(request.tenant, ask, freed) is None:
             return out
     return None
 
