@@ -86,9 +86,11 @@ class RmgrpcError(Exception):
     def _one_line(self) -> str:
         name = getattr(self.code, "name", str(self.code))
         text = f"{name}: {self.message}" if self.message else name
-        reasons = [f"{v.field}: {v.description}" for v in self.field_violations]
-        reasons += [f"{v.subject}: {v.description}" for v in self.quota_violations]
-        reasons += [f"{v.subject}: {v.description}" for v in self.precondition_violations]
+        pairs = [(v.field, v.description) for v in self.field_violations]
+        pairs += [(v.subject, v.description) for v in self.quota_violations]
+        pairs += [(v.subject, v.description) for v in self.precondition_violations]
+        # Servers often put the first violation in the message too: say it once.
+        reasons = [f"{what}: {why}" for what, why in pairs if why not in self.message]
         if reasons:
             text += f" ({'; '.join(reasons)})"
         return " ".join(text.split())  # one line, whatever the server wrote

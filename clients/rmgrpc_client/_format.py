@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from google.protobuf import json_format, message
+
 from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
 
 _BINARY_UNITS = (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10))
@@ -192,7 +193,7 @@ def allocation_block(a: allocator_pb2.Allocation) -> str:
             ("created", _time(a, "create_time")),
             ("ended", _time(a, "end_time")),
             ("request id", a.request_id),
-            ("revision", a.revision),
+            ("revision", a.revision or ""),
         ]
     )
 

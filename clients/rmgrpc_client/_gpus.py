@@ -11,6 +11,7 @@ import warnings
 from typing import Any, Protocol
 
 from google.protobuf import timestamp_pb2
+
 from rmgrpc.v1 import gpu_manager_pb2
 
 HEALTHY = gpu_manager_pb2.GPU_HEALTH_HEALTHY

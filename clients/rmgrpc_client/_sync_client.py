@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import message
+
 from rmgrpc.v1 import (
     allocator_pb2,
     allocator_pb2_grpc,
@@ -18,7 +19,6 @@ from rmgrpc.v1 import (
     quota_pb2_grpc,
     resources_pb2,
 )
-
 from rmgrpc_client._channel import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-from rmgrpc.v1 import allocator_pb2
 
+from rmgrpc.v1 import allocator_pb2
 from rmgrpc_client._async_client import AsyncClient
 from rmgrpc_client._channel import DEFAULT_TARGET
 from rmgrpc_client._errors import NotFoundError, RmgrpcError

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
-from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
 
+from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
 from rmgrpc_client import _format as fmt
 from rmgrpc_client._async_client import AsyncClient
 from rmgrpc_client._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT

@@ -28,8 +28,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
-from rmgrpc.v1 import allocator_pb2
 
+from rmgrpc.v1 import allocator_pb2
 from rmgrpc_client._errors import OutOfRangeError, RmgrpcError
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class AllocationWatch:
                 except RmgrpcError as error:
                     if error.code in _FATAL:
                         raise
-                    log.info("relist failed, retrying: %s", error)
+                    self._note(failures, "relist failed, retrying: %s", error)
                     await self._sleep_backoff(failures)
                     failures += 1
                     continue
@@ -209,12 +209,19 @@ class AllocationWatch:
             except RmgrpcError as error:
                 if error.code in _FATAL:
                     raise
-                log.info("watch interrupted (%s); resuming at %d", error, self._revision + 1)
+                self._note(
+                    failures, "watch interrupted (%s); resuming at %d", error, self._revision + 1
+                )
             finally:
                 await stream.aclose()
             must_relist = not self._known
             await self._sleep_backoff(failures)
             failures += 1
+
+    @staticmethod
+    def _note(failures: int, text: str, *args: object) -> None:
+        """Log the first failure of a streak at INFO, the repeats at DEBUG."""
+        log.log(logging.DEBUG if failures else logging.INFO, text, *args)
 
     async def _sleep_backoff(self, failures: int) -> None:
         ceiling = min(self._backoff_max, self._backoff_initial * 2**failures)

@@ -53,14 +53,22 @@ class Progress:
 
 
 class _Subscriber:
-    __slots__ = ("buffer", "cut", "filter", "limit", "wake")
+    __slots__ = ("buffer", "cut", "filter", "limit", "waiter")
 
     def __init__(self, filter: WatchFilter, limit: int) -> None:
         self.filter = filter
         self.limit = limit
         self.buffer: deque[Event] = deque()
-        self.wake = asyncio.Event()
+        # Set while the watcher sleeps on an empty buffer; publish, close or the progress
+        # timer resolves it. A bare future and a timer handle rather than
+        # wait_for(Event.wait()), which costs a Task per wait: this is the fan-out's hot path.
+        self.waiter: asyncio.Future[None] | None = None
         self.cut = False
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class EventHub:
@@ -119,7 +127,7 @@ class EventHub:
                     self.cut_off += 1
                 else:
                     sub.buffer.append(event)
-                sub.wake.set()
+                sub.wake()
 
     def compacted(self, oldest_revision: int) -> None:
         self.oldest_revision = oldest_revision
@@ -128,7 +136,7 @@ class EventHub:
         """Ends every stream (shutdown)."""
         self._closed = True
         for sub in self._all():
-            sub.wake.set()
+            sub.wake()
 
     def _candidates(self, event: Event) -> Iterable[_Subscriber]:
         yield from self._rest
@@ -204,12 +212,17 @@ class EventHub:
                 if sub.cut:
                     raise WatcherTooSlow(next_rev, sub.limit)
                 if not sub.buffer:
-                    sub.wake.clear()
+                    loop = asyncio.get_running_loop()
+                    sub.waiter = waiter = loop.create_future()
+                    timer = loop.call_later(progress_seconds, _resolve, waiter)
                     try:
-                        await asyncio.wait_for(sub.wake.wait(), progress_seconds)
-                    except TimeoutError:
-                        if not sub.buffer and not sub.cut:
-                            yield Progress(self.revision)
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        sub.waiter = None
+                    if not sub.buffer and not sub.cut and not self._closed:
+                        # Woken by the timer: nothing matched for a while.
+                        yield Progress(self.revision)
                     continue
                 event = sub.buffer.popleft()
                 if event.revision < next_rev:
@@ -243,3 +256,8 @@ class EventHub:
                     self.delivered += 1
                     yield event
                 next_rev = event.revision + 1
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -103,9 +103,14 @@ class Churn:
             )
             self.held.append(resp.allocation.id)
         elif r < 0.7:
-            await self.stub.RenewAllocation(
-                pb.RenewAllocationRequest(id=self.rng.choice(self.held))
-            )
+            chosen = self.rng.choice(self.held)
+            try:
+                await self.stub.RenewAllocation(pb.RenewAllocationRequest(id=chosen))
+            except grpc.aio.AioRpcError as err:
+                # Fair-share reclaim may have preempted it: that is an event too.
+                if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                self.held.remove(chosen)
         else:
             victim = self.held.pop(self.rng.randrange(len(self.held)))
             await self.stub.ReleaseAllocation(pb.ReleaseAllocationRequest(id=victim))
@@ -340,6 +345,83 @@ async def test_list_then_watch_from_list_revision_plus_one_misses_nothing(
         assert state == {a.id: a for a in last.allocations}
 
 
+LIST_NOT_DURABLE = (
+    "services/allocator.py ListAllocations answers revision=engine.revision and the in-memory "
+    "state, which include changes still being committed: after kill -9 those revisions are "
+    "reused by different events, and a client watching from list.revision + 1 misses them. "
+    "Fix: capture revision and items, then `await engine._wait_committed(revision)` (made "
+    "public) before answering; the same in GetAllocation and the other List RPCs."
+)
+
+
+@pytest.mark.xfail(reason=LIST_NOT_DURABLE, strict=True)
+async def test_list_answers_only_durable_state(servers: Servers) -> None:
+    server = await servers.start()
+    store = server.store
+    commit = store._transaction
+    gate = asyncio.Event()
+
+    async def held(*args: Any) -> None:
+        await gate.wait()
+        await commit(*args)
+
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        stub = Stub(ch)
+        durable = server.engine.hub.revision
+        store._transaction = held  # type: ignore[method-assign]
+        allocating = asyncio.ensure_future(
+            stub.Allocate(pb.AllocateRequest(tenant="org/a", count=1, shape=shape(1)))
+        )
+        async with asyncio.timeout(5):
+            while server.engine.revision == durable:
+                await asyncio.sleep(0.01)
+        listing = asyncio.ensure_future(stub.ListAllocations(pb.ListAllocationsRequest()))
+        await asyncio.sleep(0.2)
+        answered_early = listing.done()
+        gate.set()
+        await allocating
+        listed = await listing
+        store._transaction = commit  # type: ignore[method-assign]
+    # Either it waited for the commit, or it answered only what was durable then.
+    assert not answered_early or (listed.revision <= durable and not listed.allocations)
+
+
+async def test_catch_up_that_reads_past_the_published_head_delivers_each_event_once(
+    servers: Servers,
+) -> None:
+    """The store's read connection sees a commit before the writer task has published it
+    (COMMIT runs in aiosqlite's thread; `on_commit` runs when the loop resumes the writer).
+    A catch-up read landing in that window returns events the hub has not published yet;
+    when they are published the watcher, now live, must not get them a second time.
+    Widened here by holding `on_commit` back."""
+    server = await servers.start()
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        await Churn(Stub(ch), seed=12).run(20)
+    server = await servers.restart()  # empty ring: catch-up reads the store
+    store = server.store
+    publish = store.on_commit
+    assert publish is not None
+    held_back: list[list[Any]] = []
+    store.on_commit = lambda events: held_back.append(list(events))
+    final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        stub = Stub(ch)
+        start_revision = server.engine.hub.revision - 5
+        await stub.Allocate(pb.AllocateRequest(tenant="org/a", count=1, shape=shape(1)))
+        assert held_back and server.engine.hub.revision < store.last_revision
+        reader = asyncio.create_task(
+            read_until(stub, pb.WatchAllocationsRequest(start_revision=start_revision), final)
+        )
+        await asyncio.sleep(0.1)  # it has caught up from the store, past the hub's head
+        store.on_commit = publish
+        for events in held_back:
+            publish(events)
+        await Churn(stub, seed=13).run(10)
+        final.set_result(await settled(server))
+        got = keys(await reader, upto=final.result())
+    same(got, await log_keys(server, after=start_revision - 1))
+
+
 @pytest.mark.parametrize("seed", [7, 8])
 async def test_random_disconnects_and_resumes_see_the_log_exactly(
     servers: Servers, seed: int
@@ -545,7 +627,7 @@ async def _slow_watcher_is_cut_off_and_resumes(
             pb.WatchAllocationsRequest(start_revision=start_revision)
         )
         await slow.initial_metadata()
-        churns = [Churn(stub, seed=20 + i, hold=3) for i in range(writers)]
+        churns = [Churn(stub, seed=20 + i, hold=2, max_gpus=1) for i in range(writers)]
 
         async def churn(c: Churn) -> None:
             async with asyncio.timeout(120):
@@ -614,8 +696,9 @@ async def test_a_thousand_idle_streams_are_cheap_and_cleaned_up(servers: Servers
         assert hub.watchers == 1000
 
         fresh = stub.WatchAllocations(pb.WatchAllocationsRequest(tenant="t7"))
-        while hub.watchers < 1001:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while hub.watchers < 1001:
+                await asyncio.sleep(0.01)
         resp = await stub.Allocate(pb.AllocateRequest(tenant="t7", count=1, shape=shape(1)))
         async with asyncio.timeout(10):
             ev = await fresh.read()

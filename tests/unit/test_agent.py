@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from rmgrpc.v1 import (
     allocator_pb2,
     allocator_pb2_grpc,
@@ -305,6 +306,8 @@ async def test_agent_acts_once_across_drops_reregisters_and_resumes_after_restar
         "start a2 tenant=org/team gpus=2",
         "stop a1 (released)",
     ]
+    assert not server.drop_next_watch
+    assert len(server.watch_starts) == 2  # one reconnect, resumed (no relist)
 
     server.nodes.clear()  # the server lost the node
     await eventually(lambda: server.registrations == 2)

@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import any_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from rmgrpc.v1 import (
     allocator_pb2,
     allocator_pb2_grpc,
@@ -510,6 +511,24 @@ def test_server_error_prints_one_line_with_field_violations(
         "error: INVALID_ARGUMENT: invalid request "
         "(count: must be at least 1; shape.gpu_model: no node has model X1)\n"
     )
+
+
+def test_a_violation_already_in_the_message_is_not_repeated(
+    fake: Fake, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.errors["Allocate"] = rich_status(
+        code_pb2.INVALID_ARGUMENT,
+        "invalid shape.gpus: must be between 0 and 64",
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="shape.gpus", description="must be between 0 and 64"
+                )
+            ]
+        ),
+    )
+    _, _, err = run(capsys, "allocate", "org/team", "--gpus", "100")
+    assert err == "error: INVALID_ARGUMENT: invalid shape.gpus: must be between 0 and 64\n"
 
 
 def test_quota_failure_is_in_the_error_line(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:

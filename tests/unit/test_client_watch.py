@@ -18,6 +18,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc, resources_pb2
 from rmgrpc_client import (
     AsyncClient,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 
 from rmgrpc.model import (
@@ -42,18 +45,27 @@ def running(aid: str, tenant: str, node: str, gpus: tuple[int, ...], **kw: objec
 
 def pending(aid: str, tenant: str, gpus: int = 1, count: int = 1, **kw: object) -> Allocation:
     return Allocation(
-        id=aid, tenant=tenant, count=count, shape=Shape.of(gpus, cpu_millis=1000), **kw  # type: ignore[arg-type]
+        id=aid,
+        tenant=tenant,
+        count=count,
+        shape=Shape.of(gpus, cpu_millis=1000),
+        **kw,  # type: ignore[arg-type]
     )
 
 
-def snap(allocs: list[Allocation], quotas: list[Quota] = (), nodes: int = 2, **cfg: object) -> Snapshot:  # type: ignore[assignment]
+def snap(
+    allocs: list[Allocation],
+    quotas: Sequence[Quota] = (),
+    nodes: int = 2,
+    **cfg: Any,
+) -> Snapshot:
     ns = [make_node(f"n{i}") for i in range(nodes)]
     return Snapshot(
         now=NOW,
         nodes={n.id: n for n in ns},
         allocations={a.id: a for a in allocs},
         quotas={q.tenant: q for q in quotas},
-        config=SchedulerConfig(**cfg),  # type: ignore[arg-type]
+        config=SchedulerConfig(**cfg),
     )
 
 
@@ -227,7 +239,9 @@ class TestAdmissible:
         # No model named and every model in the cluster is limited below the ask.
         req = Allocation(id="z", tenant="t", count=1, shape=Shape.of(3))
         assert check_admissible(s, req) is not None
-        assert check_admissible(s, Allocation(id="w", tenant="t", count=1, shape=Shape.of(2))) is None
+        assert (
+            check_admissible(s, Allocation(id="w", tenant="t", count=1, shape=Shape.of(2))) is None
+        )
 
     def test_default_limit_applies(self) -> None:
         s = snap([], [], default_limit=Resources(gpus=2))

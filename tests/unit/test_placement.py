@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rmgrpc.model import Allocation, AllocationState, GpuHealth, NodeState, Placement, Shape
+from collections.abc import Iterable
+
+from rmgrpc.model import Allocation, AllocationState, GpuHealth, Node, NodeState, Placement, Shape
 from rmgrpc.scheduler.placement import (
     FILTERS,
     CapacityView,
@@ -16,7 +18,7 @@ from rmgrpc.scheduler.placement import (
 from rmgrpc.scheduler.simulate import GIB, make_node
 
 
-def view_of(*nodes, holding=()):  # type: ignore[no-untyped-def]
+def view_of(*nodes: Node, holding: Iterable[Allocation] = ()) -> CapacityView:
     return CapacityView({n.id: n for n in nodes}, holding)
 
 
@@ -40,7 +42,15 @@ def gpus_on(placements: tuple[Placement, ...] | None) -> list[tuple[str, tuple[i
 class TestFilters:
     def test_chain_order_and_names(self) -> None:
         names = [name for name, _ in FILTERS]
-        assert names == ["node_ready", "not_held", "selector", "gpu_model", "gpus_free", "cpu", "memory"]
+        assert names == [
+            "node_ready",
+            "not_held",
+            "selector",
+            "gpu_model",
+            "gpus_free",
+            "cpu",
+            "memory",
+        ]
 
     def test_each_filter_rejects_with_its_counter(self) -> None:
         cordoned = make_node("c", state=NodeState.CORDONED)
@@ -208,7 +218,9 @@ class TestIndexAndMemo:
 class TestExplain:
     def test_counters_name_every_reason(self) -> None:
         nodes = [make_node(f"f{i:02d}", labels={"zone": "a"}) for i in range(12)]
-        nodes += [make_node(f"c{i}", labels={"zone": "a"}, state=NodeState.CORDONED) for i in (0, 1)]
+        nodes += [
+            make_node(f"c{i}", labels={"zone": "a"}, state=NodeState.CORDONED) for i in (0, 1)
+        ]
         nodes += [make_node(f"z{i}", labels={"zone": "b"}) for i in (0, 1)]
         holding = [placed(f"x{i}", f"f{i:02d}", tuple(range(5))) for i in range(12)]
         v = view_of(*nodes, holding=holding)
