@@ -247,7 +247,13 @@ class Engine:
             committed = events[-1].revision
             self._commit_waiters = _release(self._commit_waiters, committed)
 
-    async def _wait_committed(self, revision: int) -> None:
+    async def wait_committed(self, revision: int | None = None) -> None:
+        """Waits until every change up to `revision` (default: all seen so far) is durable.
+
+        Reads answer only after this, so no client ever sees (or lists at) a revision
+        that a crash could take back."""
+        if revision is None:
+            revision = self.revision
         if self.hub.revision >= revision:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -505,7 +511,7 @@ class Engine:
             existing_id = self.state.by_request.get((request.tenant, request.request_id))
             if existing_id is not None:
                 existing = self.state.allocations[existing_id]
-                await self._wait_committed(existing.seq)
+                await self.wait_committed(existing.revision)
                 return existing, []
         if request.reservation_id:
             raise NotFound("reservation", request.reservation_id)
@@ -552,7 +558,7 @@ class Engine:
             self._end(a, AllocationState.RELEASED, "released by its owner")
         else:
             # Already ended: releasing again is a no-op that answers the same.
-            await self._wait_committed(a.revision)
+            await self.wait_committed(a.revision)
             return a
         self.request_cycle()
         await self._flush()

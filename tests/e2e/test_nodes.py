@@ -222,13 +222,8 @@ async def test_bad_register_node_is_invalid_argument_and_changes_nothing(
     assert not (await c.nodes.ListNodes(gm.ListNodesRequest())).nodes
 
 
-UNSPECIFIED_HEALTH_BUG = (
-    "services/validate.py Violations.enum_values rejects 0 even with allow_unspecified=True "
-    "(the `elif value not in allowed` branch runs for 0)"
-)
 
 
-@pytest.mark.xfail(reason=UNSPECIFIED_HEALTH_BUG, strict=True)
 async def test_gpu_health_may_be_left_unspecified(cluster_factory: Any) -> None:
     """An agent that does not know health (no NVML) leaves it unset: healthy by default; a
     heartbeat carrying only metrics leaves health alone."""

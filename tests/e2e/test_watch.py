@@ -345,16 +345,8 @@ async def test_list_then_watch_from_list_revision_plus_one_misses_nothing(
         assert state == {a.id: a for a in last.allocations}
 
 
-LIST_NOT_DURABLE = (
-    "services/allocator.py ListAllocations answers revision=engine.revision and the in-memory "
-    "state, which include changes still being committed: after kill -9 those revisions are "
-    "reused by different events, and a client watching from list.revision + 1 misses them. "
-    "Fix: capture revision and items, then `await engine._wait_committed(revision)` (made "
-    "public) before answering; the same in GetAllocation and the other List RPCs."
-)
 
 
-@pytest.mark.xfail(reason=LIST_NOT_DURABLE, strict=True)
 async def test_list_answers_only_durable_state(servers: Servers) -> None:
     server = await servers.start()
     store = server.store

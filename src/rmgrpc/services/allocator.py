@@ -89,9 +89,9 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v = val.Violations()
         v.identifier("id", request.id, kind="allocation id")
         v.raise_if_any()
-        return allocator_pb2.GetAllocationResponse(
-            allocation=self._proto(self.engine.get_allocation(request.id))
-        )
+        answer = self._proto(self.engine.get_allocation(request.id))
+        await self.engine.wait_committed(answer.revision)
+        return allocator_pb2.GetAllocationResponse(allocation=answer)
 
     @unary
     async def ListAllocations(
@@ -111,9 +111,11 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
             request.tenant, request.node_id, frozenset(AllocationState(s) for s in states)
         )
         page, token = paginate(items, lambda a: a.seq, page_size, after, fp)
-        return allocator_pb2.ListAllocationsResponse(
+        answer = allocator_pb2.ListAllocationsResponse(
             allocations=[self._proto(a) for a in page], next_page_token=token, revision=revision
         )
+        await self.engine.wait_committed(revision)
+        return answer
 
     @unary
     async def ReleaseAllocation(

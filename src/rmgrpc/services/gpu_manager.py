@@ -127,9 +127,12 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         self, request: gpu_manager_pb2.GetNodeRequest, context: Ctx
     ) -> gpu_manager_pb2.GetNodeResponse:
         self._node_id(request.node_id)
-        return gpu_manager_pb2.GetNodeResponse(
+        revision = self.engine.revision
+        answer = gpu_manager_pb2.GetNodeResponse(
             node=self._node(self.engine.get_node(request.node_id))
         )
+        await self.engine.wait_committed(revision)
+        return answer
 
     @unary
     async def ListNodes(
@@ -156,9 +159,11 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
             key=lambda n: n.id,
         )
         page, token = paginate(nodes, lambda n: n.id, page_size, after, fp)
-        return gpu_manager_pb2.ListNodesResponse(
+        answer = gpu_manager_pb2.ListNodesResponse(
             nodes=self._nodes(page), next_page_token=token, revision=revision
         )
+        await self.engine.wait_committed(revision)
+        return answer
 
     @unary
     async def ListGpus(
@@ -187,8 +192,10 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
                     continue
                 rows.append((f"{n.id}\x00{g.index:04d}", codec.gpu_to_proto(n.id, g, holder)))
         page, token = paginate(rows, lambda r: r[0], page_size, after, fp)
+        revision = self.engine.revision
+        await self.engine.wait_committed(revision)
         return gpu_manager_pb2.ListGpusResponse(
-            gpus=[r[1] for r in page], next_page_token=token, revision=self.engine.revision
+            gpus=[r[1] for r in page], next_page_token=token, revision=revision
         )
 
     @unary

@@ -100,6 +100,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.GetQuotaResponse:
         self._tenant(request.tenant)
         quota = self.engine.get_quota(request.tenant)
+        await self.engine.wait_committed(quota.revision)
         return quota_pb2.GetQuotaResponse(quota=codec.quota_to_proto(quota))
 
     @unary
@@ -121,10 +122,12 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             key=lambda q: q.tenant,
         )
         page, token = paginate(quotas, lambda q: q.tenant, page_size, after, fp)
+        revision = self.engine.revision
+        await self.engine.wait_committed(revision)
         return quota_pb2.ListQuotasResponse(
             quotas=[codec.quota_to_proto(q) for q in page],
             next_page_token=token,
-            revision=self.engine.revision,
+            revision=revision,
         )
 
     @unary

@@ -104,8 +104,9 @@ class Violations:
     ) -> None:
         allowed = set(known)
         for i, value in enumerate(values):
-            if value == 0 and not allow_unspecified:
-                self.add(f"{field}[{i}]", "must not be UNSPECIFIED")
+            if value == 0:
+                if not allow_unspecified:
+                    self.add(f"{field}[{i}]", "must not be UNSPECIFIED")
             elif value not in allowed:
                 self.add(f"{field}[{i}]", f"unknown value {value}")
 
