@@ -224,7 +224,7 @@ class AllocationWatch:
         log.log(logging.DEBUG if failures else logging.INFO, text, *args)
 
     async def _sleep_backoff(self, failures: int) -> None:
-        ceiling = min(self._backoff_max, self._backoff_initial * 2**failures)
+        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failures, 32))
         await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
 
     async def _list_everything(self) -> Relisted:

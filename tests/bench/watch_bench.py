@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,8 +134,12 @@ async def _child(target: str, n: int, start_revision: int) -> None:
 # -- the churn -------------------------------------------------------------------------------
 
 
-async def churn(target: str, writers: int, seconds: float) -> tuple[int, float]:
-    """Allocate+Release pairs from `writers` concurrent loops for `seconds`: (pairs, elapsed)."""
+async def churn(
+    target: str, writers: int, seconds: float, pairs_per_s: float = 0.0
+) -> tuple[int, float]:
+    """Allocate+Release pairs from `writers` concurrent loops for `seconds`: (pairs, elapsed).
+
+    As fast as they can, or paced to `pairs_per_s` in total."""
     shape = Shape(gpus=1, cpu_millis=100, memory_bytes=1 << 20)
     pairs = 0
     async with grpc.aio.insecure_channel(target) as ch:
@@ -146,7 +149,12 @@ async def churn(target: str, writers: int, seconds: float) -> tuple[int, float]:
 
         async def loop(w: int) -> None:
             nonlocal pairs
+            mine = 0
             while time.perf_counter() < deadline:
+                if pairs_per_s:
+                    due = started + (mine * writers + w) / pairs_per_s
+                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                mine += 1
                 a = await stub.Allocate(
                     pb.AllocateRequest(tenant=f"org/w{w}", count=1, shape=shape)
                 )
@@ -158,7 +166,12 @@ async def churn(target: str, writers: int, seconds: float) -> tuple[int, float]:
 
 
 async def run_one(
-    server: RunningServer, subscribers: int, seconds: float, writers: int, in_process: bool
+    server: RunningServer,
+    subscribers: int,
+    seconds: float,
+    writers: int,
+    in_process: bool,
+    pairs_per_s: float = 0.0,
 ) -> Result:
     target = f"127.0.0.1:{server.port}"
     hub = server.engine.hub
@@ -173,8 +186,13 @@ async def run_one(
         else:
             child = subprocess.Popen(
                 [
-                    sys.executable, "-m", "tests.bench.watch_bench", "--child",
-                    target, str(subscribers), str(start_revision),
+                    sys.executable,
+                    "-m",
+                    "tests.bench.watch_bench",
+                    "--child",
+                    target,
+                    str(subscribers),
+                    str(start_revision),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -185,7 +203,7 @@ async def run_one(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {hub.watchers} of {subscribers} streams opened")
             await asyncio.sleep(0.05)
-    pairs, elapsed = await churn(target, writers, seconds)
+    pairs, elapsed = await churn(target, writers, seconds, pairs_per_s)
     final = hub.revision
     while server.engine.revision != hub.revision:
         await asyncio.sleep(0.01)
@@ -221,6 +239,7 @@ async def run_one(
 async def bench(args: argparse.Namespace) -> list[Result]:
     counts = [int(x) for x in args.subscribers.split(",")]
     results = []
+    paced: Result | None = None
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(
             None,
@@ -251,13 +270,16 @@ async def bench(args: argparse.Namespace) -> list[Result]:
             for n in [0, *counts]:
                 r = await run_one(server, n, args.seconds, args.writers, args.in_process)
                 results.append(r)
-                complete = r.deliveries == r.events * n
-                print(
-                    f"{n:>11}{r.pairs_per_s:>10.0f}{r.events:>8}{r.deliveries:>12}"
-                    f"{r.deliveries_per_s:>10.0f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
-                    f"{r.max_ms:>9.1f}{r.cut_off:>5}" + ("" if complete or not n else "  INCOMPLETE"),
-                    flush=True,
+                _row(r)
+            if 100 in counts and not args.no_paced:
+                # The same 100 streams offered exactly the goal's load, not saturated: the
+                # delay a subscriber sees when the server keeps up.
+                pace = GOAL_DELIVERIES / (3 * 100)
+                print(f"paced at {pace:.0f} pairs/s = {GOAL_DELIVERIES} deliveries/s offered:")
+                paced = await run_one(
+                    server, 100, args.seconds, args.writers, args.in_process, pace
                 )
+                _row(paced)
         finally:
             await server.stop(0)
     base = results[0]
@@ -272,6 +294,11 @@ async def bench(args: argparse.Namespace) -> list[Result]:
             line += f", deliveries {r.deliveries_per_s / one.deliveries_per_s:.1f}x of 1 subscriber"
         print(line)
     hundred = next((r for r in results if r.subscribers == 100), None)
+    if paced is not None:
+        print(
+            f"  paced 100 subscribers: {paced.deliveries_per_s:.0f} deliveries/s, "
+            f"p99 {paced.p99_ms:.1f} ms"
+        )
     if hundred is not None:
         ok = hundred.deliveries_per_s >= GOAL_DELIVERIES and hundred.p99_ms < GOAL_P99_MS
         print(
@@ -280,6 +307,17 @@ async def bench(args: argparse.Namespace) -> list[Result]:
             f"{hundred.p99_ms:.1f} ms)"
         )
     return results
+
+
+def _row(r: Result) -> None:
+    n = r.subscribers
+    complete = r.deliveries == r.events * n
+    print(
+        f"{n:>11}{r.pairs_per_s:>10.0f}{r.events:>8}{r.deliveries:>12}"
+        f"{r.deliveries_per_s:>10.0f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
+        f"{r.max_ms:>9.1f}{r.cut_off:>5}" + ("" if complete or not n else "  INCOMPLETE"),
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--in-process", action="store_true")
+    parser.add_argument("--no-paced", action="store_true", help="skip the paced 100 run")
     asyncio.run(bench(parser.parse_args(argv)))
 
 

@@ -135,7 +135,9 @@ async def settled(server: RunningServer) -> int:
     raise AssertionError(f"engine at {engine.revision}, hub stuck at {engine.hub.revision}")
 
 
-async def log_keys(server: RunningServer, keep: Predicate | None = None, after: int = 0) -> list[Key]:
+async def log_keys(
+    server: RunningServer, keep: Predicate | None = None, after: int = 0
+) -> list[Key]:
     """The allocation events of the store's log (revision > after), filtered by `keep`."""
     out: list[Key] = []
     for e in await server.engine.store.read_events(after, 10**7):
@@ -231,7 +233,7 @@ async def test_every_filter_gets_its_events_in_order_exactly_once_under_churn(
         stub = Stub(ch)
         churn = Churn(stub, seed=1)
         await churn.run(40)
-        mine = (await stub.Allocate(pb.AllocateRequest(tenant="org/b", count=1, shape=shape(1))))
+        mine = await stub.Allocate(pb.AllocateRequest(tenant="org/b", count=1, shape=shape(1)))
         mine_id = mine.allocation.id
         final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -345,8 +347,6 @@ async def test_list_then_watch_from_list_revision_plus_one_misses_nothing(
         assert state == {a.id: a for a in last.allocations}
 
 
-
-
 async def test_list_answers_only_durable_state(servers: Servers) -> None:
     server = await servers.start()
     store = server.store
@@ -360,7 +360,7 @@ async def test_list_answers_only_durable_state(servers: Servers) -> None:
     async with grpc.aio.insecure_channel(target(server)) as ch:
         stub = Stub(ch)
         durable = server.engine.hub.revision
-        store._transaction = held  # type: ignore[method-assign]
+        store._transaction = held  # type: ignore[method-assign,assignment]
         allocating = asyncio.ensure_future(
             stub.Allocate(pb.AllocateRequest(tenant="org/a", count=1, shape=shape(1)))
         )
@@ -566,7 +566,7 @@ async def test_idle_streams_get_progress_with_the_current_revision(servers: Serv
                 break
             events.append(ev)
         assert events and ev.revision == rev2 and events[-1].revision <= rev2
-        seen = []
+        seen: list[int] = []
         async with asyncio.timeout(10):
             while not seen or seen[-1] < rev2:
                 ev = await nobody.read()

@@ -295,7 +295,7 @@ async def test_agent_acts_once_across_drops_reregisters_and_resumes_after_restar
 
     agent = Running(client, state_file)
     await eventually(lambda: "start a1 tenant=org/team gpus=0,1" in agent.actions())
-    assert server.watch_starts == [5]  # listed at 4, watching from 5
+    await eventually(lambda: server.watch_starts == [5])  # listed at 4, watching from 5
 
     await server.put(PLACED, alloc("a2", nodes={"n1": [2]}), gap=2)  # 6
     server.drop_next_watch = True

@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc, resources_pb2
 from rmgrpc_client import (
+    AllocationWatch,
     AsyncClient,
     OutOfRangeError,
     PermissionDeniedError,
@@ -362,3 +363,19 @@ async def test_closing_the_watch_cancels_the_stream(
 def test_negative_start_revision_is_refused() -> None:
     with pytest.raises(ValueError):
         watch_allocations(AsyncClient.__new__(AsyncClient), start_revision=-1)
+
+
+async def test_backoff_grows_with_jitter_and_stays_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    delays: list[float] = []
+
+    async def no_sleep(delay: float) -> None:
+        delays.append(delay)
+
+    watch = AllocationWatch(AsyncClient.__new__(AsyncClient), backoff_initial=0.2, backoff_max=5)
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    for failures in (0, 1, 2, 5000):  # 5000: hours of a server being away
+        await watch._sleep_backoff(failures)
+    assert 0.1 <= delays[0] <= 0.2
+    assert 0.2 <= delays[1] <= 0.4
+    assert 0.4 <= delays[2] <= 0.8
+    assert 2.5 <= delays[3] <= 5
