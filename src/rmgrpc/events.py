@@ -240,12 +240,19 @@ class EventHub:
         while next_rev <= self.revision:
             ring_start = self._ring[0].revision if self._ring else self.revision + 1
             if next_rev >= ring_start:
-                # The ring is gapless: the newest (revision - next_rev + 1) entries are
-                # ours. Copy them (reading from the cheap end) since publish may append
-                # while we yield.
-                wanted = self.revision - next_rev + 1
-                batch = list(islice(reversed(self._ring), wanted))
-                batch.reverse()
+                # The ring is gapless, so next_rev sits at a known index. Copy one batch
+                # from there (publish may append while we yield), never the whole rest: a
+                # thousand watchers far behind must not each hold a copy of the ring.
+                # Reached from whichever end of the deque is nearer.
+                size = len(self._ring)
+                start = next_rev - ring_start
+                count = min(self._batch, size - start)
+                if start < size - start:
+                    batch = list(islice(self._ring, start, start + count))
+                else:
+                    from_right = size - start
+                    batch = list(islice(reversed(self._ring), from_right - count, from_right))
+                    batch.reverse()
             else:
                 batch = await self._read_events(next_rev - 1, self._batch)
                 if not batch or batch[0].revision != next_rev:

@@ -180,6 +180,15 @@ async def run_one(
     child: subprocess.Popen[str] | None = None
     task: asyncio.Task[dict[str, Any]] | None = None
     until: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    # The previous run's streams must be gone (their RPCs cancelled and unregistered), or
+    # this run would count them as its own and start before its streams are open.
+    drained = time.monotonic()
+    while hub.watchers:
+        if time.monotonic() - drained > 60:
+            raise RuntimeError(f"{hub.watchers} streams of the previous run still open")
+        await asyncio.sleep(0.05)
+    if time.monotonic() - drained > 1.0:
+        print(f"  (the previous run's streams took {time.monotonic() - drained:.1f} s to close)")
     if subscribers:
         if in_process:
             task = asyncio.create_task(subscribe(target, subscribers, start_revision, until))

@@ -440,6 +440,36 @@ async def test_cordon_uncordon_and_drain(cluster_factory: Any) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+CORDON_LOST_ON_FLAP = (
+    "engine._node_lease_lapsed overwrites CORDONED/DRAINING with DOWN, and heartbeat() / "
+    "register_node() bring a DOWN node back as READY: an operator's cordon or drain is lost "
+    "when the node's agent flaps. Fix: keep the operator's intent apart from liveness (e.g. "
+    "Node.admin_state persisted as a new gpu_manager.proto Node field, set by cordon/"
+    "uncordon/drain) and have heartbeat()/register_node() restore it instead of READY."
+)
+
+
+@pytest.mark.xfail(reason=CORDON_LOST_ON_FLAP, strict=True)
+@pytest.mark.parametrize("comeback", ["heartbeat", "register"])
+async def test_a_cordon_survives_the_node_going_down_and_back(
+    cluster_factory: Any, comeback: str
+) -> None:
+    c: Cluster = await cluster_factory()
+    await c.register("n1", gpus=2)
+    await c.register("n2", gpus=2)
+    await c.nodes.CordonNode(gm.CordonNodeRequest(node_id="n1", reason="bad fan"))
+    await c.advance_alive(LEASE + INTERVAL, "n2")
+    assert (await c.node("n1")).state == gm.NODE_STATE_DOWN
+    if comeback == "heartbeat":
+        await c.heartbeat("n1")
+    else:
+        await c.register("n1", gpus=2)
+    node = await c.node("n1")
+    assert node.state == gm.NODE_STATE_CORDONED, gm.NodeState.Name(node.state)
+    placed = [await c.allocate(gpus=1) for _ in range(3)]
+    assert [a.placements[0].node_id if a.placements else "" for a in placed] == ["n2", "n2", ""]
+
+
 # -- the example agent ---------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from rmgrpc.events import EventHub
-from rmgrpc.model import EventKind
+from rmgrpc.events import EventHub, WatchFilter
+from rmgrpc.model import Event, EventKind
 from rmgrpc.server import RunningServer, start
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc
@@ -509,6 +510,107 @@ async def test_compacted_revision_is_out_of_range_then_relist_and_watch_sees_the
         got = keys(await reader, upto=final.result())
     same(got, await log_keys(server, after=listed.revision))
     assert len(got) > 40
+
+
+async def test_compaction_during_a_catch_up_from_the_store_is_out_of_range(
+    servers: Servers,
+) -> None:
+    """The hub itself, no gRPC in between: a watcher catching up from the store in batches
+    whose next batch has been compacted away fails with RevisionCompacted, not a gap."""
+    from rmgrpc.errors import RevisionCompacted
+
+    server = await servers.start(retention_max_events=5)
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        await Churn(Stub(ch), seed=14).run(40)
+    server = await servers.restart()  # empty ring: the past comes from the store
+    hub = server.engine.hub
+    hub._batch = 10
+    watch = hub.watch(WatchFilter(), 1, 5.0)
+    got = [await anext(watch) for _ in range(3)]
+    revisions = [e.revision for e in got]
+    assert revisions == sorted(set(revisions)) and revisions[-1] < hub.revision - 10
+    await server.engine.compact()
+    with pytest.raises(RevisionCompacted) as err:
+        async with asyncio.timeout(10):
+            while True:
+                await anext(watch)
+    assert err.value.oldest == hub.oldest_revision
+    await watch.aclose()
+
+
+async def test_streams_end_unavailable_with_the_resume_revision_on_shutdown(
+    servers: Servers,
+) -> None:
+    server = await servers.start()
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        stub = Stub(ch)
+        await Churn(stub, seed=15).run(10)
+        head = await settled(server)
+        call = stub.WatchAllocations(pb.WatchAllocationsRequest(start_revision=head - 2))
+        seen = [await call.read() for _ in range(3)]
+        assert seen[-1].revision == head
+        await servers.close()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async with asyncio.timeout(10):
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        err = raised.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"start_revision={head + 1}" in (err.details() or "")
+
+
+# -- the hub itself, no gRPC in between ------------------------------------------------------
+
+
+def _hub_with_log(n: int, batch: int) -> tuple[EventHub, list[Event]]:
+    async def no_store(after: int, limit: int) -> list[Event]:
+        raise AssertionError("everything is in the ring")
+
+    hub = EventHub(no_store, last_revision=0, oldest_revision=1, catch_up_batch=batch)
+    log = [
+        Event(r, EventKind.ALLOCATION, 1, f"a{r % 7}", 0.0, b"x" * 64, TENANTS[r % 4], ())
+        for r in range(1, n + 1)
+    ]
+    hub.publish(log)
+    return hub, log
+
+
+@pytest.mark.parametrize("tenant", ["", "org"])
+async def test_catch_up_from_the_ring_in_batches_is_exact_at_every_boundary(tenant: str) -> None:
+    hub, log = _hub_with_log(3000, batch=100)
+    for first in (1, 2, 99, 100, 101, 1499, 1500, 1501, 2900, 2999, 3000):
+        want = [
+            e.revision
+            for e in log
+            if e.revision >= first
+            and (not tenant or e.tenant == tenant or e.tenant.startswith(tenant + "/"))
+        ]
+        watch = hub.watch(WatchFilter(tenant=tenant), first, 5.0)
+        got = [(await anext(watch)).revision for _ in want]  # type: ignore[union-attr]
+        assert got == want, first
+        # Then live, with nothing repeated or skipped at the seam.
+        nxt = Event(hub.revision + 1, EventKind.ALLOCATION, 1, "live", 0.0, b"", "org/a", ())
+        hub.publish([nxt])
+        assert (await anext(watch)).revision == nxt.revision  # type: ignore[union-attr]
+        await watch.aclose()
+        log.append(nxt)
+
+
+async def test_watchers_far_behind_hold_one_batch_each_not_the_ring() -> None:
+    hub, _ = _hub_with_log(30_000, batch=1000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        watches = [hub.watch(WatchFilter(), 1 + i, 5.0) for i in range(40)]
+        for w in watches:
+            await anext(w)
+        per_watcher = (tracemalloc.get_traced_memory()[0] - before) / len(watches)
+    finally:
+        tracemalloc.stop()
+    for w in watches:
+        await w.aclose()
+    # One batch is 1000 references (8 KB); the whole ring would be 30,000 (240 KB).
+    assert per_watcher < 40_000, per_watcher
 
 
 async def test_client_library_relists_transparently_after_compaction(servers: Servers) -> None:
