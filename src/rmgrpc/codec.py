@@ -214,6 +214,7 @@ def node_to_proto(
         state_reason=n.state_reason,
         simulated=n.simulated,
         revision=n.revision,
+        admin_state=int(n.admin_state),  # type: ignore[arg-type]
     )
     if allocated is not None:
         msg.allocated.CopyFrom(resources_to_proto(allocated))
@@ -247,6 +248,7 @@ def node_from_proto(msg: gpu_manager_pb2.Node) -> Node:
         gpus=[gpu_from_proto(g) for g in msg.gpus],
         state=NodeState(msg.state) if msg.state else NodeState.READY,
         state_reason=msg.state_reason,
+        admin_state=NodeState(msg.admin_state) if msg.admin_state else NodeState.READY,
         simulated=msg.simulated,
         last_heartbeat_time=from_ts(msg.last_heartbeat_time, msg.HasField("last_heartbeat_time"))
         or 0.0,

@@ -595,8 +595,13 @@ class Engine:
         node.lease_expire_time = now + self.settings.node_lease_seconds
         existing = self.state.nodes.get(node.id)
         if existing is not None:
-            if existing.state in (NodeState.CORDONED, NodeState.DRAINING):
-                node.state, node.state_reason = existing.state, existing.state_reason
+            # Re-registering keeps what operators asked for (a cordon, a drain).
+            node.admin_state = existing.admin_state
+            node.state = existing.admin_state
+            if existing.state == existing.admin_state:
+                node.state_reason = existing.state_reason
+            else:
+                node.state_reason = _returned(existing.admin_state)
             present = {g.index for g in node.gpus}
             for a in self.state.on_node(node.id):
                 gone = [
@@ -626,7 +631,7 @@ class Engine:
         node.lease_expire_time = now + self.settings.node_lease_seconds
         changed = False
         if node.state == NodeState.DOWN:
-            node.state, node.state_reason = NodeState.READY, "agent is back"
+            node.state, node.state_reason = node.admin_state, _returned(node.admin_state)
             changed = True
         by_index = {g.index: g for g in node.gpus}
         for report in reports:
@@ -645,22 +650,25 @@ class Engine:
             await self._flush()
         return node
 
+    def _set_admin(self, node: Node, admin: NodeState, reason: str) -> None:
+        """Records an operator's cordon, drain or uncordon; a DOWN node shows it when back."""
+        node.admin_state = admin
+        if node.state != NodeState.DOWN:
+            node.state, node.state_reason = admin, reason
+        self._emit_node(node)
+
     async def cordon(self, node_id: str, reason: str) -> Node:
         node = self.get_node(node_id)
-        if node.state == NodeState.DOWN:
-            raise FailedPrecondition("NODE_DOWN", f"node:{node_id}", f"node {node_id} is DOWN")
-        if node.state != NodeState.READY:
-            return node
-        node.state, node.state_reason = NodeState.CORDONED, reason or "cordoned"
-        self._emit_node(node)
-        await self._flush()
+        # Cordoning a draining node would stop nothing new and forget the drain.
+        if node.admin_state == NodeState.READY:
+            self._set_admin(node, NodeState.CORDONED, reason or "cordoned")
+            await self._flush()
         return node
 
     async def uncordon(self, node_id: str) -> Node:
         node = self.get_node(node_id)
-        if node.state in (NodeState.CORDONED, NodeState.DRAINING):
-            node.state, node.state_reason = NodeState.READY, ""
-            self._emit_node(node)
+        if node.admin_state != NodeState.READY:
+            self._set_admin(node, NodeState.READY, "")
             self.request_cycle()
             await self._flush()
         return node
@@ -669,10 +677,7 @@ class Engine:
         self, node_id: str, reason: str, grace_seconds: float
     ) -> tuple[Node, list[str]]:
         node = self.get_node(node_id)
-        if node.state == NodeState.DOWN:
-            raise FailedPrecondition("NODE_DOWN", f"node:{node_id}", f"node {node_id} is DOWN")
-        node.state, node.state_reason = NodeState.DRAINING, reason or "draining"
-        self._emit_node(node)
+        self._set_admin(node, NodeState.DRAINING, reason or "draining")
         now = self.clock.now()
         grace = grace_seconds or self.config.preemption_grace_seconds
         evicted = []
@@ -729,3 +734,9 @@ def _release(
         else:
             keep.append((wanted, fut))
     return keep
+
+
+def _returned(admin: NodeState) -> str:
+    if admin == NodeState.READY:
+        return "agent is back"
+    return f"agent is back; still {admin.name.lower()} by an operator"

@@ -106,6 +106,9 @@ class Node:
     gpus: list[Gpu] = field(default_factory=list)
     state: NodeState = NodeState.READY
     state_reason: str = ""
+    # What operators asked for (READY, CORDONED, DRAINING): `state` returns to it when a
+    # DOWN node's agent is back, so a cordon survives an agent's flap.
+    admin_state: NodeState = NodeState.READY
     simulated: bool = False
     last_heartbeat_time: float = 0.0
     # None: the node holds no lease (simulated nodes never go DOWN).

@@ -187,6 +187,7 @@ class Node(_message.Message):
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    ADMIN_STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     cpu_millis: _builtins.int
     memory_bytes: _builtins.int
@@ -195,6 +196,10 @@ class Node(_message.Message):
     simulated: _builtins.bool
     """True for nodes of the simulated inventory."""
     revision: _builtins.int
+    admin_state: Global___NodeState.ValueType
+    """What operators asked for: READY, CORDONED or DRAINING. `state` is DOWN while the
+    agent is away and returns to this when it is back.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -222,10 +227,11 @@ class Node(_message.Message):
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
+        admin_state: Global___NodeState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "last_heartbeat_time", b"last_heartbeat_time", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "cpu_millis", b"cpu_millis", "gpus", b"gpus", "id", b"id", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "lease_expire_time", b"lease_expire_time", "memory_bytes", b"memory_bytes", "revision", b"revision", "simulated", b"simulated", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_state", b"admin_state", "allocated", b"allocated", "cpu_millis", b"cpu_millis", "gpus", b"gpus", "id", b"id", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "lease_expire_time", b"lease_expire_time", "memory_bytes", b"memory_bytes", "revision", b"revision", "simulated", b"simulated", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,18 +299,18 @@ class RegisterNodeResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
-    heartbeat_interval_seconds: _builtins.int
-    """How often the agent should heartbeat."""
-    lease_seconds: _builtins.int
-    """The node goes DOWN if no heartbeat arrives for this long."""
+    heartbeat_interval_seconds: _builtins.float
+    """How often the agent should heartbeat, in seconds."""
+    lease_seconds: _builtins.float
+    """The node goes DOWN if no heartbeat arrives for this many seconds."""
     @_builtins.property
     def node(self) -> Global___Node: ...
     def __init__(
         self,
         *,
         node: Global___Node | None = ...,
-        heartbeat_interval_seconds: _builtins.int = ...,
-        lease_seconds: _builtins.int = ...,
+        heartbeat_interval_seconds: _builtins.float = ...,
+        lease_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

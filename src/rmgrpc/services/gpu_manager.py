@@ -42,7 +42,7 @@ def node_from_request(req: gpu_manager_pb2.RegisterNodeRequest) -> Node:
         v.text(f"{field}.model", g.model, 64)
         v.check(bool(g.model), f"{field}.model", "is required")
         v.int_range(f"{field}.memory_bytes", g.memory_bytes, 0, val.MAX_MEMORY_BYTES)
-        v.enum_values(f"{field}.health", [g.health], _HEALTH, allow_unspecified=True)
+        v.enum_value(f"{field}.health", g.health, _HEALTH, allow_unspecified=True)
         gpus.append(
             Gpu(
                 index=g.index,
@@ -90,8 +90,8 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         settings = self.engine.settings
         return gpu_manager_pb2.RegisterNodeResponse(
             node=self._node(node),
-            heartbeat_interval_seconds=int(max(1, settings.heartbeat_interval_seconds)),
-            lease_seconds=int(max(1, settings.node_lease_seconds)),
+            heartbeat_interval_seconds=settings.heartbeat_interval_seconds,
+            lease_seconds=settings.node_lease_seconds,
         )
 
     @unary
@@ -103,7 +103,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         v.check(len(request.gpus) <= MAX_GPUS_PER_NODE, "gpus", "too many GPU reports")
         reports = []
         for i, g in enumerate(request.gpus[:MAX_GPUS_PER_NODE]):
-            v.enum_values(f"gpus[{i}].health", [g.health], _HEALTH, allow_unspecified=True)
+            v.enum_value(f"gpus[{i}].health", g.health, _HEALTH, allow_unspecified=True)
             reports.append(
                 GpuReport(
                     index=g.index,

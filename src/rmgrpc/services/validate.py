@@ -104,11 +104,16 @@ class Violations:
     ) -> None:
         allowed = set(known)
         for i, value in enumerate(values):
-            if value == 0:
-                if not allow_unspecified:
-                    self.add(f"{field}[{i}]", "must not be UNSPECIFIED")
-            elif value not in allowed:
-                self.add(f"{field}[{i}]", f"unknown value {value}")
+            self.enum_value(f"{field}[{i}]", value, allowed, allow_unspecified)
+
+    def enum_value(
+        self, field: str, value: int, known: Iterable[int], allow_unspecified: bool
+    ) -> None:
+        if value == 0:
+            if not allow_unspecified:
+                self.add(field, "must not be UNSPECIFIED")
+        elif value not in set(known):
+            self.add(field, f"unknown value {value}")
 
     def page_size(self, field: str, value: int) -> int:
         if value < 0 or value > MAX_PAGE_SIZE:
