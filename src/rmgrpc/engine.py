@@ -93,6 +93,8 @@ class Engine:
         # Victims whose grace ended: dropped from the snapshot after the next cycle.
         self._graced: list[str] = []
         self.cycle_observers: list[CycleObserver] = []
+        # Called with the seconds each commit took (metrics).
+        self.commit_observers: list[Callable[[float], None]] = []
         self.last_cycle_seconds = 0.0
         self.failed: BaseException | None = None
         # Watchers see an event only once it is durable: the store calls back after commit.
@@ -233,8 +235,11 @@ class Engine:
             return
         write = Write(events=self._events, puts=self._puts, deletes=self._deletes)
         self._events, self._puts, self._deletes = [], [], []
+        started = time.perf_counter()
         try:
             await self.store.commit(write)
+            for observe in self.commit_observers:
+                observe(time.perf_counter() - started)
         except Exception as exc:
             # The in-memory state is now ahead of the disk: stop rather than serve it.
             self.failed = exc

@@ -28,7 +28,7 @@ from rmgrpc.scheduler.snapshot import Decisions
 from rmgrpc.services.allocator import AllocatorService
 from rmgrpc.services.gpu_manager import GpuManagerService
 from rmgrpc.services.quota import QuotaService
-from rmgrpc.store import Store
+from rmgrpc.store import Store, StoreError
 from rmgrpc.v1 import (
     allocator_pb2,
     allocator_pb2_grpc,
@@ -140,7 +140,20 @@ def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, Decisions], No
 
 
 async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float) -> None:
+    """Refreshes the gauges, and the counters kept by the store and the hub, every `every` s."""
+    seen = {"transactions": 0, "delivered": 0, "cut": 0}
     while True:
+        counts_now = {
+            "transactions": engine.store.transactions_committed,
+            "delivered": engine.hub.delivered,
+            "cut": engine.hub.cut_off,
+        }
+        metrics.store_transactions.inc(counts_now["transactions"] - seen["transactions"])
+        metrics.watch_events_sent.inc(counts_now["delivered"] - seen["delivered"])
+        metrics.watch_streams_cut.labels(reason="slow_consumer").inc(
+            counts_now["cut"] - seen["cut"]
+        )
+        seen = counts_now
         state = engine.state
         counts = dict.fromkeys((s.name for s in AllocationState), 0)
         for a in state.allocations.values():
@@ -168,8 +181,6 @@ async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float)
 
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Opens the store, rebuilds the state and starts serving; raises StartupError."""
-    from rmgrpc.store import StoreError
-
     clock = clock or SystemClock()
     try:
         store = await Store.open(settings.db, synchronous=settings.sqlite_synchronous.upper())
@@ -177,9 +188,10 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         raise StartupError(str(exc)) from None
     metrics = telemetry.Metrics()
     metrics_server = None
+    engine = Engine(settings, store, clock)
     try:
-        engine = Engine(settings, store, clock)
         engine.cycle_observers.append(_record_cycle(metrics))
+        engine.commit_observers.append(metrics.store_commit.observe)
         nodes, nvml = inventory(settings, clock)
         await engine.start(nodes)
 
@@ -214,7 +226,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     except BaseException:
         if metrics_server is not None:
             metrics_server.close()
-        await engine.stop() if "engine" in locals() else None
+        await engine.stop()
         await store.close()
         raise
     tasks = [
