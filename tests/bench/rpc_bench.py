@@ -19,16 +19,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rmgrpc.config import load_settings
 from rmgrpc.server import start
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc
 from rmgrpc.v1.resources_pb2 import Shape
+from tests.bench.common import bench_settings
 
 KINDS = ("health", "get", "list100", "allocate+release")
 GPU = Shape(gpus=1, cpu_millis=100, memory_bytes=1 << 20)
@@ -96,19 +95,7 @@ async def calls(target: str, kind: str, ids: list[str], clients: int, seconds: f
 async def bench(args: argparse.Namespace) -> dict[str, float]:
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(
-            None,
-            env={},
-            overrides={
-                "listen": "127.0.0.1:0",
-                "db": str(Path(tmp) / "bench.db"),
-                "metrics_listen": "",
-                "nvml": "off",
-                "simulated_nodes": 4,
-                "simulated_gpus_per_node": 8,
-                "log_level": "warning",
-            },
-        )
+        settings = bench_settings(tmp)
         server = await start(settings)
         target = f"127.0.0.1:{server.port}"
         try:

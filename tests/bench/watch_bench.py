@@ -24,16 +24,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from rmgrpc.config import load_settings
 from rmgrpc.server import RunningServer, start
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc
 from rmgrpc.v1.resources_pb2 import Shape
+from tests.bench.common import bench_settings
 
 PROGRESS = pb.ALLOCATION_EVENT_TYPE_PROGRESS
 STREAMS_PER_CHANNEL = 100
@@ -250,20 +249,7 @@ async def bench(args: argparse.Namespace) -> list[Result]:
     results = []
     paced: Result | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(
-            None,
-            env={},
-            overrides={
-                "listen": "127.0.0.1:0",
-                "db": str(Path(tmp) / "bench.db"),
-                "metrics_listen": "",
-                "nvml": "off",
-                "simulated_nodes": 4,
-                "simulated_gpus_per_node": 8,
-                "log_level": "warning",
-                "watch_progress_seconds": 1.0,
-            },
-        )
+        settings = bench_settings(tmp, watch_progress_seconds=1.0)
         server = await start(settings)
         try:
             where = "this process" if args.in_process else "a child process"
