@@ -77,6 +77,9 @@ class Settings:
     starvation_seconds: float = _s(
         "scheduler", "a gang blocked this long gets capacity held for it", default=120.0
     )
+    max_held_gangs: int = _s(
+        "scheduler", "how many starving gangs may hold capacity at once", default=1
+    )
     default_weight: float = _s(
         "scheduler", "fair-share weight of tenants with no quota", default=1.0
     )
@@ -111,6 +114,7 @@ class Settings:
             max_preemptions_per_cycle=self.max_preemptions_per_cycle,
             preemption_grace_seconds=self.preemption_grace_seconds,
             starvation_seconds=self.starvation_seconds,
+            max_held_gangs=self.max_held_gangs,
         )
 
     def validate(self) -> None:
@@ -136,6 +140,7 @@ class Settings:
             (self.max_preemptions_per_cycle >= 0, "max_preemptions_per_cycle must be >= 0"),
             (self.preemption_grace_seconds >= 0, "preemption_grace_seconds must be >= 0"),
             (self.starvation_seconds >= 0, "starvation_seconds must be >= 0"),
+            (self.max_held_gangs >= 0, "max_held_gangs must be >= 0"),
             (self.default_weight > 0, "default_weight must be > 0"),
             (self.watch_buffer_events >= 16, "watch_buffer_events must be >= 16"),
             (self.watch_progress_seconds > 0, "watch_progress_seconds must be > 0"),
