@@ -404,9 +404,14 @@ class Engine:
     async def _timer_loop(self) -> None:
         while True:
             self._timer_wake.clear()
-            now = self.clock.now()
-            if self.fire_timers(now):
-                await self._flush()
+            try:
+                if self.fire_timers(self.clock.now()):
+                    await self._flush()
+            except Unavailable:
+                return  # the store failed: the server is stopping
+            except Exception:
+                # A bug in one deadline must not stop every other lease from expiring.
+                log.exception("timer handling failed")
             delay = self._timers[0][0] - self.clock.now() if self._timers else 3600.0
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -466,7 +471,12 @@ class Engine:
     async def _compaction_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.compaction_interval_seconds)
-            await self.compact()
+            try:
+                await self.compact()
+            except Unavailable:
+                return
+            except Exception:
+                log.exception("compaction failed; retrying at the next interval")
 
     async def compact(self) -> None:
         """Trims the event log by count and age, and forgets long-ended allocations."""
