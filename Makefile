@@ -40,7 +40,9 @@ proto-check: $(STAMP)
 	@tmp=$$(mktemp -d) && mkdir -p $$tmp/rmgrpc/v1 && \
 	$(PROTOC) \
 	  --python_out=$$tmp --grpc_python_out=$$tmp \
-	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) && \
+	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) 2>$$tmp/protoc.log || \
+	  { cat $$tmp/protoc.log; rm -rf $$tmp; exit 1; }; \
+	rm $$tmp/protoc.log && \
 	printf '"""Stubs generated from protos/rmgrpc/v1 by `make proto`."""\n' > $$tmp/rmgrpc/v1/__init__.py && \
 	touch $$tmp/rmgrpc/v1/py.typed && \
 	if diff -r $$tmp/rmgrpc generated/rmgrpc >/dev/null; then rm -rf $$tmp; \
