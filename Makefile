@@ -9,7 +9,7 @@ PROTOC  = $(BIN)/python -m grpc_tools.protoc -Iprotos \
   --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 ARGS   ?=
 
-.PHONY: run test test-slow proto proto-check lint bench clean
+.PHONY: run test test-slow proto proto-check proto-lint lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ proto-check: $(STAMP)
 	touch $$tmp/rmgrpc/v1/py.typed && \
 	if diff -r $$tmp/rmgrpc generated/rmgrpc >/dev/null; then rm -rf $$tmp; \
 	else echo "generated/ is stale: run 'make proto' and commit it"; diff -r $$tmp/rmgrpc generated/rmgrpc | head -20; rm -rf $$tmp; exit 1; fi
+
+# buf (from the npm registry, pinned) checks the protos against the API style guide.
+BUF := $(VENV)/buf/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/buf @bufbuild/buf@1.75.0
+
+proto-lint: $(BUF)
+	cd protos && $(abspath $(BUF)) lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check src clients tests
