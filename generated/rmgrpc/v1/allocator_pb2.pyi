@@ -336,7 +336,9 @@ class ListAllocationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    """Only this tenant and its subtree ("org" lists "org/team" too); empty means all."""
     node_id: _builtins.str
+    """Only allocations with a replica on this node."""
     page_size: _builtins.int
     """At most this many per page (default 100, at most 1000)."""
     page_token: _builtins.str
@@ -479,10 +481,15 @@ class WatchAllocationsRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     ALLOCATION_ID_FIELD_NUMBER: _builtins.int
     start_revision: _builtins.int
-    """First revision to send; 0 means only what happens from now on."""
+    """First revision to send; 0 means only what happens from now on. A revision older
+    than the log keeps answers OUT_OF_RANGE (ErrorInfo: oldest_revision, current_revision).
+    """
     tenant: _builtins.str
+    """Only this tenant and its subtree; empty means all."""
     node_id: _builtins.str
+    """Only allocations with a replica on this node."""
     allocation_id: _builtins.str
+    """Only this allocation."""
     def __init__(
         self,
         *,
