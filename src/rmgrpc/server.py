@@ -62,6 +62,8 @@ class StartupError(Exception):
 
 @dataclass
 class RunningServer:
+    """A started server and what it owns; `stop()` takes it down in order."""
+
     server: grpc.aio.Server
     engine: Engine
     store: Store
