@@ -1,0 +1,125 @@
+"""Random operations against a real server; after each step the invariants hold, as a client
+sees them: no GPU held twice, no tenant or parent over its limit, gangs whole, every
+pending allocation explained with a distinct queue position, and the GPU listing agrees
+with the allocations."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rmgrpc.server import start
+from rmgrpc.v1 import allocator_pb2 as pb
+from rmgrpc.v1 import (
+    allocator_pb2_grpc,
+    gpu_manager_pb2,
+    gpu_manager_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
+)
+from rmgrpc.v1.resources_pb2 import Resources, Shape
+from tests.conftest import make_settings
+
+TENANTS = ["org/a", "org/b", "lab/x", "solo"]
+LIMITS = {"org": 10, "org/a": 6, "lab/x": 5}
+
+
+async def check(
+    alloc: allocator_pb2_grpc.AllocatorServiceStub,
+    nodes: gpu_manager_pb2_grpc.GpuManagerServiceStub,
+) -> None:
+    listed = await alloc.ListAllocations(pb.ListAllocationsRequest(page_size=1000))
+    assert not listed.next_page_token
+    holding = [a for a in listed.allocations if a.state == pb.ALLOCATION_STATE_ALLOCATED]
+    held: dict[tuple[str, int], str] = {}
+    per_tenant: Counter[str] = Counter()
+    for a in holding:
+        assert len(a.placements) == a.count, f"gang {a.id} not whole"
+        for p in a.placements:
+            assert len(p.gpu_indices) == a.shape.gpus
+            for i in p.gpu_indices:
+                key = (p.node_id, i)
+                assert key not in held, f"GPU {key} held by {held[key]} and {a.id}"
+                held[key] = a.id
+        per_tenant[a.tenant] += a.count * a.shape.gpus
+    for tenant, limit in LIMITS.items():
+        used = sum(n for t, n in per_tenant.items() if t == tenant or t.startswith(tenant + "/"))
+        assert used <= limit, f"{tenant} holds {used} > limit {limit}"
+    pending = [a for a in listed.allocations if a.state == pb.ALLOCATION_STATE_PENDING]
+    assert all(a.pending_reason for a in pending)
+    assert sorted(a.queue_position for a in pending) == list(range(1, len(pending) + 1))
+    gpus = (await nodes.ListGpus(gpu_manager_pb2.ListGpusRequest(page_size=1000))).gpus
+    listed_holders = {(g.node_id, g.index): g.allocation_id for g in gpus if g.allocation_id}
+    # The listing also shows preempted allocations still inside their grace period.
+    assert {k: v for k, v in listed_holders.items() if v in {a.id for a in holding}} == held
+    assert set(held) <= set(listed_holders)
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.05])
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_operations_keep_the_invariants(
+    tmp_path: Path, seed: int, grace: float
+) -> None:
+    rng = random.Random(seed)
+    running = await start(
+        make_settings(
+            tmp_path, simulated_nodes=3, min_runtime_seconds=0.0, preemption_grace_seconds=0.0
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            alloc = allocator_pb2_grpc.AllocatorServiceStub(ch)
+            nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(ch)
+            quotas = quota_pb2_grpc.QuotaServiceStub(ch)
+            for tenant, limit in LIMITS.items():
+                await quotas.SetQuota(
+                    quota_pb2.SetQuotaRequest(
+                        quota=quota_pb2.Quota(
+                            tenant=tenant,
+                            limit=Resources(gpus=limit),
+                            guaranteed=Resources(gpus=min(limit, 2)),
+                            weight=rng.choice([1, 2, 3]),
+                        )
+                    )
+                )
+            ids: list[str] = []
+            for _ in range(120):
+                op = rng.random()
+                if op < 0.55 or not ids:
+                    try:
+                        a = (
+                            await alloc.Allocate(
+                                pb.AllocateRequest(
+                                    tenant=rng.choice(TENANTS),
+                                    count=rng.choice([1, 1, 1, 2, 3]),
+                                    shape=Shape(gpus=rng.choice([1, 1, 2, 4, 8])),
+                                    priority=rng.choice([0, 0, 0, 5]),
+                                )
+                            )
+                        ).allocation
+                        ids.append(a.id)
+                    except grpc.aio.AioRpcError as err:
+                        # Asking for more than a limit allows, in one request, is refused.
+                        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                elif op < 0.8:
+                    await alloc.ReleaseAllocation(
+                        pb.ReleaseAllocationRequest(id=ids.pop(rng.randrange(len(ids))))
+                    )
+                elif op < 0.9:
+                    node = f"sim-node-{rng.randrange(3)}"
+                    if rng.random() < 0.5:
+                        await nodes.CordonNode(gpu_manager_pb2.CordonNodeRequest(node_id=node))
+                    else:
+                        await nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+                else:
+                    node = f"sim-node-{rng.randrange(3)}"
+                    drained = await nodes.DrainNode(gpu_manager_pb2.DrainNodeRequest(node_id=node))
+                    assert drained.node.state == gpu_manager_pb2.NODE_STATE_DRAINING
+                    await nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+                await check(alloc, nodes)
+    finally:
+        await running.stop(0)
