@@ -282,6 +282,10 @@ class Engine:
         self._kick.set()
         return self._cycles_requested
 
+    async def schedule_now(self) -> None:
+        """Runs a scheduling cycle (coalesced with any pending one) and waits for its commit."""
+        await self._wait_cycle(self.request_cycle())
+
     async def _wait_cycle(self, ticket: int) -> None:
         if self._cycles_done >= ticket:
             return
@@ -543,12 +547,15 @@ class Engine:
             state=AllocationState.PENDING,
             create_time=snap.now,
             placements=(),
+            # What readers see until the cycle below has considered it.
+            pending_reason="queued: the scheduler has not considered it yet",
+            queue_position=0,
         )
         self.state.add(a, snap.now)
         self._emit_allocation(a, AllocationEventType.CREATED)
         # The cycle's commit carries the creation too: one transaction, and the answer
         # (placed or pending with a reason) is durable when the cycle is done.
-        await self._wait_cycle(self.request_cycle())
+        await self.schedule_now()
         return a, []
 
     def _dry_run(self, snap: Snapshot, request: Allocation) -> tuple[Allocation, list[str]]:

@@ -5,6 +5,7 @@ with the allocations."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,10 @@ LIMITS = {"org": 10, "org/a": 6, "lab/x": 5}
 async def check(
     alloc: allocator_pb2_grpc.AllocatorServiceStub,
     nodes: gpu_manager_pb2_grpc.GpuManagerServiceStub,
+    *,
+    settled: bool = True,
 ) -> None:
+    """`settled`: no request is in flight, so the last cycle has seen every allocation."""
     listed = await alloc.ListAllocations(pb.ListAllocationsRequest(page_size=1000))
     assert not listed.next_page_token
     holding = [a for a in listed.allocations if a.state == pb.ALLOCATION_STATE_ALLOCATED]
@@ -51,6 +55,8 @@ async def check(
         assert used <= limit, f"{tenant} holds {used} > limit {limit}"
     pending = [a for a in listed.allocations if a.state == pb.ALLOCATION_STATE_PENDING]
     assert all(a.pending_reason for a in pending)
+    if not settled:
+        return  # the GPU listing below is a second read: others may have changed things
     assert sorted(a.queue_position for a in pending) == list(range(1, len(pending) + 1))
     gpus = (await nodes.ListGpus(gpu_manager_pb2.ListGpusRequest(page_size=1000))).gpus
     listed_holders = {(g.node_id, g.index): g.allocation_id for g in gpus if g.allocation_id}
@@ -120,6 +126,57 @@ async def test_random_operations_keep_the_invariants(
                     drained = await nodes.DrainNode(gpu_manager_pb2.DrainNodeRequest(node_id=node))
                     assert drained.node.state == gpu_manager_pb2.NODE_STATE_DRAINING
                     await nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+                await running.engine.schedule_now()  # releases do not wait for their cycle
                 await check(alloc, nodes)
+    finally:
+        await running.stop(0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_concurrent_random_operations_keep_the_invariants(tmp_path: Path, seed: int) -> None:
+    running = await start(make_settings(tmp_path, simulated_nodes=3, preemption_grace_seconds=0.05))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            alloc = allocator_pb2_grpc.AllocatorServiceStub(ch)
+            nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(ch)
+            quotas = quota_pb2_grpc.QuotaServiceStub(ch)
+            for tenant, limit in LIMITS.items():
+                await quotas.SetQuota(
+                    quota_pb2.SetQuotaRequest(
+                        quota=quota_pb2.Quota(tenant=tenant, limit=Resources(gpus=limit))
+                    )
+                )
+
+            async def worker(n: int) -> None:
+                rng = random.Random(seed * 100 + n)
+                mine: list[str] = []
+                for _ in range(40):
+                    if rng.random() < 0.6 or not mine:
+                        try:
+                            a = (
+                                await alloc.Allocate(
+                                    pb.AllocateRequest(
+                                        tenant=rng.choice(TENANTS),
+                                        count=rng.choice([1, 1, 2]),
+                                        shape=Shape(gpus=rng.choice([1, 2, 4, 8])),
+                                        priority=rng.choice([0, 0, 3]),
+                                    )
+                                )
+                            ).allocation
+                            mine.append(a.id)
+                        except grpc.aio.AioRpcError as err:
+                            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    else:
+                        await alloc.ReleaseAllocation(
+                            pb.ReleaseAllocationRequest(id=mine.pop(rng.randrange(len(mine))))
+                        )
+
+            async def checker() -> None:
+                for _ in range(20):
+                    await check(alloc, nodes, settled=False)
+
+            await asyncio.gather(*(worker(n) for n in range(8)), checker())
+            await running.engine.schedule_now()  # the last releases' cycle
+            await check(alloc, nodes)
     finally:
         await running.stop(0)

@@ -138,7 +138,9 @@ class Allocation(_message.Message):
     pending_reason: _builtins.str
     """Why a PENDING allocation waits, in words a person can act on."""
     queue_position: _builtins.int
-    """1-based position among pending allocations in admission order; 0 when not pending."""
+    """1-based position among pending allocations in admission order, as of the last
+    scheduling cycle; 0 when not pending or not yet considered.
+    """
     state_reason: _builtins.str
     """Why the allocation reached its current terminal state."""
     revision: _builtins.int
