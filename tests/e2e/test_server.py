@@ -264,3 +264,16 @@ async def test_shrinking_the_simulated_inventory_removes_nodes(tmp_path: Path) -
             assert "sim-node-2" in lost.state_reason
     finally:
         await running.stop(0)
+
+
+def test_second_server_on_the_same_database_is_refused(server_process: ServerProcess) -> None:
+    proc = run_cli(
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--db",
+        str(server_process.db),
+        "--metrics-listen",
+        "",
+    )
+    assert "in use by another rmgrpc process" in one_line_error(proc)
