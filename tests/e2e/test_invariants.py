@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
-from rmgrpc.server import start
+from rmgrpc.server import RunningServer, start
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import (
     allocator_pb2_grpc,
@@ -65,118 +68,100 @@ async def check(
     assert set(held) <= set(listed_holders)
 
 
+@dataclass
+class Cluster:
+    running: RunningServer
+    alloc: allocator_pb2_grpc.AllocatorServiceStub
+    nodes: gpu_manager_pb2_grpc.GpuManagerServiceStub
+
+
+@asynccontextmanager
+async def cluster(tmp_path: Path, grace: float, rng: random.Random) -> AsyncIterator[Cluster]:
+    """3 simulated nodes of 8 GPUs with the LIMITS quotas (random guarantees and weights)."""
+    running = await start(
+        make_settings(tmp_path, simulated_nodes=3, preemption_grace_seconds=grace)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            quotas = quota_pb2_grpc.QuotaServiceStub(ch)
+            for tenant, limit in LIMITS.items():
+                quota = quota_pb2.Quota(
+                    tenant=tenant,
+                    limit=Resources(gpus=limit),
+                    guaranteed=Resources(gpus=rng.choice([0, min(limit, 2)])),
+                    weight=rng.choice([1, 2, 3]),
+                )
+                await quotas.SetQuota(quota_pb2.SetQuotaRequest(quota=quota))
+            yield Cluster(
+                running,
+                allocator_pb2_grpc.AllocatorServiceStub(ch),
+                gpu_manager_pb2_grpc.GpuManagerServiceStub(ch),
+            )
+    finally:
+        await running.stop(0)
+
+
+async def allocate_or_release(c: Cluster, rng: random.Random, held: list[str]) -> None:
+    """One random step: usually a random Allocate, else releasing one of `held`."""
+    if rng.random() < 0.4 and held:
+        request = pb.ReleaseAllocationRequest(id=held.pop(rng.randrange(len(held))))
+        await c.alloc.ReleaseAllocation(request)
+        return
+    try:
+        answer = await c.alloc.Allocate(
+            pb.AllocateRequest(
+                tenant=rng.choice(TENANTS),
+                count=rng.choice([1, 1, 1, 2, 3]),
+                shape=Shape(gpus=rng.choice([1, 1, 2, 4, 8])),
+                priority=rng.choice([0, 0, 0, 5]),
+            )
+        )
+        held.append(answer.allocation.id)
+    except grpc.aio.AioRpcError as err:
+        # Asking for more than a limit allows, in one request, is refused.
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 @pytest.mark.parametrize("grace", [0.0, 0.05])
 @pytest.mark.parametrize("seed", range(4))
 async def test_random_operations_keep_the_invariants(
     tmp_path: Path, seed: int, grace: float
 ) -> None:
     rng = random.Random(seed)
-    running = await start(
-        make_settings(
-            tmp_path, simulated_nodes=3, min_runtime_seconds=0.0, preemption_grace_seconds=0.0
-        )
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            alloc = allocator_pb2_grpc.AllocatorServiceStub(ch)
-            nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(ch)
-            quotas = quota_pb2_grpc.QuotaServiceStub(ch)
-            for tenant, limit in LIMITS.items():
-                await quotas.SetQuota(
-                    quota_pb2.SetQuotaRequest(
-                        quota=quota_pb2.Quota(
-                            tenant=tenant,
-                            limit=Resources(gpus=limit),
-                            guaranteed=Resources(gpus=min(limit, 2)),
-                            weight=rng.choice([1, 2, 3]),
-                        )
-                    )
-                )
-            ids: list[str] = []
-            for _ in range(120):
-                op = rng.random()
-                if op < 0.55 or not ids:
-                    try:
-                        a = (
-                            await alloc.Allocate(
-                                pb.AllocateRequest(
-                                    tenant=rng.choice(TENANTS),
-                                    count=rng.choice([1, 1, 1, 2, 3]),
-                                    shape=Shape(gpus=rng.choice([1, 1, 2, 4, 8])),
-                                    priority=rng.choice([0, 0, 0, 5]),
-                                )
-                            )
-                        ).allocation
-                        ids.append(a.id)
-                    except grpc.aio.AioRpcError as err:
-                        # Asking for more than a limit allows, in one request, is refused.
-                        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                elif op < 0.8:
-                    await alloc.ReleaseAllocation(
-                        pb.ReleaseAllocationRequest(id=ids.pop(rng.randrange(len(ids))))
-                    )
-                elif op < 0.9:
-                    node = f"sim-node-{rng.randrange(3)}"
-                    if rng.random() < 0.5:
-                        await nodes.CordonNode(gpu_manager_pb2.CordonNodeRequest(node_id=node))
-                    else:
-                        await nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+    async with cluster(tmp_path, grace, rng) as c:
+        held: list[str] = []
+        for _ in range(120):
+            op = rng.random()
+            node = f"sim-node-{rng.randrange(3)}"
+            if op < 0.8:
+                await allocate_or_release(c, rng, held)
+            elif op < 0.9:
+                if rng.random() < 0.5:
+                    await c.nodes.CordonNode(gpu_manager_pb2.CordonNodeRequest(node_id=node))
                 else:
-                    node = f"sim-node-{rng.randrange(3)}"
-                    drained = await nodes.DrainNode(gpu_manager_pb2.DrainNodeRequest(node_id=node))
-                    assert drained.node.state == gpu_manager_pb2.NODE_STATE_DRAINING
-                    await nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
-                await running.engine.schedule_now()  # releases do not wait for their cycle
-                await check(alloc, nodes)
-    finally:
-        await running.stop(0)
+                    await c.nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+            else:
+                drained = await c.nodes.DrainNode(gpu_manager_pb2.DrainNodeRequest(node_id=node))
+                assert drained.node.state == gpu_manager_pb2.NODE_STATE_DRAINING
+                await c.nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+            await c.running.engine.schedule_now()  # releases do not wait for their cycle
+            await check(c.alloc, c.nodes)
 
 
 @pytest.mark.parametrize("seed", range(3))
 async def test_concurrent_random_operations_keep_the_invariants(tmp_path: Path, seed: int) -> None:
-    running = await start(make_settings(tmp_path, simulated_nodes=3, preemption_grace_seconds=0.05))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            alloc = allocator_pb2_grpc.AllocatorServiceStub(ch)
-            nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(ch)
-            quotas = quota_pb2_grpc.QuotaServiceStub(ch)
-            for tenant, limit in LIMITS.items():
-                await quotas.SetQuota(
-                    quota_pb2.SetQuotaRequest(
-                        quota=quota_pb2.Quota(tenant=tenant, limit=Resources(gpus=limit))
-                    )
-                )
+    async with cluster(tmp_path, 0.05, random.Random(seed)) as c:
 
-            async def worker(n: int) -> None:
-                rng = random.Random(seed * 100 + n)
-                mine: list[str] = []
-                for _ in range(40):
-                    if rng.random() < 0.6 or not mine:
-                        try:
-                            a = (
-                                await alloc.Allocate(
-                                    pb.AllocateRequest(
-                                        tenant=rng.choice(TENANTS),
-                                        count=rng.choice([1, 1, 2]),
-                                        shape=Shape(gpus=rng.choice([1, 2, 4, 8])),
-                                        priority=rng.choice([0, 0, 3]),
-                                    )
-                                )
-                            ).allocation
-                            mine.append(a.id)
-                        except grpc.aio.AioRpcError as err:
-                            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    else:
-                        await alloc.ReleaseAllocation(
-                            pb.ReleaseAllocationRequest(id=mine.pop(rng.randrange(len(mine))))
-                        )
+        async def worker(n: int) -> None:
+            rng = random.Random(seed * 100 + n)
+            held: list[str] = []
+            for _ in range(40):
+                await allocate_or_release(c, rng, held)
 
-            async def checker() -> None:
-                for _ in range(20):
-                    await check(alloc, nodes, settled=False)
+        async def checker() -> None:
+            for _ in range(20):
+                await check(c.alloc, c.nodes, settled=False)
 
-            await asyncio.gather(*(worker(n) for n in range(8)), checker())
-            await running.engine.schedule_now()  # the last releases' cycle
-            await check(alloc, nodes)
-    finally:
-        await running.stop(0)
+        await asyncio.gather(*(worker(n) for n in range(8)), checker())
+        await c.running.engine.schedule_now()  # the last releases' cycle
+        await check(c.alloc, c.nodes)
