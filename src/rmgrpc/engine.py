@@ -204,11 +204,7 @@ class Engine:
             self._deletes.append((EventKind.NODE, node.id))
 
     def _remove_node(self, node: Node, reason: str) -> None:
-        for a in self.state.on_node(node.id):
-            if a.state == AllocationState.ALLOCATED:
-                self._end(a, AllocationState.LOST, f"node {node.id} was removed: {reason}")
-            else:
-                self.state.free(a)
+        self._lose_work_on(node.id, f"node {node.id} was removed: {reason}")
         node.state, node.state_reason = NodeState.DOWN, f"removed: {reason}"
         del self.state.nodes[node.id]
         self._emit_node(node, removed=True)
@@ -465,12 +461,16 @@ class Engine:
         node.state = NodeState.DOWN
         node.state_reason = f"no heartbeat for {self.settings.node_lease_seconds:g} s"
         self._emit_node(node)
+        self._lose_work_on(node_id, f"node {node_id} went DOWN")
+        return True
+
+    def _lose_work_on(self, node_id: str, reason: str) -> None:
+        """Placed allocations on the node become LOST; preempted ones in grace let go."""
         for a in self.state.on_node(node_id):
             if a.state == AllocationState.ALLOCATED:
-                self._end(a, AllocationState.LOST, f"node {node_id} went DOWN")
+                self._end(a, AllocationState.LOST, reason)
             else:
                 self.state.free(a)
-        return True
 
     async def _compaction_loop(self) -> None:
         while True:
