@@ -88,7 +88,11 @@ def placement_to_proto(p: Placement, uuid_of: UuidOf | None = None) -> resources
     )
 
 
-def allocation_to_proto(a: Allocation, uuid_of: UuidOf | None = None) -> allocator_pb2.Allocation:
+def allocation_to_proto(
+    a: Allocation, uuid_of: UuidOf | None = None, *, status: bool = True
+) -> allocator_pb2.Allocation:
+    """`status=False` leaves out what is status, not state (`queue_position`): the
+    encoding of a revision (events, the store) never carries it."""
     msg = allocator_pb2.Allocation(
         id=a.id,
         tenant=a.tenant,
@@ -102,7 +106,7 @@ def allocation_to_proto(a: Allocation, uuid_of: UuidOf | None = None) -> allocat
         state=int(a.state),  # type: ignore[arg-type]
         placements=[placement_to_proto(p, uuid_of) for p in a.placements],
         pending_reason=a.pending_reason if a.state == AllocationState.PENDING else "",
-        queue_position=a.queue_position if a.state == AllocationState.PENDING else 0,
+        queue_position=a.queue_position if status and a.state == AllocationState.PENDING else 0,
         state_reason=a.state_reason,
         revision=a.revision,
         preempted_by=a.preempted_by,
@@ -181,7 +185,7 @@ def metrics_from_proto(msg: gpu_manager_pb2.GpuMetrics) -> GpuMetrics:
 
 
 def gpu_to_proto(
-    node_id: str, g: Gpu, holder: tuple[str, str] | None = None
+    node_id: str, g: Gpu, holder: tuple[str, str] | None = None, *, status: bool = True
 ) -> gpu_manager_pb2.Gpu:
     msg = gpu_manager_pb2.Gpu(
         index=g.index,
@@ -191,7 +195,7 @@ def gpu_to_proto(
         health=int(g.health),  # type: ignore[arg-type]
         node_id=node_id,
     )
-    if g.metrics is not None:
+    if status and g.metrics is not None:
         msg.metrics.CopyFrom(metrics_to_proto(g.metrics))
     if holder is not None:
         msg.allocation_id, msg.tenant = holder
@@ -202,14 +206,18 @@ def node_to_proto(
     n: Node,
     holders: Mapping[tuple[str, int], tuple[str, str]] | None = None,
     allocated: Resources | None = None,
+    *,
+    status: bool = True,
 ) -> gpu_manager_pb2.Node:
+    """`status=False` leaves out what is status, not state (GPU metrics, the last
+    heartbeat and the lease's end): the encoding of a revision never carries it."""
     holders = holders or {}
     msg = gpu_manager_pb2.Node(
         id=n.id,
         cpu_millis=n.cpu_millis,
         memory_bytes=n.memory_bytes,
         labels=n.labels,
-        gpus=[gpu_to_proto(n.id, g, holders.get((n.id, g.index))) for g in n.gpus],
+        gpus=[gpu_to_proto(n.id, g, holders.get((n.id, g.index)), status=status) for g in n.gpus],
         state=int(n.state),  # type: ignore[arg-type]
         state_reason=n.state_reason,
         simulated=n.simulated,
@@ -218,6 +226,8 @@ def node_to_proto(
     )
     if allocated is not None:
         msg.allocated.CopyFrom(resources_to_proto(allocated))
+    if not status:
+        return msg
     for name, value in (
         ("last_heartbeat_time", n.last_heartbeat_time or None),
         ("lease_expire_time", n.lease_expire_time),

@@ -1,15 +1,49 @@
-"""The in-memory cluster state and its indexes; the engine is its only writer.
+"""The in-memory cluster state and its indexes: the read model every servicer reads through.
 
-Holds every node, quota and retained allocation, plus the indexes the hot paths
-need: which allocation holds each GPU, which allocations are live (what the
-scheduler sees), and which allocation answered each (tenant, request_id).
+The engine is its only writer. Besides every node, quota and retained allocation it
+keeps, up to date at each change, what the hot paths would otherwise scan for:
+
+- `holders`: which allocation holds each GPU; `node_totals`: what is held on each node;
+- `on_node`: the live allocations with a replica on a node;
+- `by_tenant`: each tenant's retained allocations, in creation order;
+- creation order of all retained allocations, for paging without sorting;
+- `frozen`: a private copy of each live allocation as of its last event, which is what
+  a scheduling snapshot is made of, so a pass running in a worker thread never reads an
+  object the event loop is changing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 from rmgrpc.model import Allocation, AllocationState, Node, Quota, Resources
+
+
+@dataclass(slots=True)
+class NodeTotals:
+    """Capacity held on one node by live allocations."""
+
+    gpus: int = 0
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+
+    def resources(self) -> Resources:
+        return Resources(gpus=self.gpus, cpu_millis=self.cpu_millis, memory_bytes=self.memory_bytes)
+
+
+def in_subtree(tenant: str, root: str) -> bool:
+    """`tenant` is `root` or below it: "org" covers "org/a", never "org2"."""
+    return not root or tenant == root or tenant.startswith(root + "/")
+
+
+def copy_node(node: Node) -> Node:
+    """A copy that shares nothing mutable with `node` (GPU objects included)."""
+    return dataclasses.replace(
+        node, labels=dict(node.labels), gpus=[dataclasses.replace(g) for g in node.gpus]
+    )
 
 
 class ClusterState:
@@ -22,46 +56,133 @@ class ClusterState:
         self.live: dict[str, Allocation] = {}
         # (node id, GPU index) -> allocation id, for every GPU a live allocation holds.
         self.holders: dict[tuple[str, int], str] = {}
+        self.node_totals: dict[str, NodeTotals] = {}
         self.by_request: dict[tuple[str, str], str] = {}
+        self._on_node: dict[str, dict[str, None]] = {}
+        self._held: set[str] = set()
+        self.by_tenant: dict[str, dict[str, None]] = {}
+        # (seq, id) in creation order; forgotten ids are skipped and swept now and then.
+        self._order: list[tuple[int, str]] = []
+        self._forgotten = 0
+        self.frozen: dict[str, Allocation] = {}
+        self.frozen_nodes: dict[str, Node] = {}
 
     # -- allocations -------------------------------------------------------
 
     def add(self, a: Allocation, now: float) -> None:
+        """A new allocation (or one loaded at start, in creation order)."""
         self.allocations[a.id] = a
+        if self._order and a.seq < self._order[-1][0]:
+            raise ValueError(f"allocation {a.id} added out of creation order")
+        self._order.append((a.seq, a.id))
+        self.by_tenant.setdefault(a.tenant, {})[a.id] = None
         if a.request_id:
             self.by_request[(a.tenant, a.request_id)] = a.id
         in_grace = a.state == AllocationState.PREEMPTED and a.holds_capacity(now)
         if a.state in (AllocationState.PENDING, AllocationState.ALLOCATED) or in_grace:
             self.live[a.id] = a
-        if a.id in self.live:
             self.hold(a)
+        self.changed(a)
+
+    def changed(self, a: Allocation) -> None:
+        """`a` changed (an event was written for it): refresh what snapshots see."""
+        if a.id in self.live:
+            self.frozen[a.id] = dataclasses.replace(a)
+        else:
+            self.frozen.pop(a.id, None)
 
     def hold(self, a: Allocation) -> None:
+        """`a` now holds the GPUs, CPU and memory of its placements."""
+        if a.id in self._held or not a.placements:
+            return
+        self._held.add(a.id)
         for p in a.placements:
             for index in p.gpu_indices:
                 self.holders[(p.node_id, index)] = a.id
+            t = self.node_totals.setdefault(p.node_id, NodeTotals())
+            t.gpus += len(p.gpu_indices)
+            t.cpu_millis += a.shape.cpu_millis
+            t.memory_bytes += a.shape.memory_bytes
+            self._on_node.setdefault(p.node_id, {})[a.id] = None
 
     def free(self, a: Allocation, *, keep_live: bool = False) -> None:
-        """Gives back the GPUs `a` holds and (unless `keep_live`) drops it from the live set."""
-        for p in a.placements:
-            for index in p.gpu_indices:
-                if self.holders.get((p.node_id, index)) == a.id:
-                    del self.holders[(p.node_id, index)]
+        """Gives back what `a` holds and (unless `keep_live`) drops it from the live set."""
+        if a.id in self._held:
+            self._held.discard(a.id)
+            for p in a.placements:
+                for index in p.gpu_indices:
+                    if self.holders.get((p.node_id, index)) == a.id:
+                        del self.holders[(p.node_id, index)]
+                t = self.node_totals.get(p.node_id)
+                if t is not None:
+                    t.gpus -= len(p.gpu_indices)
+                    t.cpu_millis -= a.shape.cpu_millis
+                    t.memory_bytes -= a.shape.memory_bytes
         if not keep_live:
             self.live.pop(a.id, None)
+            self.frozen.pop(a.id, None)
+            for p in a.placements:
+                ids = self._on_node.get(p.node_id)
+                if ids is not None:
+                    ids.pop(a.id, None)
+                    if not ids:
+                        del self._on_node[p.node_id]
+
+    def holds(self, a: Allocation) -> bool:
+        return a.id in self._held
 
     def forget(self, a: Allocation) -> None:
         """Drops an ended allocation past its retention."""
         self.free(a)
-        self.allocations.pop(a.id, None)
+        if self.allocations.pop(a.id, None) is None:
+            return
+        ids = self.by_tenant.get(a.tenant)
+        if ids is not None:
+            ids.pop(a.id, None)
+            if not ids:
+                del self.by_tenant[a.tenant]
         if a.request_id and self.by_request.get((a.tenant, a.request_id)) == a.id:
             del self.by_request[(a.tenant, a.request_id)]
+        self._forgotten += 1
+        if self._forgotten > 1024 and self._forgotten * 2 > len(self._order):
+            self._order = [(s, i) for s, i in self._order if i in self.allocations]
+            self._forgotten = 0
 
-    def on_node(self, node_id: str) -> Iterator[Allocation]:
-        """Live allocations with a replica on `node_id`."""
-        for a in list(self.live.values()):
-            if any(p.node_id == node_id for p in a.placements):
+    def on_node(self, node_id: str) -> list[Allocation]:
+        """Live allocations with a replica on `node_id` (a copy: callers may end them)."""
+        return [self.live[aid] for aid in self._on_node.get(node_id, ()) if aid in self.live]
+
+    def in_order(self, after_seq: int = 0) -> Iterator[Allocation]:
+        """Retained allocations in creation order, from the first with seq > `after_seq`."""
+        order = self._order
+        start = bisect.bisect_right(order, (after_seq, "\U0010ffff"))
+        for i in range(start, len(order)):
+            a = self.allocations.get(order[i][1])
+            if a is not None:
                 yield a
+
+    def of_subtree(self, root: str, after_seq: int = 0) -> list[Allocation]:
+        """Retained allocations of `root` and its subtree, in creation order."""
+        out = [
+            self.allocations[aid]
+            for tenant, ids in self.by_tenant.items()
+            if in_subtree(tenant, root)
+            for aid in ids
+        ]
+        out = [a for a in out if a.seq > after_seq]
+        out.sort(key=lambda a: a.seq)
+        return out
+
+    # -- nodes -------------------------------------------------------------
+
+    def put_node(self, node: Node) -> None:
+        self.nodes[node.id] = node
+        self.frozen_nodes[node.id] = copy_node(node)
+
+    def remove_node(self, node_id: str) -> None:
+        self.nodes.pop(node_id, None)
+        self.frozen_nodes.pop(node_id, None)
+        self.node_totals.pop(node_id, None)
 
     # -- views -------------------------------------------------------------
 
@@ -74,18 +195,29 @@ class ClusterState:
                 return g.uuid
         return ""
 
-    def holder_view(self) -> dict[tuple[str, int], tuple[str, str]]:
-        return {key: (aid, self.allocations[aid].tenant) for key, aid in self.holders.items()}
+    def holder_of(self, node_id: str, index: int) -> tuple[str, str] | None:
+        """(allocation id, tenant) holding a GPU, or None."""
+        aid = self.holders.get((node_id, index))
+        if aid is None:
+            return None
+        return aid, self.allocations[aid].tenant
 
-    def allocated_by_node(self, now: float) -> dict[str, Resources]:
-        """Capacity held on each node by live allocations, in one pass."""
-        out: dict[str, Resources] = {}
-        for a in self.live.values():
-            if not a.holds_capacity(now):
-                continue
-            for p in a.placements:
-                res = out.setdefault(p.node_id, Resources(gpus=0, cpu_millis=0, memory_bytes=0))
-                res.gpus = (res.gpus or 0) + len(p.gpu_indices)
-                res.cpu_millis = (res.cpu_millis or 0) + a.shape.cpu_millis
-                res.memory_bytes = (res.memory_bytes or 0) + a.shape.memory_bytes
-        return out
+    def totals_of(self, node_id: str) -> Resources:
+        t = self.node_totals.get(node_id)
+        return t.resources() if t is not None else NodeTotals().resources()
+
+    @classmethod
+    def of(
+        cls,
+        nodes: Mapping[str, Node],
+        quotas: Mapping[str, Quota],
+        allocations: Iterable[Allocation],
+        now: float,
+    ) -> ClusterState:
+        """A state over existing objects (shared, not copied): what the simulator applies to."""
+        state = cls()
+        state.nodes = dict(nodes)
+        state.quotas = dict(quotas)
+        for a in sorted(allocations, key=lambda a: (a.seq, a.id)):
+            state.add(a, now)
+        return state

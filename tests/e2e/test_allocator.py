@@ -75,7 +75,11 @@ async def test_gang_is_whole_or_pending_then_admitted_when_capacity_frees(
     assert gang.state == PENDING
     assert not gang.placements
     assert gang.pending_reason
-    assert gang.queue_position == 1
+    # The position is status, set by the next scheduling pass (0 until ranked).
+    await eventually(
+        lambda: stub.GetAllocation(pb.GetAllocationRequest(id=gang.id)),
+        lambda r: r.allocation.queue_position == 1,
+    )
     await stub.ReleaseAllocation(pb.ReleaseAllocationRequest(id=blocker.id))
     placed = await eventually(
         lambda: stub.GetAllocation(pb.GetAllocationRequest(id=gang.id)),
@@ -93,11 +97,13 @@ async def test_pending_requests_are_admitted_in_arrival_order(
     assert full.state == ALLOCATED
     waiting = [(await stub.Allocate(req(gpus=8))).allocation for _ in range(3)]
     assert [w.state for w in waiting] == [PENDING] * 3
-    positions = []
-    for w in waiting:
-        got = (await stub.GetAllocation(pb.GetAllocationRequest(id=w.id))).allocation
-        positions.append(got.queue_position)
-    assert positions == [1, 2, 3]
+
+    async def positions() -> list[int]:
+        got = [await stub.GetAllocation(pb.GetAllocationRequest(id=w.id)) for w in waiting]
+        return [g.allocation.queue_position for g in got]
+
+    # Positions are status, set by the next scheduling pass (0 until ranked).
+    await eventually(positions, lambda p: p == [1, 2, 3])
     await stub.ReleaseAllocation(pb.ReleaseAllocationRequest(id=full.id))
     await eventually(
         lambda: stub.GetAllocation(pb.GetAllocationRequest(id=waiting[1].id)),

@@ -270,7 +270,7 @@ def test_safety_over_random_streams(nodes, quotas, config, stream) -> None:  # t
             assert snap == frozen, "dry_run changed the snapshot"
             assert probe.state == AllocationState.PENDING and probe.placements == ()
         before = {aid: copy.copy(a) for aid, a in s.allocations.items()}
-        apply_decisions(s.allocations, d, s.now, s.config)
+        apply_decisions(s.allocations, d, s.now, s.config, s.nodes)
         check_decisions(s, before, d)
         s.advance(0)  # drop victims whose (zero) grace is over
         check_capacity(s)

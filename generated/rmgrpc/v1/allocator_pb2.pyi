@@ -136,10 +136,15 @@ class Allocation(_message.Message):
     reservation_id: _builtins.str
     state: Global___AllocationState.ValueType
     pending_reason: _builtins.str
-    """Why a PENDING allocation waits, in words a person can act on."""
+    """Why a PENDING allocation waits, in words a person can act on. Part of the
+    revision: when a scheduling pass finds a new reason it is written as an UPDATED
+    event (at once for the first reason, then at most every 30 s per allocation).
+    """
     queue_position: _builtins.int
     """1-based position among pending allocations in admission order, as of the last
-    scheduling cycle; 0 when not pending or not yet considered.
+    scheduling pass; 0 when not pending or not yet ranked. Status, not state: it
+    changes with every pass without a new revision, so Get and List fill it in fresh
+    while events and the stored allocation always carry 0.
     """
     state_reason: _builtins.str
     """Why the allocation reached its current terminal state."""

@@ -209,7 +209,12 @@ class Node(_message.Message):
         """Capacity held by live allocations."""
 
     @_builtins.property
-    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp: ...
+    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """Status, not state (like each GPU's `metrics`): refreshed by every heartbeat
+        without a new revision, so GetNode and ListNodes fill them in fresh while node
+        events and the stored node leave them out.
+        """
+
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(

@@ -227,7 +227,9 @@ class _Cycle:
         for nid in sorted(need):
             g, c, m = need[nid]
             fg, fc, fm = freed.get(nid, (set(), 0, 0))
-            self.view.take(nid, sorted(g - fg), max(0, c - fc), max(0, m - fm))
+            extra = (tuple(sorted(g - fg)), max(0, c - fc), max(0, m - fm))
+            self.view.take(nid, *extra)
+            self.decisions.reserved.append((p.id, nid, *extra))
         return True
 
     def _starving(self, a: Allocation) -> bool:

@@ -586,7 +586,11 @@ def _usage(ledger: Ledger, tenant: str) -> TenantUsage:
 
 def tenant_usage(snapshot: Snapshot, tenant: str) -> TenantUsage:
     """Usage of one tenant and its subtree (a tenant nobody has heard of uses nothing)."""
-    ledger = Ledger(snapshot)
+    return usage_from(Ledger(snapshot), tenant)
+
+
+def usage_from(ledger: Ledger, tenant: str) -> TenantUsage:
+    """`tenant_usage` on a ledger already built (one ledger answers many tenants)."""
     ledger.tree.chain(tenant)
     return _usage(ledger, tenant)
 

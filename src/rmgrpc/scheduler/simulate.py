@@ -1,6 +1,6 @@
 """A pure, in-memory replay of scheduling decisions over time.
 
-The engine applies `Decisions` to its store; this does the same to plain dicts, so
+The engine applies `Decisions` through `apply.apply_plan`; this does the same to plain dicts, so
 tests and the benchmark can run many cycles and watch a cluster converge without a
 server. It owns its objects (it copies what it is given) and never touches a clock.
 """
@@ -19,8 +19,10 @@ from rmgrpc.model import (
     Quota,
     Shape,
 )
+from rmgrpc.scheduler.apply import apply_plan
 from rmgrpc.scheduler.cycle import run_cycle
 from rmgrpc.scheduler.snapshot import Decisions, SchedulerConfig, Snapshot
+from rmgrpc.state import ClusterState
 
 GIB = 1024**3
 
@@ -49,25 +51,17 @@ def make_node(
 
 
 def apply_decisions(
-    allocations: dict[str, Allocation], decisions: Decisions, now: float, config: SchedulerConfig
+    allocations: dict[str, Allocation],
+    decisions: Decisions,
+    now: float,
+    config: SchedulerConfig,
+    nodes: Mapping[str, Node],
 ) -> None:
-    """What the engine does with a cycle's decisions, on a dict of allocations it owns."""
-    for p in decisions.preemptions:
-        v = allocations[p.allocation_id]
-        v.state = AllocationState.PREEMPTED
-        v.preempted_by = p.preemptor_id
-        v.grace_end_time = now + config.preemption_grace_seconds
-        v.state_reason = p.reason
-    for adm in decisions.admissions:
-        a = allocations[adm.allocation_id]
-        a.state = AllocationState.ALLOCATED
-        a.placements = adm.placements
-        a.allocate_time = now
-        a.pending_reason = ""
-        a.queue_position = 0
-        if a.max_duration_seconds:
-            a.max_end_time = now + a.max_duration_seconds
-    for aid, status in decisions.pending.items():
+    """What the engine does with a pass's decisions (`apply.apply_plan`, the same code),
+    on a dict of allocations it owns; pending ones take the pass's reason and position."""
+    state = ClusterState.of(nodes, {}, allocations.values(), now)
+    applied = apply_plan(state, decisions, now, config)
+    for aid, status in applied.statuses.items():
         a = allocations[aid]
         a.pending_reason = status.reason
         a.queue_position = status.position
@@ -138,7 +132,7 @@ class Simulator:
     def step(self) -> Decisions:
         """Run one cycle at the current time and apply it."""
         d = run_cycle(self.snapshot())
-        apply_decisions(self.allocations, d, self.now, self.config)
+        apply_decisions(self.allocations, d, self.now, self.config, self.nodes)
         self.history.append(d)
         self._expire()
         return d

@@ -72,8 +72,13 @@ class Decisions:
     preemptions: list[Preemption] = field(default_factory=list)
     # Every allocation still PENDING after the cycle, by id.
     pending: dict[str, PendingStatus] = field(default_factory=dict)
-    # Starving gangs this cycle held nodes for: gang id -> node ids (informational).
+    # Starving gangs this cycle held nodes for: gang id -> node ids. Decisions made
+    # between passes keep off them (for work of the gang's priority or lower).
     held_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Capacity set aside for preemptors beyond what their victims free:
+    # (preemptor id, node id, GPU indices, CPU millis, memory bytes). Decisions made
+    # between passes leave it alone.
+    reserved: list[tuple[str, str, tuple[int, ...], int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

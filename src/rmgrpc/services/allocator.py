@@ -10,7 +10,7 @@ from rmgrpc.engine import Engine
 from rmgrpc.events import Progress, WatchFilter
 from rmgrpc.model import Allocation, AllocationState, Event, EventKind
 from rmgrpc.services import validate as val
-from rmgrpc.services.pagination import decode_token, fingerprint, paginate
+from rmgrpc.services.pagination import decode_token, fingerprint, take_page
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import stream, unary
 from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc
@@ -70,14 +70,22 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
     def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
         return codec.allocation_to_proto(a, self.engine.state.uuid_of)
 
+    async def _durable(self, a: Allocation) -> allocator_pb2.Allocation:
+        """`a` as it stands, answered once the revision it names is durable (the object may
+        have moved on since the caller's own commit, e.g. placed by a pass)."""
+        answer = self._proto(a)
+        await self.engine.wait_committed(answer.revision)
+        return answer
+
     @unary
     async def Allocate(
         self, request: allocator_pb2.AllocateRequest, context: Ctx
     ) -> allocator_pb2.AllocateResponse:
         template = allocation_request(request, self.engine.settings.max_lease_seconds)
         allocation, preempted = await self.engine.allocate(template, request.dry_run)
+        answer = await self._durable(allocation)
         return allocator_pb2.AllocateResponse(
-            allocation=self._proto(allocation),
+            allocation=answer,
             preempted_allocation_ids=preempted,
             dry_run=request.dry_run,
         )
@@ -89,8 +97,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v = val.Violations()
         v.identifier("id", request.id, kind="allocation id")
         v.raise_if_any()
-        answer = self._proto(self.engine.get_allocation(request.id))
-        await self.engine.wait_committed(answer.revision)
+        answer = await self._durable(self.engine.get_allocation(request.id))
         return allocator_pb2.GetAllocationResponse(allocation=answer)
 
     @unary
@@ -105,12 +112,19 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         states = sorted(set(request.states))
         fp = fingerprint("allocations", request.tenant, request.node_id, states)
         after = decode_token(request.page_token, fp, v)
+        if after is not None and not isinstance(after, int):
+            v.add(
+                "page_token", "is not a page token issued for this query; start again without one"
+            )
         v.raise_if_any()
         revision = self.engine.revision
         items = self.engine.list_allocations(
-            request.tenant, request.node_id, frozenset(AllocationState(s) for s in states)
+            request.tenant,
+            request.node_id,
+            frozenset(AllocationState(s) for s in states),
+            after_seq=after if isinstance(after, int) else 0,
         )
-        page, token = paginate(items, lambda a: a.seq, page_size, after, fp)
+        page, token = take_page(items, lambda a: a.seq, page_size, fp)
         answer = allocator_pb2.ListAllocationsResponse(
             allocations=[self._proto(a) for a in page], next_page_token=token, revision=revision
         )
@@ -125,7 +139,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v.identifier("id", request.id, kind="allocation id")
         v.raise_if_any()
         allocation = await self.engine.release(request.id)
-        return allocator_pb2.ReleaseAllocationResponse(allocation=self._proto(allocation))
+        return allocator_pb2.ReleaseAllocationResponse(allocation=await self._durable(allocation))
 
     @unary
     async def RenewAllocation(
@@ -138,7 +152,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         )
         v.raise_if_any()
         allocation = await self.engine.renew(request.id, request.lease_seconds)
-        return allocator_pb2.RenewAllocationResponse(allocation=self._proto(allocation))
+        return allocator_pb2.RenewAllocationResponse(allocation=await self._durable(allocation))
 
     @stream
     async def WatchAllocations(

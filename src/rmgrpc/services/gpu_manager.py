@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rmgrpc import codec
 from rmgrpc.engine import Engine, GpuReport
-from rmgrpc.model import Gpu, GpuHealth, Node, NodeState, Resources
+from rmgrpc.model import Gpu, GpuHealth, Node, NodeState
 from rmgrpc.services import validate as val
 from rmgrpc.services.pagination import decode_token, fingerprint, paginate
 from rmgrpc.services.status import Context as Ctx
@@ -68,14 +68,24 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         self.engine = engine
 
     def _nodes(self, nodes: list[Node]) -> list[gpu_manager_pb2.Node]:
+        """Nodes with their status (metrics, heartbeat) and what is held on each, read
+        from the read model's per-node indexes: a node costs its own size."""
         state = self.engine.state
-        holders = state.holder_view()
-        allocated = state.allocated_by_node(self.engine.clock.now())
-        empty = Resources(gpus=0, cpu_millis=0, memory_bytes=0)
-        return [codec.node_to_proto(n, holders, allocated.get(n.id, empty)) for n in nodes]
+        out = []
+        for n in nodes:
+            holders = {}
+            for g in n.gpus:
+                holder = state.holder_of(n.id, g.index)
+                if holder is not None:
+                    holders[(n.id, g.index)] = holder
+            out.append(codec.node_to_proto(n, holders, state.totals_of(n.id)))
+        return out
 
-    def _node(self, node: Node) -> gpu_manager_pb2.Node:
-        return self._nodes([node])[0]
+    async def _node(self, node: Node) -> gpu_manager_pb2.Node:
+        """`node` as it stands, answered once the revision it names is durable."""
+        answer = self._nodes([node])[0]
+        await self.engine.wait_committed(answer.revision)
+        return answer
 
     def _node_id(self, node_id: str) -> None:
         v = val.Violations()
@@ -89,7 +99,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         node = await self.engine.register_node(node_from_request(request))
         settings = self.engine.settings
         return gpu_manager_pb2.RegisterNodeResponse(
-            node=self._node(node),
+            node=await self._node(node),
             heartbeat_interval_seconds=settings.heartbeat_interval_seconds,
             lease_seconds=settings.node_lease_seconds,
         )
@@ -115,7 +125,8 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         node = await self.engine.heartbeat(request.node_id, reports)
         out = gpu_manager_pb2.HeartbeatResponse(
             state=int(node.state),  # type: ignore[arg-type]
-            revision=self.engine.revision,
+            # Durable by definition: what the watch fan-out has published.
+            revision=self.engine.committer.durable,
         )
         stamp = codec.ts(node.lease_expire_time)
         if stamp is not None:
@@ -127,9 +138,10 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         self, request: gpu_manager_pb2.GetNodeRequest, context: Ctx
     ) -> gpu_manager_pb2.GetNodeResponse:
         self._node_id(request.node_id)
+        # The node and what is held on it (allocations' revisions) are as of now.
         revision = self.engine.revision
         answer = gpu_manager_pb2.GetNodeResponse(
-            node=self._node(self.engine.get_node(request.node_id))
+            node=self._nodes([self.engine.get_node(request.node_id)])[0]
         )
         await self.engine.wait_committed(revision)
         return answer
@@ -181,13 +193,12 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
             nodes = [self.engine.get_node(request.node_id)]
         else:
             nodes = sorted(state.nodes.values(), key=lambda n: n.id)
-        holders = state.holder_view()
         rows = []
         for n in nodes:
             for g in n.gpus:
                 if request.model and g.model != request.model:
                     continue
-                holder = holders.get((n.id, g.index))
+                holder = state.holder_of(n.id, g.index)
                 if request.free_only and holder is not None:
                     continue
                 rows.append((f"{n.id}\x00{g.index:04d}", codec.gpu_to_proto(n.id, g, holder)))
@@ -207,7 +218,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         v.text("reason", request.reason, 1024)
         v.raise_if_any()
         node = await self.engine.cordon(request.node_id, request.reason)
-        return gpu_manager_pb2.CordonNodeResponse(node=self._node(node))
+        return gpu_manager_pb2.CordonNodeResponse(node=await self._node(node))
 
     @unary
     async def UncordonNode(
@@ -215,7 +226,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
     ) -> gpu_manager_pb2.UncordonNodeResponse:
         self._node_id(request.node_id)
         node = await self.engine.uncordon(request.node_id)
-        return gpu_manager_pb2.UncordonNodeResponse(node=self._node(node))
+        return gpu_manager_pb2.UncordonNodeResponse(node=await self._node(node))
 
     @unary
     async def DrainNode(
@@ -229,4 +240,6 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         node, evicted = await self.engine.drain(
             request.node_id, request.reason, float(request.grace_seconds)
         )
-        return gpu_manager_pb2.DrainNodeResponse(node=self._node(node), allocation_ids=evicted)
+        return gpu_manager_pb2.DrainNodeResponse(
+            node=await self._node(node), allocation_ids=evicted
+        )

@@ -11,7 +11,8 @@ import base64
 import bisect
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from typing import TypeVar
 
 from rmgrpc.services.validate import Violations
@@ -57,4 +58,15 @@ def paginate(
             start = len(items)
     page = list(items[start : start + page_size])
     more = start + page_size < len(items)
+    return page, encode_token(key(page[-1]), fp) if more and page else ""
+
+
+def take_page(
+    items: Iterable[T], key: Callable[[T], Key], page_size: int, fp: str
+) -> tuple[list[T], str]:
+    """One page from `items`, already in key order and starting after the token's key:
+    reads at most one item past the page, so a page costs its size, not the whole list."""
+    got = list(islice(items, page_size + 1))
+    page = got[:page_size]
+    more = len(got) > page_size
     return page, encode_token(key(page[-1]), fp) if more and page else ""

@@ -91,17 +91,19 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.SetQuotaRequest, context: Ctx
     ) -> quota_pb2.SetQuotaResponse:
         quota = quota_from_request(request.quota, self.engine.state.quotas)
-        saved = await self.engine.set_quota(quota)
-        return quota_pb2.SetQuotaResponse(quota=codec.quota_to_proto(saved))
+        saved = codec.quota_to_proto(await self.engine.set_quota(quota))
+        await self.engine.wait_committed(saved.revision)
+        return quota_pb2.SetQuotaResponse(quota=saved)
 
     @unary
     async def GetQuota(
         self, request: quota_pb2.GetQuotaRequest, context: Ctx
     ) -> quota_pb2.GetQuotaResponse:
         self._tenant(request.tenant)
-        quota = self.engine.get_quota(request.tenant)
-        await self.engine.wait_committed(quota.revision)
-        return quota_pb2.GetQuotaResponse(quota=codec.quota_to_proto(quota))
+        # Encoded before waiting: a DeleteQuota meanwhile stamps the object it deletes.
+        answer = codec.quota_to_proto(self.engine.get_quota(request.tenant))
+        await self.engine.wait_committed(answer.revision)
+        return quota_pb2.GetQuotaResponse(quota=answer)
 
     @unary
     async def ListQuotas(
@@ -123,12 +125,14 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         )
         page, token = paginate(quotas, lambda q: q.tenant, page_size, after, fp)
         revision = self.engine.revision
-        await self.engine.wait_committed(revision)
-        return quota_pb2.ListQuotasResponse(
+        # Encoded before waiting: a DeleteQuota meanwhile stamps the object it deletes.
+        answer = quota_pb2.ListQuotasResponse(
             quotas=[codec.quota_to_proto(q) for q in page],
             next_page_token=token,
             revision=revision,
         )
+        await self.engine.wait_committed(revision)
+        return answer
 
     @unary
     async def DeleteQuota(
@@ -143,7 +147,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.GetUsageRequest, context: Ctx
     ) -> quota_pb2.GetUsageResponse:
         self._tenant(request.tenant)
-        u = self.engine.usage(request.tenant)
+        u, revision = await self.engine.usage(request.tenant)
         usage = quota_pb2.TenantUsage(
             tenant=request.tenant,
             held=codec.resources_to_proto(u.held),
@@ -157,7 +161,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             running_allocations=u.running,
             pending_allocations=u.pending_count,
         )
-        out = quota_pb2.GetUsageResponse(usage=usage, revision=self.engine.revision)
+        out = quota_pb2.GetUsageResponse(usage=usage, revision=revision)
         stamp = codec.ts(self.engine.clock.now())
         if stamp is not None:
             out.read_time.CopyFrom(stamp)

@@ -1,0 +1,394 @@
+"""The scheduling loop: full passes off the event loop, quick decisions on it.
+
+**Full passes.** A pass takes a snapshot at the current revision (copies the read model
+keeps for this, so nothing the event loop changes is read half-way), runs the pure core
+in a worker thread, and hands the plan to `scheduler.apply`, which re-checks each
+decision against the state as it is *now* and refuses what no longer holds; refused
+work is considered again by the next pass. RPCs keep flowing while a pass runs. Passes
+coalesce: whatever is asked while one runs is served by the next.
+
+**Quick decisions.** Most requests need no pass. The queue is *settled* when the last
+pass saw every pending request and nothing has happened since that could let one of
+them fit (capacity freed, a node or quota changed): then a new request that fits in
+free capacity (minus what the last pass held for starving gangs and set aside for
+preemptors) takes it at once, since no pending request could have used it; one that
+does not fit is answered PENDING with the filter chain's reason and left for the next
+pass, which may preempt for it. When the queue is not settled the request waits for the
+next pass, as the fair order requires. Either way a request costs the same however long
+the queue is, except when it has to wait for a pass.
+
+**Status.** A pass's reasons for waiting are state (they are what `pending_reason`
+says at a revision), so a changed reason is written as an UPDATED event — at once for a
+request's first reason, then at most once per `REASON_EVERY` seconds per request and
+`REASON_BUDGET` per pass, so a long queue cannot flood the log. Queue positions are
+status only: kept on the objects, served fresh by Get/List, never part of a revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from rmgrpc import telemetry
+from rmgrpc.engine.txn import Txn
+from rmgrpc.errors import Unavailable
+from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Placement
+from rmgrpc.scheduler import apply
+from rmgrpc.scheduler import cycle as scheduler_cycle
+from rmgrpc.scheduler.fairshare import Amount, Ledger
+from rmgrpc.scheduler.placement import CapacityView, gpus_text
+from rmgrpc.scheduler.snapshot import Decisions, DryRun, PendingStatus, Snapshot
+
+if TYPE_CHECKING:
+    from rmgrpc.engine.core import EngineCore
+
+log = logging.getLogger("rmgrpc.engine")
+
+CycleObserver = Callable[[float, Decisions], None]
+
+QUEUED = "queued: the scheduler has not considered it yet"
+# A changed reason for waiting is written at most this often per request...
+REASON_EVERY = 30.0
+# ...and at most this many per pass (first reasons always go).
+REASON_BUDGET = 1000
+# With work pending, a pass runs at least this often (starvation holds, positions).
+REFRESH_EVERY = 5.0
+# A pass asked only to refresh positions and reasons waits this long after the last.
+REFRESH_GAP = 1.0
+
+
+class Scheduling:
+    def __init__(self, engine: EngineCore) -> None:
+        self.engine = engine
+        self.state = engine.state
+        self._kick = asyncio.Event()
+        self._urgent = False
+        self._requested = 0
+        self._done = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Bumped by any change that may let pending work fit (capacity freed, a node or
+        # quota changed); a pass settles the queue as of the epoch its snapshot had.
+        self.epoch = 0
+        self._settled_epoch = -1
+        # Pending requests no pass or quick decision has looked at yet.
+        self._unconsidered: set[str] = set()
+        self._last: Decisions = Decisions()
+        self._quick: tuple[CapacityView, Ledger] | None = None
+        # Victims whose grace ended: dropped from the live set after the next pass,
+        # which hands what they freed to their preemptor first.
+        self.graced: list[str] = []
+        self._reason_at: dict[str, float] = {}
+        self._last_pass_end = 0.0
+        self.last_cycle_seconds = 0.0
+        self.passes = 0
+        self.observers: list[CycleObserver] = []
+        self._quick_placed = 0
+        self._min_priority: int | None = None
+        self._first_start: float | None = None
+        self._dry_runs: dict[tuple[int, object], asyncio.Future[DryRun]] = {}
+
+    # -- asking for passes -----------------------------------------------------------
+
+    def changed(self) -> None:
+        """Something happened that may let pending work fit: unsettle, run a pass soon."""
+        self.epoch += 1
+        self._quick = None
+        self.request(urgent=True)
+
+    def request(self, *, urgent: bool = True) -> int:
+        """Asks for a pass; returns a ticket `wait` can wait on."""
+        self._requested += 1
+        self._urgent = self._urgent or urgent
+        self._kick.set()
+        return self._requested
+
+    async def wait(self, ticket: int) -> None:
+        """Until a pass that started after `ticket` was taken has committed."""
+        if self._done >= ticket:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((ticket, fut))
+        await fut
+
+    async def run_now(self) -> None:
+        await self.wait(self.request())
+
+    @property
+    def settled(self) -> bool:
+        return self.epoch == self._settled_epoch and not self._unconsidered
+
+    def forget(self, allocation_id: str) -> None:
+        """`allocation_id` is no longer pending."""
+        self._unconsidered.discard(allocation_id)
+        self._reason_at.pop(allocation_id, None)
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def loop(self) -> None:
+        while True:
+            pending = bool(self._last.pending or self._unconsidered)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), REFRESH_EVERY if pending else None)
+            if not self._urgent:
+                # Only a refresh: leave the CPU to serving for a moment first (an urgent
+                # request cuts the wait short).
+                gap = REFRESH_GAP - (time.monotonic() - self._last_pass_end)
+                if gap > 0:
+                    self._kick.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._kick.wait(), gap)
+            self._kick.clear()
+            self._urgent = False
+            # Let a burst of requests arrive so one pass serves them all.
+            await asyncio.sleep(0)
+            ticket = self._requested
+            try:
+                commit = await self._pass()
+            except Unavailable as exc:
+                self._release(ticket, exc)
+                return
+            except Exception:
+                # A bug in the core must not take the server down with it: answer the
+                # waiting callers, keep serving, and try again on the next change.
+                log.exception("scheduling pass failed")
+                commit = None
+            if commit is not None:
+                try:
+                    await self.engine.committer.wait(commit)
+                except Unavailable as exc:
+                    self._release(ticket, exc)
+                    return
+            self._last_pass_end = time.monotonic()
+            self._done = ticket
+            self._release(ticket)
+
+    def _release(self, ticket: int, error: BaseException | None = None) -> None:
+        keep = []
+        for wanted, fut in self._waiters:
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(Unavailable(f"the store failed: {error}"))
+            elif wanted <= ticket:
+                fut.set_result(None)
+            else:
+                keep.append((wanted, fut))
+        self._waiters = keep
+
+    def snapshot(self) -> Snapshot:
+        """The read model's private copies at this moment: safe to read from a thread."""
+        return Snapshot(
+            now=self.engine.clock.now(),
+            nodes=dict(self.state.frozen_nodes),
+            allocations=dict(self.state.frozen),
+            quotas=dict(self.state.quotas),
+            config=self.engine.config,
+        )
+
+    async def _pass(self) -> Txn:
+        """One full pass; returns its txn, to await its commit."""
+        snap = self.snapshot()
+        epoch = self.epoch
+        # Quota as the plan saw it: re-checked at apply time only if this changes.
+        marks = (self.engine.quotas_version, self._quick_placed)
+        seen = {aid for aid in self._unconsidered if aid in snap.allocations}
+        graced, self.graced = self.graced, []
+        with telemetry.tracer().start_as_current_span("rmgrpc.scheduling_cycle") as span:
+            started = time.perf_counter()
+            decisions = await asyncio.to_thread(scheduler_cycle.run_cycle, snap)
+            self.last_cycle_seconds = time.perf_counter() - started
+            span.set_attribute("rmgrpc.pending", len(decisions.pending))
+            span.set_attribute("rmgrpc.admitted", len(decisions.admissions))
+            span.set_attribute("rmgrpc.preempted", len(decisions.preemptions))
+        self.passes += 1
+        recheck = marks != (self.engine.quotas_version, self._quick_placed)
+        txn = self._apply(decisions, graced, recheck_quota=recheck)
+        if epoch == self.epoch:
+            self._settled_epoch = epoch
+        else:
+            self.request()  # the plan was made on an older state: decide again
+        self._unconsidered -= seen
+        for observe in self.observers:
+            observe(self.last_cycle_seconds, decisions)
+        return txn
+
+    def _apply(self, decisions: Decisions, graced: Sequence[str], *, recheck_quota: bool) -> Txn:
+        engine = self.engine
+        tr = engine.transitions
+        state = self.state
+        with engine.committer.transaction() as txn:
+            applied = apply.apply_plan(
+                state,
+                decisions,
+                engine.clock.now(),
+                engine.config,
+                quota_ok=self._quota_check() if recheck_quota else None,
+            )
+            for victim in applied.preempted:
+                tr.preempted(txn, victim)
+            for a in applied.placed:
+                self.forget(a.id)
+                tr.placed(txn, a)
+            for aid, why in applied.refused:
+                log.info("plan for %s refused at apply time: %s", aid, why)
+                self._unconsidered.add(aid)
+            if applied.refused:
+                self.request()
+            self._statuses(txn, applied.statuses)
+            for aid in graced:
+                gone = state.live.get(aid)
+                if gone is not None and gone.state == AllocationState.PREEMPTED:
+                    state.free(gone)
+        self._last = decisions
+        self._quick = None
+        if applied.placed or applied.preempted:
+            log.debug("pass placed %d, preempted %d", len(applied.placed), len(applied.preempted))
+        return txn
+
+    def _quota_check(self) -> apply.QuotaCheck:
+        """Quota as it is now, for plans made before a quota changed or before work was
+        placed by quick decisions during the pass."""
+        ledger: Ledger | None = None
+
+        def ok(a: Allocation, placements: Sequence[Placement]) -> bool:
+            nonlocal ledger
+            if ledger is None:
+                ledger = self._ledger()
+            amt = Amount.of_placed(
+                dataclasses.replace(a, placements=tuple(placements)), ledger.gpu_models
+            )
+            if ledger.limit_block(a.tenant, amt) is not None:
+                return False
+            ledger.add_held(a.tenant, amt)
+            return True
+
+        return ok
+
+    def _statuses(self, txn: Txn, statuses: dict[str, PendingStatus]) -> None:
+        now = time.monotonic()
+        budget = REASON_BUDGET
+        tr = self.engine.transitions
+        for aid, status in statuses.items():
+            a = self.state.live[aid]
+            a.queue_position = status.position
+            if status.reason == a.pending_reason:
+                continue
+            first = a.pending_reason in ("", QUEUED)
+            last = self._reason_at.get(aid)
+            if not first and (budget <= 0 or (last is not None and now - last < REASON_EVERY)):
+                continue
+            if not first:
+                budget -= 1
+            a.pending_reason = status.reason
+            self._reason_at[aid] = now
+            tr.allocation(txn, a, AllocationEventType.UPDATED)
+
+    # -- quick decisions -------------------------------------------------------------
+
+    def _ledger(self) -> Ledger:
+        holding = {aid: a for aid, a in self.state.live.items() if self.state.holds(a)}
+        snap = Snapshot(
+            now=self.engine.clock.now(),
+            nodes=self.state.nodes,
+            allocations=holding,
+            quotas=self.state.quotas,
+            config=self.engine.config,
+        )
+        return Ledger(snap)
+
+    def _structures(self) -> tuple[CapacityView, Ledger]:
+        if self._quick is None:
+            state = self.state
+            view = CapacityView(state.nodes, (a for a in state.live.values() if state.holds(a)))
+            for gang_id, node_ids in self._last.held_nodes.items():
+                gang = state.live.get(gang_id)
+                if gang is not None and gang.state == AllocationState.PENDING:
+                    present = [n for n in node_ids if n in view.nodes]
+                    view.hold(present, gang_id, gang.priority)
+            for pid, node_id, gpus, cpu, mem in self._last.reserved:
+                p = state.live.get(pid)
+                if p is None or p.state != AllocationState.PENDING or node_id not in view.nodes:
+                    continue
+                n = view.nodes[node_id]
+                free = [i for i in gpus if any(i in lst for lst in n.free.values())]
+                view.take(node_id, free, min(cpu, n.cpu_free), min(mem, n.mem_free))
+            self._quick = (view, self._ledger())
+            running = [a for a in state.live.values() if a.state == AllocationState.ALLOCATED]
+            self._min_priority = min((a.priority for a in running), default=None)
+            self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
+        return self._quick
+
+    def _may_preempt(self, a: Allocation, amt: Amount, ledger: Ledger) -> bool:
+        """Could a pass preempt for `a` by priority or to honour its guarantee? Then it
+        waits for that pass, and so does everything after it. (Fair-share reclaim is left
+        to the next pass without holding anyone up.)"""
+        if self._min_priority is None or self._first_start is None:
+            return False
+        if self._first_start > self.engine.clock.now() - self.engine.config.min_runtime_seconds:
+            return False  # nothing has run long enough to be preempted
+        return a.priority > self._min_priority or ledger.within_guarantee(a.tenant, amt)
+
+    def decide(self, a: Allocation) -> tuple[Placement, ...] | str | None:
+        """A quick decision for a new request: its placements, or the reason it waits;
+        None when the queue is not settled and it must wait for the next pass."""
+        if not self.settled:
+            return None
+        view, ledger = self._structures()
+        amt = Amount.of_request(a)
+        block = ledger.limit_block(a.tenant, amt)
+        if block is not None:
+            if self._min_priority is not None and a.priority > self._min_priority:
+                return None  # a pass may preempt lower-priority work within the quota
+            return block.text()
+        models: tuple[str, ...] | None = None
+        if a.shape.gpus > 0 and not a.shape.gpu_model:
+            models = ledger.allowed_models(a.tenant, amt.gpus, view.models)
+            if models == ():
+                return (
+                    f"over quota of tenant {a.tenant}: no GPU model has room for "
+                    f"{gpus_text(amt.gpus)} under its per-model limits"
+                )
+        placements = view.place_gang(
+            a.shape, a.count, owner=a.id, priority=a.priority, models=models
+        )
+        if placements is None:
+            if self._may_preempt(a, amt, ledger):
+                return None
+            self.request(urgent=False)  # for its position, and fair-share reclaim
+            return view.explain(
+                a.shape, a.count, owner=a.id, priority=a.priority, models=models
+            ).text()
+        self._quick_placed += 1
+        if self._min_priority is None or a.priority < self._min_priority:
+            self._min_priority = a.priority
+        if self._first_start is None:
+            self._first_start = self.engine.clock.now()
+        placed = dataclasses.replace(a, placements=placements)
+        ledger.add_held(a.tenant, Amount.of_placed(placed, ledger.gpu_models))
+        return placements
+
+    def unconsidered(self, allocation_id: str) -> None:
+        self._unconsidered.add(allocation_id)
+
+    # -- dry runs --------------------------------------------------------------------
+
+    async def dry_run(self, probe: Allocation) -> DryRun:
+        """What `probe` would get now: one pass with it added, in a worker thread.
+        The same request asked again at the same revision shares the answer."""
+        key = (self.engine.committer.revision, _probe_key(probe))
+        fut = self._dry_runs.get(key)
+        if fut is None:
+            snap = self.snapshot()
+            fut = asyncio.ensure_future(asyncio.to_thread(scheduler_cycle.dry_run, snap, probe))
+            self._dry_runs[key] = fut
+            fut.add_done_callback(lambda _: self._dry_runs.pop(key, None))
+        return await asyncio.shield(fut)
+
+
+def _probe_key(a: Allocation) -> object:
+    return (a.tenant, a.count, a.shape, a.priority, a.max_duration_seconds, a.seq)

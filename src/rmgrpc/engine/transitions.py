@@ -1,0 +1,177 @@
+"""State transitions and the events that record them.
+
+Every change to an allocation, node or quota goes through here, inside a `Txn`: the
+object is changed, the read model told, the deadlines it carries armed or cancelled,
+and its event (the versioned encoding, status left out) appended. Commands, timers and
+the scheduling loop all use these, so "what ending an allocation means" is written once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from rmgrpc import codec
+from rmgrpc.clock import Clock
+from rmgrpc.engine.timers import TimerKind, Timers
+from rmgrpc.engine.txn import Committer, Txn
+from rmgrpc.model import (
+    Allocation,
+    AllocationEventType,
+    AllocationState,
+    EventKind,
+    Node,
+    NodeState,
+    Placement,
+    Quota,
+)
+from rmgrpc.scheduler import apply
+from rmgrpc.state import ClusterState
+
+log = logging.getLogger("rmgrpc.engine")
+
+_ALLOCATION_TIMERS: tuple[TimerKind, ...] = ("lease", "max", "grace")
+
+
+class Transitions:
+    def __init__(
+        self, state: ClusterState, committer: Committer, timers: Timers, clock: Clock
+    ) -> None:
+        self.state = state
+        self.committer = committer
+        self.timers = timers
+        self.clock = clock
+        # Set by the engine: told when capacity frees or work may newly fit.
+        self.on_capacity_change: Callable[[], None] = lambda: None
+
+    # -- events ----------------------------------------------------------------------
+
+    def allocation(self, txn: Txn, a: Allocation, type: AllocationEventType) -> None:
+        def encode(rev: int) -> bytes:
+            a.revision = rev
+            if not a.seq:
+                a.seq = rev
+            msg = codec.allocation_to_proto(a, self.state.uuid_of, status=False)
+            return msg.SerializeToString()
+
+        nodes = dict.fromkeys(p.node_id for p in a.placements)
+        self.committer.emit(txn, EventKind.ALLOCATION, type, a.id, encode, a.tenant, nodes)
+        self.state.changed(a)
+
+    def node(self, txn: Txn, node: Node, *, removed: bool = False) -> None:
+        def encode(rev: int) -> bytes:
+            node.revision = rev
+            return codec.node_to_proto(node, status=False).SerializeToString()
+
+        self.committer.emit(
+            txn, EventKind.NODE, int(node.state), node.id, encode, "", (node.id,),
+            persist=not removed,
+        )  # fmt: skip
+        if removed:
+            txn.deletes.append((EventKind.NODE, node.id))
+            self.state.remove_node(node.id)
+        else:
+            self.state.put_node(node)
+
+    def quota(self, txn: Txn, quota: Quota, *, deleted: bool = False) -> None:
+        def encode(rev: int) -> bytes:
+            quota.revision = rev
+            return codec.quota_to_proto(quota).SerializeToString()
+
+        self.committer.emit(
+            txn, EventKind.QUOTA, 2 if deleted else 1, quota.tenant, encode, quota.tenant,
+            persist=not deleted,
+        )  # fmt: skip
+        if deleted:
+            txn.deletes.append((EventKind.QUOTA, quota.tenant))
+
+    # -- allocations -----------------------------------------------------------------
+
+    def place(self, txn: Txn, a: Allocation, placements: tuple[Placement, ...]) -> None:
+        apply.place(self.state, a, placements, self.clock.now())
+        self.placed(txn, a)
+
+    def placed(self, txn: Txn, a: Allocation) -> None:
+        """Records a placement already applied to the state (by `apply`)."""
+        self.allocation(txn, a, AllocationEventType.PLACED)
+        self.arm(a)
+
+    def end(self, txn: Txn, a: Allocation, state: AllocationState, reason: str) -> None:
+        """Ends `a` (RELEASED, CANCELLED, EXPIRED, LOST, REJECTED) and frees what it holds."""
+        held = self.state.holds(a)
+        a.state = state
+        a.state_reason = reason
+        a.end_time = self.clock.now()
+        a.pending_reason = ""
+        a.queue_position = 0
+        self.state.free(a)
+        self.timers.cancel_all(a.id, _ALLOCATION_TIMERS)
+        self.allocation(txn, a, AllocationEventType.ENDED)
+        if held:
+            self.on_capacity_change()
+        if state in (AllocationState.EXPIRED, AllocationState.LOST):
+            log.info("allocation %s of tenant %s %s: %s", a.id, a.tenant, state.name, reason)
+
+    def preempt(
+        self, txn: Txn, victim: Allocation, grace: float, reason: str, preemptor: str = ""
+    ) -> None:
+        apply.preempt(self.state, victim, self.clock.now(), grace, reason, preemptor)
+        self.preempted(txn, victim)
+
+    def preempted(self, txn: Txn, victim: Allocation) -> None:
+        """Records a preemption already applied to the state (by `apply`)."""
+        self.timers.cancel_all(victim.id, ("lease", "max"))
+        if self.state.holds(victim) and victim.grace_end_time is not None:
+            self.timers.arm("grace", victim.id, victim.grace_end_time)
+        else:
+            self.on_capacity_change()
+        self.allocation(txn, victim, AllocationEventType.ENDED)
+        log.info(
+            "allocation %s of tenant %s PREEMPTED%s: %s",
+            victim.id,
+            victim.tenant,
+            f" for {victim.preempted_by}" if victim.preempted_by else "",
+            victim.state_reason,
+        )
+
+    def grace_over(self, a: Allocation) -> None:
+        """A victim's grace ended: its capacity goes back (no event: the PREEMPTED event
+        already named `grace_end_time`, when this was to happen)."""
+        self.state.free(a, keep_live=True)
+        self.on_capacity_change()
+
+    def arm(self, a: Allocation) -> None:
+        """Arms the deadlines `a` carries in its current state."""
+        if a.state == AllocationState.ALLOCATED:
+            if a.lease_expire_time is not None:
+                self.timers.arm("lease", a.id, a.lease_expire_time)
+            if a.max_end_time is not None:
+                self.timers.arm("max", a.id, a.max_end_time)
+        elif (
+            a.state == AllocationState.PREEMPTED
+            and a.grace_end_time is not None
+            and self.state.holds(a)
+        ):
+            self.timers.arm("grace", a.id, a.grace_end_time)
+
+    # -- nodes -----------------------------------------------------------------------
+
+    def lose_work_on(self, txn: Txn, node_id: str, reason: str) -> None:
+        """Placed allocations on the node become LOST; preempted ones in grace let go."""
+        for a in self.state.on_node(node_id):
+            if a.state == AllocationState.ALLOCATED:
+                self.end(txn, a, AllocationState.LOST, reason)
+            else:
+                self.timers.cancel("grace", a.id)
+                self.state.free(a)
+
+    def remove_node(self, txn: Txn, node: Node, reason: str) -> None:
+        self.lose_work_on(txn, node.id, f"node {node.id} was removed: {reason}")
+        node.state, node.state_reason = NodeState.DOWN, f"removed: {reason}"
+        self.timers.cancel("node", node.id)
+        self.node(txn, node, removed=True)
+        log.info("node %s removed: %s", node.id, reason)
+
+    def arm_node(self, node: Node) -> None:
+        if node.lease_expire_time is not None and node.state != NodeState.DOWN:
+            self.timers.arm("node", node.id, node.lease_expire_time)
