@@ -111,23 +111,40 @@ async def _gpu_metrics_loop(engine: Engine, nvml: NvmlInventory | None, every: f
     """Refreshes GPU metrics: sampled through NVML for the local node (reported like an
     agent's heartbeat, so its health changes are events), simulated for simulated nodes."""
     local = socket.gethostname()
+    # Each step fails on its own and is retried next round: a dead task would stop the
+    # local node's heartbeat, and its lease lapsing would lose the work on it.
+    simulated_errors = telemetry.RateLimitedLog(log)
+    sample_errors = telemetry.RateLimitedLog(log)
+    heartbeat_errors = telemetry.RateLimitedLog(log)
     while True:
-        now = engine.clock.now()
-        busy: dict[str, set[int]] = {}
-        for node_id, index in engine.state.holders:
-            busy.setdefault(node_id, set()).add(index)
-        for node in engine.state.nodes.values():
-            if node.simulated:
-                samples = simulated_metrics(node, now, busy.get(node.id, set()))
-                for gpu in node.gpus:
-                    gpu.metrics = samples.get(gpu.index, gpu.metrics)
+        try:
+            now = engine.clock.now()
+            busy: dict[str, set[int]] = {}
+            for node_id, index in engine.state.holders:
+                busy.setdefault(node_id, set()).add(index)
+            for node in engine.state.nodes.values():
+                if node.simulated:
+                    samples = simulated_metrics(node, now, busy.get(node.id, set()))
+                    for gpu in node.gpus:
+                        gpu.metrics = samples.get(gpu.index, gpu.metrics)
+        except Exception:
+            simulated_errors.exception("refreshing simulated GPU metrics failed; retrying")
         if nvml is not None and local in engine.state.nodes:
-            samples = await nvml.sample_async()
-            health = await nvml.health_async()
-            reports = [
-                GpuReport(index=i, health=health.get(i), metrics=m) for i, m in samples.items()
-            ]
-            await engine.heartbeat(local, reports)
+            reports: list[GpuReport] = []
+            try:
+                samples = await nvml.sample_async()
+                health = await nvml.health_async()
+                reports = [
+                    GpuReport(index=i, health=health.get(i), metrics=m) for i, m in samples.items()
+                ]
+            except Exception:
+                # The host is up even if NVML is not: heartbeat anyway (no reports, so
+                # GPU health and metrics keep their last values) to keep its lease.
+                sample_errors.exception("sampling local GPUs through NVML failed; retrying")
+            try:
+                await engine.heartbeat(local, reports)
+            except Exception:
+                heartbeat_errors.exception("local node heartbeat failed; retrying")
         await asyncio.sleep(every)
 
 
@@ -144,40 +161,53 @@ def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, Decisions], No
 async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float) -> None:
     """Refreshes the gauges, and the counters kept by the store and the hub, every `every` s."""
     seen = {"transactions": 0, "delivered": 0, "cut": 0}
+    # Nodes whose GPU series were published last round: one missing now was removed, and
+    # its series must go rather than report their last value for ever.
+    published: set[str] = set()
+    errors = telemetry.RateLimitedLog(log)
     while True:
-        counts_now = {
-            "transactions": engine.store.transactions_committed,
-            "delivered": engine.hub.delivered,
-            "cut": engine.hub.cut_off,
-        }
-        metrics.store_transactions.inc(counts_now["transactions"] - seen["transactions"])
-        metrics.watch_events_sent.inc(counts_now["delivered"] - seen["delivered"])
-        metrics.watch_streams_cut.labels(reason="slow_consumer").inc(
-            counts_now["cut"] - seen["cut"]
-        )
-        seen = counts_now
-        state = engine.state
-        counts = dict.fromkeys((s.name for s in AllocationState), 0)
-        for a in state.allocations.values():
-            counts[a.state.name] += 1
-        metrics.set_allocation_counts(counts)
-        nodes = dict.fromkeys((s.name for s in NodeState), 0)
-        gpus: dict[tuple[str, str], int] = {}
-        for node in state.nodes.values():
-            nodes[node.state.name] += 1
-            for g in node.gpus:
-                gpus[(g.model, "total")] = gpus.get((g.model, "total"), 0) + 1
-                if (node.id, g.index) in state.holders:
-                    gpus[(g.model, "allocated")] = gpus.get((g.model, "allocated"), 0) + 1
-                if g.health == GpuHealth.UNHEALTHY:
-                    gpus[(g.model, "unhealthy")] = gpus.get((g.model, "unhealthy"), 0) + 1
-            sampled = {g.index: g.metrics for g in node.gpus if g.metrics is not None}
-            if sampled:
-                metrics.set_gpu_metrics(node.id, sampled)
-        metrics.set_node_counts(nodes)
-        metrics.set_gpu_counts(gpus)
-        metrics.watch_streams.set(engine.hub.watchers)
-        metrics.event_revision.set(engine.hub.revision)
+        try:
+            counts_now = {
+                "transactions": engine.store.transactions_committed,
+                "delivered": engine.hub.delivered,
+                "cut": engine.hub.cut_off,
+            }
+            metrics.store_transactions.inc(counts_now["transactions"] - seen["transactions"])
+            metrics.watch_events_sent.inc(counts_now["delivered"] - seen["delivered"])
+            metrics.watch_streams_cut.labels(reason="slow_consumer").inc(
+                counts_now["cut"] - seen["cut"]
+            )
+            seen = counts_now
+            state = engine.state
+            counts = dict.fromkeys((s.name for s in AllocationState), 0)
+            for a in state.allocations.values():
+                counts[a.state.name] += 1
+            metrics.set_allocation_counts(counts)
+            nodes = dict.fromkeys((s.name for s in NodeState), 0)
+            gpus: dict[tuple[str, str], int] = {}
+            current: set[str] = set()
+            for node in state.nodes.values():
+                current.add(node.id)
+                nodes[node.state.name] += 1
+                for g in node.gpus:
+                    gpus[(g.model, "total")] = gpus.get((g.model, "total"), 0) + 1
+                    if (node.id, g.index) in state.holders:
+                        gpus[(g.model, "allocated")] = gpus.get((g.model, "allocated"), 0) + 1
+                    if g.health == GpuHealth.UNHEALTHY:
+                        gpus[(g.model, "unhealthy")] = gpus.get((g.model, "unhealthy"), 0) + 1
+                # Even when empty: that drops series of GPUs the node no longer reports.
+                metrics.set_gpu_metrics(
+                    node.id, {g.index: g.metrics for g in node.gpus if g.metrics is not None}
+                )
+            for gone in published - current:
+                metrics.forget_node(gone)
+            published = current
+            metrics.set_node_counts(nodes)
+            metrics.set_gpu_counts(gpus)
+            metrics.watch_streams.set(engine.hub.watchers)
+            metrics.event_revision.set(engine.hub.revision)
+        except Exception:
+            errors.exception("refreshing metrics gauges failed; retrying")
         await asyncio.sleep(every)
 
 
@@ -219,7 +249,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         if settings.metrics_listen:
             host, _, mport = settings.metrics_listen.rpartition(":")
             try:
-                metrics_server = telemetry.start_metrics_server(metrics, host, int(mport))
+                metrics_server = telemetry.start_metrics_server(
+                    metrics, host, int(mport), health=telemetry.grpc_health_check(health_servicer)
+                )
             except OSError as exc:
                 raise StartupError(
                     f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror}"

@@ -13,19 +13,24 @@ import asyncio
 import importlib
 import inspect
 import logging
+import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
 from typing import IO, Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from rmgrpc.model import GpuMetrics
 
@@ -166,19 +171,27 @@ class Metrics:
             self._shown[shown_key] = set(keys)
 
     def forget_node(self, node_id: str) -> None:
-        """Drop a removed node's GPU series."""
+        """Drop every series labelled with a removed node, whoever set it."""
         with self._lock:
-            for key in self._shown.pop(f"gpu:{node_id}", set()):
-                self._remove_gpu(key)
+            self._shown.pop(f"gpu:{node_id}", None)
+            for gauge in self._per_node_gauges():
+                # By label rather than from `_shown`: a series set directly through
+                # `.labels()` must not outlive its node either.
+                gauge.remove_by_labels({"node": node_id})
 
-    def _remove_gpu(self, key: tuple[str, ...]) -> None:
-        for gauge in (
+    def _per_node_gauges(self) -> tuple[Gauge, ...]:
+        # Every metric with a "node" label; a new one must be added here so that
+        # forget_node (and set_gpu_metrics) clear it.
+        return (
             self.gpu_utilization,
             self.gpu_temperature,
             self.gpu_power,
             self.gpu_memory_used,
-        ):
-            gauge.remove(*key)
+        )
+
+    def _remove_gpu(self, key: tuple[str, ...]) -> None:
+        for gauge in self._per_node_gauges():
+            gauge.remove(*key)  # a no-op for a series already gone
 
     def _publish(
         self,
@@ -206,10 +219,114 @@ class Metrics:
 # --- the /metrics endpoint -----------------------------------------------------------
 
 
-class MetricsServer:
-    """A running `/metrics` HTTP endpoint. `port` is the bound port."""
+HealthCheck = Callable[[], str | None]
+"""Says whether the server is healthy: None if it is, else a one-line reason."""
 
-    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
+
+def _always_healthy() -> str | None:
+    return None
+
+
+def grpc_health_check(servicer: Any, service: str = "") -> HealthCheck:
+    """A `HealthCheck` following `servicer`'s (a grpc_health HealthServicer) status of `service`.
+
+    It runs on the HTTP thread, so it only reads the status map (a dict lookup, atomic
+    under the GIL) instead of calling the servicer's coroutines on the event loop.
+    """
+
+    def check() -> str | None:
+        status = getattr(servicer, "_server_status", {}).get(service)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return None
+        name = (
+            health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            if status is not None
+            else "SERVICE_UNKNOWN"
+        )
+        return f"gRPC health of service {service!r} is {name}"
+
+    return check
+
+
+def _text_response(
+    start_response: StartResponse,
+    status: str,
+    body: str,
+    *,
+    head: bool = False,
+    headers: list[tuple[str, str]] | None = None,
+) -> Iterable[bytes]:
+    data = body.encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            *(headers or []),
+        ],
+    )
+    # wsgiref writes whatever the app returns, HEAD included: send headers only.
+    return [b""] if head else [data]
+
+
+def metrics_app(metrics: Metrics, health: HealthCheck | None = None) -> WSGIApplication:
+    """The WSGI app behind the metrics port: `/metrics`, `/healthz`, 404 elsewhere.
+
+    `/metrics` is prometheus_client's own app (content negotiation, gzip, `name[]=`
+    filtering). `/healthz` answers 200 "ok", or 503 with `health`'s reason.
+    """
+    prometheus = make_wsgi_app(metrics.registry)
+    check = health or _always_healthy
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/metrics":
+            body: Iterable[bytes] = prometheus(environ, start_response)
+            return body
+        if path != "/healthz":
+            return _text_response(
+                start_response, "404 Not Found", "not found: try /metrics or /healthz\n"
+            )
+        if method not in ("GET", "HEAD"):
+            return _text_response(
+                start_response,
+                "405 Method Not Allowed",
+                "use GET or HEAD\n",
+                headers=[("Allow", "GET, HEAD")],
+            )
+        try:
+            reason = check()
+        except Exception as exc:
+            # A broken check must read as unhealthy, not as a 500 with a traceback.
+            log.debug("health check raised", exc_info=True)
+            reason = f"health check failed: {exc!r}"
+        if reason is None:
+            return _text_response(start_response, "200 OK", "ok\n", head=method == "HEAD")
+        one_line = " ".join(str(reason).split()) or "unhealthy"
+        return _text_response(
+            start_response, "503 Service Unavailable", one_line + "\n", head=method == "HEAD"
+        )
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    # wsgiref logs every request to stderr; scrapes every few seconds would flood it.
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    # A slow scraper must not hold up /healthz probes; daemon threads never block exit.
+    daemon_threads = True
+
+
+class MetricsServer:
+    """A running metrics HTTP endpoint (`/metrics`, `/healthz`). `port` is the bound port."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
         self.port: int = int(httpd.server_port)
@@ -220,13 +337,62 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_metrics_server(metrics: Metrics, host: str, port: int) -> MetricsServer:
-    """Serve `metrics` on http://host:port/metrics from a daemon thread.
+def start_metrics_server(
+    metrics: Metrics, host: str, port: int, *, health: HealthCheck | None = None
+) -> MetricsServer:
+    """Serve `metrics_app(metrics, health)` on host:port from a daemon thread.
 
     Port 0 picks a free port (see `.port`). A port already in use raises OSError.
     """
-    httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    # Like prometheus_client's start_http_server: pick the family from the host, so
+    # "::1" or "[::]" binds IPv6.
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(
+        str(sockaddr[0]), port, metrics_app(metrics, health), Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=httpd.serve_forever, name="rmgrpc-metrics", daemon=True)
+    thread.start()
     return MetricsServer(httpd, thread)
+
+
+class RateLimitedLog:
+    """Logs a recurring failure at most once per `every` seconds.
+
+    For background loops that retry every second or so: a permanent failure then logs
+    once a minute (saying how many were skipped) instead of flooding the log.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._every = every
+        self._clock = clock
+        self._last: float | None = None
+        self._skipped = 0
+
+    def exception(self, message: str) -> bool:
+        """Log `message` with the current exception, unless one was logged recently.
+
+        Returns whether it logged.
+        """
+        now = self._clock()
+        if self._last is not None and now - self._last < self._every:
+            self._skipped += 1
+            return False
+        skipped = f" ({self._skipped} more since the last report)" if self._skipped else ""
+        self._logger.exception("%s%s", message, skipped)
+        self._last, self._skipped = now, 0
+        return True
 
 
 # --- tracing -------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class FakeGpu:
     power_mw: int = 50_000
     ecc: int = 0
     # Names of queries this GPU answers with an exception instead.
-    fails: dict[str, Callable[[], NVMLError]] = field(default_factory=dict)
+    fails: dict[str, Callable[[], Exception]] = field(default_factory=dict)
 
 
 @dataclass
@@ -378,6 +378,21 @@ async def test_async_wrappers(install: Callable[[FakeNvml], FakeNvml]) -> None:
     assert (await inventory.sample_async(now=2.0))[0].utilization_percent == 40
     assert await inventory.health_async() == {0: GpuHealth.HEALTHY}
     await inventory.close_async()
+    await inventory.close_async()
+
+
+async def test_unexpected_sampling_error_raises_and_the_next_sample_works(
+    install: Callable[[FakeNvml], FakeNvml],
+) -> None:
+    # Not an NVMLError (a ctypes or driver oddity): it reaches the caller, whose loop logs
+    # it and retries; the worker thread and the lock must be fine for that retry.
+    fake = install(FakeNvml([h100(0, util=40)]))
+    inventory = probe()
+    fake.gpus[0].fails["utilization"] = lambda: OSError("driver hiccup")
+    with pytest.raises(OSError, match="driver hiccup"):
+        await inventory.sample_async()
+    del fake.gpus[0].fails["utilization"]
+    assert (await inventory.sample_async())[0].utilization_percent == 40
     await inventory.close_async()
 
 

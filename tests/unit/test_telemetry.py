@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
+import logging
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
@@ -118,6 +121,138 @@ def test_metrics_endpoint_on_busy_port_raises_oserror() -> None:
         taken.listen()
         with pytest.raises(OSError):
             start_metrics_server(Metrics(), "127.0.0.1", taken.getsockname()[1])
+
+
+def test_forget_node_removes_every_series_of_that_node_only() -> None:
+    m = Metrics()
+    full = GpuMetrics(utilization_percent=1, temperature_celsius=2, power_watts=3)
+    m.set_gpu_metrics("a", {0: full})
+    m.set_gpu_metrics("b", {0: full, 1: full})
+    m.gpu_memory_used.labels("b", "7").set(1)  # set directly, not through set_gpu_metrics
+    assert 'node="b"' in generate_latest(m.registry).decode()
+    m.forget_node("b")
+    text = generate_latest(m.registry).decode()
+    assert 'node="b"' not in text
+    assert 'rmgrpc_gpu_power_watts{gpu="0",node="a"} 3.0' in text
+    m.forget_node("b")  # twice, or for a node never seen: no error
+    m.forget_node("never")
+    m.set_gpu_metrics("b", {0: full})  # a node that comes back is shown again
+    assert sample(m, "rmgrpc_gpu_utilization_percent", {"node": "b", "gpu": "0"}) == 1
+
+
+class Http:
+    """Starts metrics servers (`start`) and requests from the last one (`http(path)`)."""
+
+    def __init__(self) -> None:
+        self.servers: list[telemetry.MetricsServer] = []
+
+    def start(self, metrics: Metrics, health: telemetry.HealthCheck | None = None) -> None:
+        self.servers.append(start_metrics_server(metrics, "127.0.0.1", 0, health=health))
+
+    def __call__(
+        self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        url = f"http://127.0.0.1:{self.servers[-1].port}{path}"
+        request = urllib.request.Request(url, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, dict(error.headers), error.read()
+
+
+@pytest.fixture
+def http() -> Iterator[Http]:
+    client = Http()
+    yield client
+    for server in client.servers:
+        server.close()
+
+
+def test_metrics_server_routes_metrics_healthz_and_404(http: Http) -> None:
+    m = Metrics()
+    m.event_revision.set(7)
+    http.start(m)
+    status, headers, body = http("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert b"rmgrpc_event_revision 7.0" in body
+    assert http("/healthz")[0::2] == (200, b"ok\n")
+    head = http("/healthz", method="HEAD")
+    assert head[0] == 200 and head[2] == b""
+    for path in ("/", "/metricsx", "/metrics/extra", "/healthz/x", "/favicon.ico"):
+        status, _, body = http(path)
+        assert status == 404, path
+        assert b"/metrics" in body
+    status, headers, _ = http("/healthz", method="POST")
+    assert status == 405 and "GET" in headers["Allow"]
+
+
+def test_metrics_keeps_prometheus_filtering_and_negotiation(http: Http) -> None:
+    m = Metrics()
+    m.event_revision.set(7)
+    m.watch_streams.set(2)
+    http.start(m)
+    _, _, body = http("/metrics?name[]=rmgrpc_event_revision")
+    assert b"rmgrpc_event_revision 7.0" in body and b"rmgrpc_watch_streams" not in body
+    _, headers, body = http("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert headers.get("Content-Encoding") == "gzip"
+    assert b"rmgrpc_watch_streams 2.0" in gzip.decompress(body)
+    _, headers, body = http(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def test_healthz_follows_the_health_check(http: Http) -> None:
+    reason: list[str | None] = [None]
+    http.start(Metrics(), health=lambda: reason[0])
+    assert http("/healthz")[0] == 200
+    reason[0] = "shutting down\nsecond line"
+    status, _, body = http("/healthz")
+    assert status == 503 and body == b"shutting down second line\n"
+    assert http("/metrics")[0] == 200  # metrics keep flowing while unhealthy
+
+
+def test_healthz_with_a_broken_check_is_503_not_500(http: Http) -> None:
+    def broken() -> str | None:
+        raise RuntimeError("boom")
+
+    http.start(Metrics(), health=broken)
+    status, _, body = http("/healthz")
+    assert status == 503 and b"boom" in body and body.count(b"\n") == 1
+
+
+async def test_grpc_health_check_follows_the_servicer() -> None:
+    servicer = health.aio.HealthServicer()
+    check = telemetry.grpc_health_check(servicer)
+    assert check() is None  # a new servicer serves ""
+    await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    reason = check()
+    assert reason is not None and "NOT_SERVING" in reason
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert check() is None
+    assert "SERVICE_UNKNOWN" in (telemetry.grpc_health_check(servicer, "x.Y")() or "")
+    await servicer.enter_graceful_shutdown()
+    assert "NOT_SERVING" in (check() or "")
+
+
+def test_rate_limited_log_logs_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limited = telemetry.RateLimitedLog(logging.getLogger("t"), every=60.0, clock=lambda: now[0])
+    logged = []
+    for t in (0.0, 1.0, 2.0, 59.0, 60.0, 61.0, 130.0):
+        now[0] = t
+        try:
+            raise ValueError(f"failure at {t}")
+        except ValueError:
+            logged.append(limited.exception("loop failed"))
+    assert logged == [True, False, False, False, True, False, True]
+    records = [r for r in caplog.records if r.name == "t"]
+    assert len(records) == 3 and all(r.exc_info for r in records)
+    assert "3 more since the last report" in records[1].getMessage()
+    assert "1 more since the last report" in records[2].getMessage()
 
 
 # --- interceptor on a real grpc.aio server --------------------------------------------
