@@ -225,7 +225,11 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         engine.cycle_observers.append(_record_cycle(metrics))
         engine.commit_observers.append(metrics.store_commit.observe)
         nodes, nvml = inventory(settings, clock)
-        await engine.start(nodes)
+        try:
+            await engine.start(nodes)
+        except StoreError as exc:
+            # An undecodable row found while loading: one line, like the store's own.
+            raise StartupError(str(exc)) from None
 
         server = grpc.aio.server(
             interceptors=[telemetry.MetricsInterceptor(metrics)], options=GRPC_OPTIONS

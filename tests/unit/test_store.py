@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
 from rmgrpc.model import Event, EventKind
-from rmgrpc.store import SCHEMA_VERSION, Store, StoreError, Write
+from rmgrpc.store import SCHEMA_VERSION, EventStore, Store, StoreError, Write
 from rmgrpc.store.schema import SchemaError, migrate
 
 ALLOC = EventKind.ALLOCATION
@@ -427,6 +429,310 @@ async def test_unusable_paths_are_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="cannot open"):
         await Store.open(str(tmp_path / "file" / "sub" / "db"))
+
+
+def one_line(info: pytest.ExceptionInfo[StoreError]) -> str:
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+async def test_other_paths_to_a_locked_database_are_refused(db_path: str) -> None:
+    state = Path(db_path).parent
+    first = await Store.open(db_path)
+    (state.parent / "link").symlink_to(db_path)
+    (state / "sub").mkdir()
+    os.link(db_path, state / "hard.db")
+    others = [
+        str(state.parent / "link"),  # symlink
+        str(state / "sub" / ".." / "rmgrpc.db"),  # a path through ..
+        str(state / "hard.db"),  # hard link: another real path, the same inode
+    ]
+    try:
+        for other in others:
+            with pytest.raises(StoreError) as info:
+                await Store.open(other)
+            assert "in use by another rmgrpc process" in one_line(info)
+    finally:
+        await first.close()
+    # Closing released every lock: the hard link opens now.
+    await (await Store.open(others[2])).close()
+
+
+HARD_LINK_CHILD = r"""
+import asyncio, sys
+from rmgrpc.store import Store, StoreError
+try:
+    asyncio.run(Store.open(sys.argv[1]))
+except StoreError as e:
+    print(e)
+"""
+
+
+async def test_hard_link_is_refused_to_another_process(db_path: str) -> None:
+    # In-process the registry refuses first; only another process exercises the flock on
+    # the database file itself.
+    hard = str(Path(db_path).parent / "hard.db")
+    first = await Store.open(db_path)
+    try:
+        os.link(db_path, hard)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HARD_LINK_CHILD, hard, stdout=subprocess.PIPE
+        )
+        out, _ = await child.communicate()
+        assert "in use by another rmgrpc process" in out.decode()
+        assert "the same file under another name" in out.decode()
+        # The first store is unharmed.
+        await store_commit_one(first)
+    finally:
+        await first.close()
+
+
+async def store_commit_one(store: Store) -> None:
+    await store.commit(put_write(store.last_revision + 1))
+
+
+# --- the file deleted or replaced under a running store -------------------------------
+
+
+def replace_with_other_database(db_path: str) -> None:
+    other = db_path + ".other"
+    sqlite3.connect(other).close()
+    os.replace(other, db_path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        os.unlink,
+        replace_with_other_database,
+        lambda path: shutil.rmtree(os.path.dirname(path)),
+    ],
+    ids=["deleted", "replaced", "directory-removed"],
+)
+async def test_no_commit_is_acknowledged_once_the_file_is_gone(
+    db_path: str, damage: Callable[[str], None]
+) -> None:
+    store = await Store.open(db_path)
+    try:
+        await commit_range(store, 1, 3)
+        damage(db_path)
+        with pytest.raises(StoreError) as info:
+            await store.commit(put_write(4))
+        message = one_line(info)
+        assert db_path in message and "deleted or replaced" in message
+        assert store.last_revision == 3
+        # It stays failed: later commits and compaction refuse too, without a transaction.
+        committed = store.transactions_committed
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.commit(put_write(4))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.compact(max_events=0, min_time=0.0)
+        assert store.transactions_committed == committed
+    finally:
+        await store.close()
+
+
+# --- read-only ------------------------------------------------------------------------
+
+
+async def test_read_only_by_permissions_is_refused(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulates a non-root user without write permission (see the runuser test for the
+    # real thing): only os.access says no.
+    await (await Store.open(db_path)).close()
+    real_access = os.access
+    monkeypatch.setattr(
+        "rmgrpc.store.sqlite.os.access",
+        lambda p, mode: False if mode & os.W_OK else real_access(p, mode),
+    )
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    message = one_line(info)
+    assert db_path in message and "is read-only" in message and "writable" in message
+
+
+async def test_read_only_found_by_the_write_probe(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What os.access cannot see (root, whom permission bits do not stop, or storage that
+    # refuses writes anyway): the writer connection opened read-only, so SQLite's real
+    # SQLITE_READONLY answers the probe.
+    await (await Store.open(db_path)).close()
+    from rmgrpc.store import sqlite as store_sqlite
+
+    async def read_only_writer(path: str, synchronous: str) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(
+            Path(path).as_uri() + "?mode=ro", uri=True, isolation_level=None
+        )
+        await conn.execute("PRAGMA journal_mode = WAL")
+        return conn
+
+    monkeypatch.setattr(store_sqlite, "_connect_writer", read_only_writer)
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    assert "is read-only" in one_line(info)
+    # The failed open released its locks.
+    monkeypatch.undo()
+    await (await Store.open(db_path)).close()
+
+
+READ_ONLY_CHILD = r"""
+import asyncio, sys
+from rmgrpc.store import Store, StoreError
+try:
+    asyncio.run(Store.open(sys.argv[1]))
+    print("opened")
+except StoreError as e:
+    print(e)
+"""
+
+
+def nobody_python() -> list[str] | None:
+    """A command running Python as `nobody`, when root and the tools are here."""
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        return None
+    # The venv's interpreter may live under /root, out of nobody's reach.
+    python = shutil.which(
+        f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
+    )
+    if python is None:
+        return None
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = f"PYTHONPATH={os.pathsep.join([src, *site])}"
+    cmd = ["runuser", "-u", "nobody", "--", "env", "PYTHONDONTWRITEBYTECODE=1", env, python]
+    probe = subprocess.run([*cmd, "-c", "import rmgrpc.store"], capture_output=True)
+    return cmd if probe.returncode == 0 else None
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_read_only_for_a_real_non_root_user(what: str) -> None:
+    """Real permission bits against a real non-root process (root itself ignores them):
+    `nobody` when we are root, else this process."""
+    cmd = nobody_python() if os.geteuid() == 0 else [sys.executable]
+    if cmd is None:
+        pytest.skip("as root, needs runuser, a `nobody` user and a system python")
+    # Under /tmp, since pytest's tmp_path is private to root.
+    directory = Path(tempfile.mkdtemp(prefix="rmgrpc-ro-"))
+    try:
+        db = str(directory / "rmgrpc.db")
+        asyncio.run(_create(db))
+        os.chmod(db, 0o666 if what == "directory" else 0o444)
+        os.chmod(directory, 0o555 if what == "directory" else 0o777)
+        out = subprocess.run(
+            [*cmd, "-c", READ_ONLY_CHILD, db], capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.strip().startswith(f"database {db} is read-only"), out
+        assert out.stdout.count("\n") == 1
+    finally:
+        directory.chmod(0o700)
+        shutil.rmtree(directory)
+
+
+async def _create(db: str) -> None:
+    store = await Store.open(db)
+    await commit_range(store, 1, 3)
+    await store.close()
+
+
+# --- corrupt files and gaps -----------------------------------------------------------
+
+
+def zero_pages(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        # Page 1 holds the header and schema; pages 2..N the tables.
+        f.seek(4096)
+        f.write(bytes(size - 4096))
+
+
+def zero_object_leaves(path: Path) -> None:
+    # Only the objects table: the event log stays readable, so nothing but the integrity
+    # check at open sees it (load would fail later, after the server started).
+    with sqlite3.connect(path) as conn:
+        pages = [
+            n
+            for (n,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'objects' AND pagetype = 'leaf'"
+            )
+        ]
+    assert pages
+    with path.open("r+b") as f:
+        for n in pages:
+            f.seek((n - 1) * 4096)
+            f.write(bytes(4096))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        zero_pages,
+        zero_object_leaves,
+        lambda path: os.truncate(path, path.stat().st_size // 2),
+        lambda path: os.truncate(path, 100),
+        lambda path: path.write_bytes(os.urandom(64 * 1024)),
+    ],
+    ids=["zeroed-pages", "objects-zeroed", "truncated-half", "truncated-header", "random-bytes"],
+)
+async def test_corrupt_file_is_refused_at_open(
+    db_path: str, damage: Callable[[Path], None]
+) -> None:
+    store = await Store.open(db_path)
+    for revision in range(1, 201):
+        await store.commit(Write(events=[ev(revision)], puts=[(ALLOC, f"a{revision}", bytes(500))]))
+    await store.close()
+    assert Path(db_path).stat().st_size > 20 * 4096
+    damage(Path(db_path))
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    message = one_line(info)
+    assert message.startswith(f"database {db_path} is corrupt (")
+    assert "restore it from a backup, or move it away" in message
+    # The failed open released its locks: moving it away and starting empty works.
+    os.replace(db_path, db_path + ".bad")
+    await (await Store.open(db_path)).close()
+
+
+async def test_gap_in_the_event_log_is_refused_at_open(db_path: str) -> None:
+    store = await Store.open(db_path)
+    await commit_range(store, 1, 10)
+    await store.compact(max_events=8, min_time=0.0)
+    await store.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM events WHERE revision IN (6, 7)")
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    message = one_line(info)
+    assert "gap in its event log: revision 6 is missing (retained 3..10)" in message
+    assert db_path in message and "restore it from a backup" in message
+
+    # The oldest retained event missing is a gap too.
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM events WHERE revision < 8")
+    with pytest.raises(StoreError, match="revision 3 is missing"):
+        await Store.open(db_path)
+
+
+async def test_read_events_never_skips_a_missing_revision(store: Store, db_path: str) -> None:
+    await commit_range(store, 1, 10)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM events WHERE revision = 5")
+    with pytest.raises(StoreError, match="revision 5 is missing"):
+        await store.read_events(0)
+    # A batch that starts after the hole is fine: it may be compaction, the caller checks.
+    assert [e.revision for e in await store.read_events(5)] == [6, 7, 8, 9, 10]
+    assert [e.revision for e in await store.read_events(0, limit=4)] == [1, 2, 3, 4]
+
+
+# --- the contract ---------------------------------------------------------------------
+
+
+async def test_store_satisfies_the_event_store_protocol(store: Store) -> None:
+    # Statically checked in rmgrpc.store.sqlite; runtime_checkable sees the members.
+    contract: EventStore = store
+    assert isinstance(contract, EventStore)
 
 
 # --- kill -9 ---------------------------------------------------------------------------

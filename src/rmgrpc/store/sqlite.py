@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from rmgrpc.model import Event, EventKind
-from rmgrpc.store.schema import COMPACTED_THROUGH, SchemaError, migrate
+from rmgrpc.store.protocol import EventStore, LoadedState, OnCommit, StoreError, Write
+from rmgrpc.store.schema import COMPACTED_THROUGH, SchemaError, migrate, schema_version
 
 log = logging.getLogger(__name__)
 
@@ -53,40 +57,29 @@ _UPSERT_OBJECT = (
 )
 _DELETE_OBJECT = "DELETE FROM objects WHERE kind = ? AND id = ?"
 _SELECT_COMPACTED = "SELECT value FROM meta WHERE key = ?"
+# SQLite primary result codes (the low byte of an extended code) that mean the file itself
+# is bad, as opposed to busy or misused.
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_FIX_BAD_FILE = "restore it from a backup, or move it away to start with an empty database"
 
-
-class StoreError(Exception):
-    """The database cannot be used: unreadable, corrupt, locked, too new, or a commit failed.
-
-    The message is one line, fit to print before exiting.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One atomic change: events appended and objects put or deleted, all or nothing.
-
-    Events must continue the log gaplessly, in increasing revision order. Within a write,
-    puts apply before deletes; across writes, later writes win.
-    """
-
-    events: Sequence[Event] = ()
-    puts: Sequence[tuple[EventKind, str, bytes]] = ()
-    deletes: Sequence[tuple[EventKind, str]] = ()
+# (st_dev, st_ino) of every database file a Store in this process has open. The flock on
+# the file stops other processes; this stops a second Store here without opening the file,
+# because closing any descriptor of a file drops this process's POSIX locks on it (SQLite's).
+_OPEN_FILES: set[tuple[int, int]] = set()
 
 
 @dataclass(frozen=True, slots=True)
-class LoadedState:
-    """Everything persisted, as of `last_revision`."""
+class _Lock:
+    """What keeps other servers off the database: flocks on `<realpath>.lock` and on the
+    database file itself, so symlinks, hard links and `..` paths to it all conflict."""
 
-    # Every EventKind is a key, with an empty dict when it has no objects.
-    objects: dict[EventKind, dict[str, bytes]]
-    last_revision: int
-    # Revision of the oldest retained event; last_revision + 1 when the log is empty.
-    oldest_revision: int
+    # Resolved path of the database: what the connections open and the writer re-checks.
+    real_path: str
+    # (st_dev, st_ino) of the file as opened: a different one later means it was replaced.
+    file_id: tuple[int, int]
+    fds: tuple[int, ...]
 
 
-OnCommit = Callable[[Sequence[Event]], None]
 _Pending = tuple[Write, "asyncio.Future[None]"]
 
 
@@ -105,7 +98,7 @@ class Store:
         path: str,
         write_conn: aiosqlite.Connection,
         read_conn: aiosqlite.Connection | None,
-        lock_fd: int | None,
+        lock: _Lock | None,
         on_commit: OnCommit | None,
         last_revision: int,
         oldest_revision: int,
@@ -115,7 +108,10 @@ class Store:
         self._write_conn = write_conn
         # None for ":memory:", whose reads share the write connection.
         self._read_conn = read_conn
-        self._lock_fd = lock_fd
+        # None for ":memory:", which has no file to lock or watch.
+        self._lock = lock
+        # Set once the file is found deleted or replaced: every later commit fails with it.
+        self._broken: StoreError | None = None
         #: Called with each committed batch of events (see the class docstring). Settable
         #: after open, so whoever builds the watch fan-out can attach it later.
         self.on_commit = on_commit
@@ -154,12 +150,14 @@ class Store:
 
         `synchronous`: NORMAL survives kill -9 of the process; FULL also survives power
         loss, at the price of an fsync per transaction. Raises StoreError when the database
-        cannot be used.
+        cannot be used: locked by another server, read-only, corrupt (checked with
+        `PRAGMA quick_check`, which reads the whole file), a gap in the event log, or a
+        schema newer than this code.
         """
         mode = synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
-        lock_fd: int | None = None
+        lock: _Lock | None = None
         write_conn: aiosqlite.Connection | None = None
         read_conn: aiosqlite.Connection | None = None
         try:
@@ -167,23 +165,32 @@ class Store:
                 if os.path.isdir(path):
                     raise StoreError(f"cannot open database {path}: it is a directory")
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _check_writable(path)
                 # Lock before touching the database, so a second server never changes it.
-                lock_fd = _acquire_lock(path)
-            write_conn = await _connect_writer(path, mode)
+                lock = _acquire_lock(path)
+            write_conn = await _connect_writer(lock.real_path if lock else path, mode)
+            if lock is not None:
+                await _check_integrity(write_conn, path)
             await migrate(write_conn)
+            if lock is not None:
+                await _probe_writable(write_conn)
             last_revision, oldest_revision = await _read_revisions(write_conn)
-            if path != MEMORY:
-                read_conn = await _connect_reader(path)
+            await _check_gapless(write_conn, path, last_revision, oldest_revision)
+            if lock is not None:
+                read_conn = await _connect_reader(lock.real_path)
+                # SQLite opened the file by path after we locked it: make sure that path
+                # still names the file we locked.
+                _check_file(path, lock)
         except BaseException as e:
-            await _close_all(read_conn, write_conn, lock_fd)
+            await _close_all(read_conn, write_conn, lock)
             if isinstance(e, sqlite3.Error | SchemaError | OSError):
-                raise StoreError(f"cannot open database {path}: {e}") from e
+                raise _open_error(path, e) from e
             raise
         return cls(
             path=path,
             write_conn=write_conn,
             read_conn=read_conn,
-            lock_fd=lock_fd,
+            lock=lock,
             on_commit=on_commit,
             last_revision=last_revision,
             oldest_revision=oldest_revision,
@@ -207,7 +214,11 @@ class Store:
         """Every stored object, with the revisions they are current as of."""
         async with self._txn_lock:
             self._check_open()
-            rows = await self._write_conn.execute_fetchall("SELECT kind, id, data FROM objects")
+            try:
+                rows = await self._write_conn.execute_fetchall("SELECT kind, id, data FROM objects")
+            except sqlite3.Error as e:
+                # quick_check at open passed, so this is damage since, or an I/O error.
+                raise _open_error(self._path, e) from e
             last_revision, oldest_revision = self._last_revision, self._oldest_revision
         objects: dict[EventKind, dict[str, bytes]] = {kind: {} for kind in EventKind}
         for kind, object_id, data in rows:
@@ -228,6 +239,8 @@ class Store:
         """
         if self._closing:
             raise StoreError(f"database {self._path} is closed")
+        if self._broken is not None:
+            raise self._broken
         if self._writer.done():
             raise StoreError(f"database {self._path}: the writer has stopped")
         next_revision = _validate(write, self._next_revision)
@@ -242,7 +255,9 @@ class Store:
 
         If the transaction fails, this raises StoreError and nothing of it was applied;
         writes queued behind it fail too (they continue its revisions), and the next
-        revision expected is again `last_revision + 1`.
+        revision expected is again `last_revision + 1`. Once the database file is found
+        deleted or replaced, this and every later commit fail: the writes would land in a
+        file nobody will read again.
         """
         await self.submit(write)
 
@@ -250,7 +265,9 @@ class Store:
         """Up to `limit` retained events with revision > after_revision, in revision order.
 
         Compaction is not an error here: when it removed some of those events, the result
-        starts after after_revision + 1 (or is empty), which the caller checks for.
+        starts after after_revision + 1 (or is empty), which the caller checks for. A
+        revision missing inside the result is: that raises StoreError, since a watcher
+        would otherwise skip it silently.
         """
         if limit <= 0:
             raise ValueError("limit must be positive")
@@ -270,7 +287,14 @@ class Store:
                 rows = await self._read_conn.execute_fetchall(
                     _SELECT_EVENTS, (after_revision, limit)
                 )
-        return [_event_from_row(row) for row in rows]
+        events = [_event_from_row(row) for row in rows]
+        for previous, event in itertools.pairwise(events):
+            if event.revision != previous.revision + 1:
+                raise StoreError(
+                    f"database {self._path} has a gap in its event log: revision"
+                    f" {previous.revision + 1} is missing; {_FIX_BAD_FILE}"
+                )
+        return events
 
     async def compact(self, *, max_events: int, min_time: float) -> int:
         """Drop old events; return the new oldest_revision.
@@ -304,10 +328,14 @@ class Store:
                 await conn.execute(
                     "UPDATE meta SET value = ? WHERE key = ?", (keep_from - 1, COMPACTED_THROUGH)
                 )
+                self._check_file()
                 await conn.execute("COMMIT")
             except sqlite3.Error as e:
                 await _rollback(conn)
                 raise StoreError(f"compaction of {self._path} failed: {e}") from e
+            except BaseException:
+                await _rollback(conn)
+                raise
             self._oldest_revision = keep_from
             return keep_from
 
@@ -326,14 +354,28 @@ class Store:
         finally:
             async with self._read_lock, self._txn_lock:
                 read_conn, self._read_conn = self._read_conn, None
-                lock_fd, self._lock_fd = self._lock_fd, None
+                lock, self._lock = self._lock, None
                 self._closed = True
-                await _close_all(read_conn, self._write_conn, lock_fd)
+                await _close_all(read_conn, self._write_conn, lock)
 
     def _check_open(self) -> None:
         # Reads and compaction still work while close() drains the queue; submit() does not.
         if self._closed:
             raise StoreError(f"database {self._path} is closed")
+
+    def _check_file(self) -> None:
+        """Raise (and stay failed) if the database file is gone or another file took its
+        place: SQLite would go on writing to the unlinked inode, acknowledging writes that
+        no restart will ever see. One stat, so cheap enough for every transaction."""
+        if self._broken is not None:
+            raise self._broken
+        if self._lock is None:
+            return
+        try:
+            _check_file(self._path, self._lock)
+        except StoreError as e:
+            self._broken = e
+            raise
 
     async def _write_loop(self) -> None:
         while True:
@@ -361,6 +403,8 @@ class Store:
         puts = [(k, i, d) for (k, i), d in final.items() if d is not None]
         deletes = [(k, i) for (k, i), d in final.items() if d is None]
         try:
+            if self._broken is not None:
+                raise self._broken
             async with self._txn_lock:
                 await self._transaction(events, puts, deletes)
                 if events:
@@ -395,6 +439,8 @@ class Store:
                 await conn.executemany(_UPSERT_OBJECT, puts)
             if deletes:
                 await conn.executemany(_DELETE_OBJECT, deletes)
+            # Last thing before COMMIT, so the window for an unnoticed swap is smallest.
+            self._check_file()
             await conn.execute("COMMIT")
         except BaseException:
             await _rollback(conn)
@@ -477,30 +523,183 @@ def _event_from_row(row: Sequence[Any]) -> Event:
     )
 
 
-def _acquire_lock(db_path: str) -> int:
-    """Take the exclusive lock file beside the database; return its descriptor.
+def _acquire_lock(db_path: str) -> _Lock:
+    """Lock the database against every other server, whatever path it was reached by.
 
-    flock belongs to the open file, so the kernel drops it when the process dies, kill -9
-    included, and a second open in the same process conflicts too.
+    Two flocks: on `<realpath>.lock` (which also records our pid for the other side's
+    message) and on the database file itself, since hard links share the inode but not
+    the real path. flock belongs to the open file, so the kernel drops it when the process
+    dies, kill -9 included, and a second open in the same process conflicts too. It does
+    not interact with SQLite's own POSIX (fcntl) locks on Linux.
     """
-    lock_path = db_path + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    real_path = os.path.realpath(db_path)
+    lock_path = real_path + ".lock"
+    fds: list[int] = []
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fds.append(fd)
+        if not _try_flock(fd):
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            by = f"pid {holder}, " if holder.isdigit() else ""
+            raise StoreError(
+                f"database {db_path} is in use by another rmgrpc process ({by}holding {lock_path})"
+            )
+        # The pid is only for the message another process prints; the lock is the flock.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        in_use = StoreError(
+            f"database {db_path} is in use by another rmgrpc process"
+            f" (holding {real_path}, the same file under another name)"
+        )
+        # Checked before opening the file: see _OPEN_FILES.
+        try:
+            st = os.stat(real_path)
+            if (st.st_dev, st.st_ino) in _OPEN_FILES:
+                raise in_use
+        except FileNotFoundError:
+            pass
+        # Read-only is enough to flock; O_CREAT makes an empty file, which SQLite takes
+        # as a new database.
+        db_fd = os.open(real_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fds.append(db_fd)
+        if not _try_flock(db_fd):
+            raise in_use
+        st = os.fstat(db_fd)
+    except BaseException:
+        for fd in reversed(fds):
+            os.close(fd)
+        raise
+    file_id = (st.st_dev, st.st_ino)
+    _OPEN_FILES.add(file_id)
+    return _Lock(real_path, file_id, tuple(fds))
+
+
+def _try_flock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        by = f"pid {holder}, " if holder.isdigit() else ""
+        return False
+    return True
+
+
+def _check_file(path: str, lock: _Lock) -> None:
+    """Raise StoreError unless `lock.real_path` still names the file we locked."""
+    try:
+        st = os.stat(lock.real_path)
+    except FileNotFoundError:
+        detail = "it, or its directory, no longer exists"
+    except OSError as e:
+        detail = f"it can no longer be checked: {e.strerror}"
+    else:
+        if (st.st_dev, st.st_ino) == lock.file_id:
+            return
+        detail = "another file now has its name"
+    raise StoreError(
+        f"database {path} was deleted or replaced while in use ({detail}); no further"
+        " writes are acknowledged: restart rmgrpc on the intended file"
+    )
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a database we could not write, before locking or touching anything.
+
+    Permission bits do not bind root (except on a read-only mount, which os.access does
+    report); `_probe_writable` catches the rest with a real write.
+    """
+    real_path = os.path.realpath(path)
+    # WAL creates -wal and -shm beside the file, and we create the .lock file there.
+    directory_ok = os.access(os.path.dirname(real_path), os.W_OK | os.X_OK)
+    if not directory_ok or (os.path.exists(real_path) and not os.access(real_path, os.W_OK)):
+        raise _read_only(path)
+
+
+async def _probe_writable(conn: aiosqlite.Connection) -> None:
+    """Write the schema version back unchanged, then roll back: fails with SQLITE_READONLY
+    wherever SQLite cannot write, which is the only test that cannot be fooled."""
+    version = await schema_version(conn)
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute(f"PRAGMA user_version = {version}")
+    finally:
+        await _rollback(conn)
+
+
+async def _check_integrity(conn: aiosqlite.Connection, path: str) -> None:
+    """`PRAGMA quick_check`: reads every page (about 60 ms for 60 MB from the page cache,
+    0.45 s from disk), so damage is a clear error at start instead of a failure later.
+    The (1) only stops at the first problem; a sound file costs the same."""
+    started = time.monotonic()
+    async with conn.execute("PRAGMA quick_check(1)") as cursor:
+        row = await cursor.fetchone()
+    if row is None or row[0] != "ok":
+        raise _corrupt(path, str(row[0]) if row is not None else "quick_check said nothing")
+    took = time.monotonic() - started
+    if took > 1.0:
+        log.info("integrity check of %s took %.1f s", path, took)
+
+
+async def _check_gapless(
+    conn: aiosqlite.Connection, path: str, last_revision: int, oldest_revision: int
+) -> None:
+    """Refuse a log with a revision missing between oldest and last: watchers would skip
+    it, and the state rebuilt from objects would not match the log. Cheap: the count and
+    minimum come from the primary key."""
+    async with conn.execute("SELECT COUNT(*), MIN(revision) FROM events") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    count, first = int(row[0]), row[1]
+    if count == last_revision - oldest_revision + 1 and (count == 0 or first == oldest_revision):
+        return
+    if count and first < oldest_revision:
         raise StoreError(
-            f"database {db_path} is in use by another rmgrpc process ({by}holding {lock_path})"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    # The pid is only for the message another process prints; the lock is the flock.
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+            f"database {path} has an inconsistent event log: event {first} is older than"
+            f" its compaction point {oldest_revision - 1}; {_FIX_BAD_FILE}"
+        )
+    missing = oldest_revision
+    if count and first == oldest_revision:
+        # Only run when something is wrong: the first event whose successor is missing.
+        async with conn.execute(
+            "SELECT e.revision + 1 FROM events e WHERE NOT EXISTS"
+            " (SELECT 1 FROM events n WHERE n.revision = e.revision + 1)"
+            " ORDER BY e.revision LIMIT 1"
+        ) as cursor:
+            gap = await cursor.fetchone()
+        assert gap is not None
+        missing = int(gap[0])
+    raise StoreError(
+        f"database {path} has a gap in its event log: revision {missing} is missing"
+        f" (retained {oldest_revision}..{last_revision}); {_FIX_BAD_FILE}"
+    )
+
+
+def _open_error(path: str, error: BaseException) -> StoreError:
+    """One line saying what is wrong with the file and what to do about it."""
+    # Migrations wrap the sqlite3 error that says what really happened.
+    cause = error.__cause__ if isinstance(error, SchemaError) else error
+    if isinstance(cause, sqlite3.Error):
+        code = (cause.sqlite_errorcode or 0) & 0xFF
+        if code == sqlite3.SQLITE_READONLY:
+            return _read_only(path)
+        if code in _CORRUPT_CODES:
+            return _corrupt(path, str(cause))
+    if isinstance(cause, OSError) and cause.errno == errno.EROFS:
+        return _read_only(path)
+    return StoreError(f"cannot open database {path}: {_one_line(str(error))}")
+
+
+def _read_only(path: str) -> StoreError:
+    return StoreError(
+        f"database {path} is read-only (SQLite must write it and create files beside it):"
+        " make the file and its directory writable by this user, or set db to another path"
+    )
+
+
+def _corrupt(path: str, detail: str) -> StoreError:
+    return StoreError(f"database {path} is corrupt ({_one_line(detail)}): {_FIX_BAD_FILE}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 async def _connect_writer(path: str, synchronous: str) -> aiosqlite.Connection:
@@ -562,7 +761,7 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
 async def _close_all(
     read_conn: aiosqlite.Connection | None,
     write_conn: aiosqlite.Connection | None,
-    lock_fd: int | None,
+    lock: _Lock | None,
 ) -> None:
     # The writer closes last: as the final connection it checkpoints and removes the WAL,
     # which the read-only connection cannot do.
@@ -572,6 +771,14 @@ async def _close_all(
                 await conn.close()
             except Exception:
                 log.exception("closing the database failed")
-    if lock_fd is not None:
-        # Closing the descriptor releases the flock.
-        os.close(lock_fd)
+    if lock is not None:
+        # After the connections: closing our descriptor of the database file would
+        # otherwise drop SQLite's POSIX locks on it. Closing releases the flocks.
+        for fd in reversed(lock.fds):
+            os.close(fd)
+        _OPEN_FILES.discard(lock.file_id)
+
+
+if TYPE_CHECKING:
+    # mypy proves Store keeps the contract the engine is written against.
+    _satisfies: type[EventStore] = Store
