@@ -1,0 +1,141 @@
+"""The engine without gRPC: deadlines stay one per live object, quick decisions respect
+the fair order, reasons for waiting are events, and a revision means one content."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rmgrpc import codec
+from rmgrpc.clock import ManualClock
+from rmgrpc.engine import Engine, GpuReport
+from rmgrpc.gpu.simulated import simulated_nodes
+from rmgrpc.model import Allocation, AllocationState, Event, EventKind, Shape
+from rmgrpc.store import Store
+from rmgrpc.v1 import allocator_pb2
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def engine_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[tuple[Engine, Store]] = []
+
+    async def make(nodes: int = 2, gpus: int = 8, **overrides: Any) -> tuple[Engine, ManualClock]:
+        clock = ManualClock()
+        settings = make_settings(tmp_path, db=":memory:", **overrides)
+        store = await Store.open(":memory:")
+        engine = Engine(settings, store, clock)
+        await engine.start(simulated_nodes(nodes, gpus, now=clock.now()))
+        await engine.schedule_now()
+        made.append((engine, store))
+        return engine, clock
+
+    yield make
+    for engine, store in made:
+        await engine.stop()
+        await store.close()
+
+
+def request(tenant: str = "t", gpus: int = 1, **kw: Any) -> Allocation:
+    return Allocation(id="", tenant=tenant, count=kw.pop("count", 1), shape=Shape(gpus=gpus), **kw)
+
+
+async def test_timers_hold_one_deadline_per_live_object(engine_factory: Any) -> None:
+    """10,000 Allocate/Renew/Release cycles and 1,000 heartbeats leave one deadline per
+    live object: a lease and a max duration per running allocation, a lease per node."""
+    engine, clock = await engine_factory(nodes=2, gpus=8)
+    # A registered node holds a lease (simulated ones never go DOWN).
+    node = await engine.register_node(simulated_nodes(1, 8, now=clock.now())[0])
+
+    async def cycle(i: int) -> None:
+        a, _ = await engine.allocate(request(max_duration_seconds=3600), dry_run=False)
+        await engine.renew(a.id, 60)
+        await engine.release(a.id)
+
+    for start in range(0, 10_000, 100):
+        await asyncio.gather(*(cycle(i) for i in range(start, start + 100)))
+    for _ in range(1_000):
+        await engine.heartbeat(node.id, [GpuReport(0, None, None)])
+    keep = [(await engine.allocate(request(max_duration_seconds=3600), False))[0] for _ in range(3)]
+    assert all(a.state == AllocationState.ALLOCATED for a in keep)
+    leased_nodes = sum(1 for n in engine.state.nodes.values() if n.lease_expire_time is not None)
+    assert len(engine.timers) == 2 * len(keep) + leased_nodes
+    assert engine.timers.heap_size <= 2 * len(engine.timers) + 64
+
+
+async def test_leases_survive_a_wall_clock_step(engine_factory: Any) -> None:
+    engine, clock = await engine_factory(default_lease_seconds=60)
+    a, _ = await engine.allocate(request(), dry_run=False)
+    clock.step(3600)
+    engine.fire_timers()
+    assert a.state == AllocationState.ALLOCATED
+    clock.advance(61)
+    engine.fire_timers()
+    assert a.state == AllocationState.EXPIRED
+
+
+async def test_quick_decisions_place_at_once_and_explain_a_wait(engine_factory: Any) -> None:
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    passes = engine.scheduling.passes
+    a, _ = await engine.allocate(request(gpus=6), dry_run=False)
+    assert a.state == AllocationState.ALLOCATED
+    b, _ = await engine.allocate(request(gpus=4), dry_run=False)
+    assert b.state == AllocationState.PENDING and "free GPUs" in b.pending_reason
+    c, _ = await engine.allocate(request(gpus=2), dry_run=False)
+    assert c.state == AllocationState.ALLOCATED  # a smaller request passes a blocked one
+    assert engine.scheduling.passes == passes  # none of that needed a full pass
+
+
+async def test_after_capacity_frees_the_queue_goes_first(engine_factory: Any) -> None:
+    """Freed capacity unsettles the queue: a newcomer waits for the pass, which gives the
+    GPUs to the request that waited longer."""
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    a, _ = await engine.allocate(request(gpus=8), dry_run=False)
+    waiting, _ = await engine.allocate(request(gpus=8), dry_run=False)
+    assert waiting.state == AllocationState.PENDING
+    await engine.release(a.id)
+    newcomer, _ = await engine.allocate(request(gpus=8), dry_run=False)
+    assert waiting.state == AllocationState.ALLOCATED
+    assert newcomer.state == AllocationState.PENDING
+
+
+async def test_higher_priority_waits_for_the_pass_that_preempts_for_it(
+    engine_factory: Any,
+) -> None:
+    engine, _ = await engine_factory(nodes=1, gpus=8, preemption_grace_seconds=30.0)
+    low, _ = await engine.allocate(request(gpus=8, priority=0), dry_run=False)
+    high, _ = await engine.allocate(request(gpus=8, priority=5), dry_run=False)
+    assert low.state == AllocationState.PREEMPTED and low.preempted_by == high.id
+    assert high.state == AllocationState.PENDING and "grace" in high.pending_reason
+
+
+async def test_a_changed_reason_is_an_event_and_a_revision_has_one_content(
+    engine_factory: Any,
+) -> None:
+    """What Get shows at revision N is what event N carries (queue position aside, which
+    is status); a watcher learns why its allocation waits."""
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    big, _ = await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=8), dry_run=False))[0] for _ in range(3)]
+    await engine.release(big.id)  # unsettles: the pass re-explains the ones left
+    await engine.schedule_now()
+    events = await engine.store.read_events(0, 10_000)
+    by_rev: dict[int, Event] = {e.revision: e for e in events}
+    for a in waiting:
+        shown = codec.allocation_to_proto(a, engine.state.uuid_of)
+        stored = allocator_pb2.Allocation.FromString(by_rev[shown.revision].data)
+        assert stored.queue_position == 0
+        shown.queue_position = 0
+        assert shown == stored
+    updated = [e for e in events if e.kind == EventKind.ALLOCATION and e.object_id == waiting[1].id]
+    reasons = [allocator_pb2.Allocation.FromString(e.data).pending_reason for e in updated]
+    # Created with the quick decision's reason; the pass after the release found another
+    # (it now waits behind the one placed first) and wrote it as an UPDATED event.
+    assert [e.type for e in updated] == [1, 3], reasons
+    assert reasons[0] != reasons[1] == waiting[1].pending_reason
+    assert waiting[0].state == AllocationState.ALLOCATED
+    assert waiting[1].queue_position == 1 and waiting[2].queue_position == 2
