@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from rmgrpc.clock import Clock
 from rmgrpc.config import Settings
@@ -20,13 +21,15 @@ from rmgrpc.engine.scheduling import CycleObserver, Scheduling
 from rmgrpc.engine.timers import Timers
 from rmgrpc.engine.transitions import Transitions
 from rmgrpc.engine.txn import Committer, Txn
-from rmgrpc.errors import Unavailable
+from rmgrpc.errors import NotFound, Unavailable
 from rmgrpc.events import EventHub
 from rmgrpc.model import AllocationState, EventKind, Node, NodeState
 from rmgrpc.state import ClusterState
 from rmgrpc.store import Store
 
 log = logging.getLogger("rmgrpc.engine")
+
+T = TypeVar("T")
 
 
 class EngineCore:
@@ -76,6 +79,17 @@ class EngineCore:
     @property
     def last_cycle_seconds(self) -> float:
         return self.scheduling.last_cycle_seconds
+
+    async def found(self, lookup: Callable[[], T]) -> T:
+        """`lookup()`, whose NOT_FOUND is answered only once what it saw is durable: a
+        delete still being committed must not be reported gone before a crash could no
+        longer bring it back."""
+        revision = self.committer.revision
+        try:
+            return lookup()
+        except NotFound:
+            await self.wait_committed(revision)
+            raise
 
     async def wait_committed(self, revision: int | None = None) -> int:
         """Waits until `revision` (default: everything so far) is durable; returns it."""

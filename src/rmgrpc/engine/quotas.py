@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from rmgrpc.engine.core import EngineCore
 from rmgrpc.errors import NotFound
 from rmgrpc.model import Quota
 from rmgrpc.scheduler import fairshare
-from rmgrpc.scheduler.snapshot import Snapshot
 
 log = logging.getLogger("rmgrpc.engine")
 
 
 class QuotaCommands(EngineCore):
-    _usage_ledger: tuple[int, fairshare.Ledger] | None = None
+    _usage_ledger: tuple[int, asyncio.Future[fairshare.Ledger]] | None = None
 
     def get_quota(self, tenant: str) -> Quota:
         quota = self.state.quotas.get(tenant)
@@ -46,18 +46,15 @@ class QuotaCommands(EngineCore):
     async def usage(self, tenant: str) -> tuple[fairshare.TenantUsage, int]:
         """Usage of `tenant`'s subtree and the (durable) revision it was read at.
 
-        One ledger serves every GetUsage at the same revision."""
+        One ledger, built in a worker thread from the snapshot copies, serves every
+        GetUsage at the same revision: a long queue never stalls the event loop here."""
         revision = self.committer.revision
         cached = self._usage_ledger
         if cached is None or cached[0] != revision:
-            snap = Snapshot(
-                now=self.clock.now(),
-                nodes=self.state.nodes,
-                allocations=self.state.live,
-                quotas=self.state.quotas,
-                config=self.config,
-            )
-            cached = self._usage_ledger = (revision, fairshare.Ledger(snap))
-        usage = fairshare.usage_from(cached[1], tenant)
+            snap = self.scheduling.snapshot()
+            built = asyncio.ensure_future(asyncio.to_thread(fairshare.Ledger, snap))
+            cached = self._usage_ledger = (revision, built)
+        ledger = await asyncio.shield(cached[1])
+        usage = fairshare.usage_from(ledger, tenant)
         await self.wait_committed(revision)
         return usage, revision

@@ -64,8 +64,8 @@ class Committer:
 
     @property
     def durable(self) -> int:
-        """The newest revision on disk (and published to watchers)."""
-        return self.hub.revision
+        """The newest revision on disk."""
+        return self.store.last_revision
 
     # -- building ------------------------------------------------------------
 
@@ -129,6 +129,7 @@ class Committer:
         if exc is not None:
             self._fail(exc)
             return
+        self._reached(self.store.last_revision)
         for observe in self.observers:
             observe(time.perf_counter() - started)
 
@@ -157,16 +158,21 @@ class Committer:
     def on_commit(self, events: Sequence[Event]) -> None:
         """The store's commit callback: publish, then wake who waited for these revisions."""
         self.hub.publish(events)
-        if events and self._waiters:
-            reached = events[-1].revision
-            keep = []
-            for wanted, fut in self._waiters:
-                if wanted <= reached:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    keep.append((wanted, fut))
-            self._waiters = keep
+        if events:
+            self._reached(events[-1].revision)
+
+    def _reached(self, revision: int) -> None:
+        """Everything up to `revision` is durable: wake who waited for it."""
+        if not self._waiters:
+            return
+        keep = []
+        for wanted, fut in self._waiters:
+            if wanted <= revision:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((wanted, fut))
+        self._waiters = keep
 
     async def wait_durable(self, revision: int | None = None) -> int:
         """Waits until every change up to `revision` (default: all so far) is durable.

@@ -97,7 +97,8 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v = val.Violations()
         v.identifier("id", request.id, kind="allocation id")
         v.raise_if_any()
-        answer = await self._durable(self.engine.get_allocation(request.id))
+        found = await self.engine.found(lambda: self.engine.get_allocation(request.id))
+        answer = await self._durable(found)
         return allocator_pb2.GetAllocationResponse(allocation=answer)
 
     @unary

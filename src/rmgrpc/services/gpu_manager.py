@@ -140,9 +140,8 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         self._node_id(request.node_id)
         # The node and what is held on it (allocations' revisions) are as of now.
         revision = self.engine.revision
-        answer = gpu_manager_pb2.GetNodeResponse(
-            node=self._nodes([self.engine.get_node(request.node_id)])[0]
-        )
+        node = await self.engine.found(lambda: self.engine.get_node(request.node_id))
+        answer = gpu_manager_pb2.GetNodeResponse(node=self._nodes([node])[0])
         await self.engine.wait_committed(revision)
         return answer
 
@@ -190,7 +189,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         v.raise_if_any()
         state = self.engine.state
         if request.node_id:
-            nodes = [self.engine.get_node(request.node_id)]
+            nodes = [await self.engine.found(lambda: self.engine.get_node(request.node_id))]
         else:
             nodes = sorted(state.nodes.values(), key=lambda n: n.id)
         rows = []

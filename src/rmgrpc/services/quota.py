@@ -101,7 +101,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.GetQuotaResponse:
         self._tenant(request.tenant)
         # Encoded before waiting: a DeleteQuota meanwhile stamps the object it deletes.
-        answer = codec.quota_to_proto(self.engine.get_quota(request.tenant))
+        quota = await self.engine.found(lambda: self.engine.get_quota(request.tenant))
+        answer = codec.quota_to_proto(quota)
         await self.engine.wait_committed(answer.revision)
         return quota_pb2.GetQuotaResponse(quota=answer)
 
