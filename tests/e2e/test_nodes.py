@@ -321,23 +321,50 @@ async def test_silent_node_goes_down_its_work_is_lost_and_it_comes_back(
 
 
 async def test_node_lease_with_the_real_clock(cluster_factory: Any) -> None:
+    """Leases: a node whose agent misses heartbeats for the node lease goes DOWN and its
+    allocations become LOST — here through the real clock and the server's own timer loop.
+    Heartbeats every 0.1 s for longer than the lease keep the node READY; once they stop,
+    LOST arrives, and never before the lease of the last heartbeat before it ran out: by the
+    server's clock (the times it reports) and by this process's monotonic clock. Only lower
+    bounds: a loaded machine may make LOST late, never early."""
     c: Cluster = await cluster_factory(manual=False)
-    await c.register("n1", gpus=1)
+
+    def seconds(t: Any) -> float:
+        return float(t.seconds + t.nanos / 1e9)
+
+    sent = time.monotonic()
+    reg = await c.register("n1", gpus=1)
+    # (monotonic time the call was sent, lease end the server answered) per lease renewal.
+    leases = [(sent, seconds(reg.node.lease_expire_time))]
     a = await c.allocate(gpus=1)
     assert a.state == ALLOCATED
     watch = c.alloc.WatchAllocations(
         pb.WatchAllocationsRequest(node_id="n1", start_revision=a.revision + 1)
     )
-    last = time.monotonic()
-    for _ in range(5):  # 1.5 s of heartbeats: longer than the lease
-        await asyncio.sleep(INTERVAL)
-        await c.heartbeat("n1")
-        last = time.monotonic()
-    ev = await next_event(watch, timeout=5)
-    elapsed = time.monotonic() - last
-    assert ev.allocation.state == pb.ALLOCATION_STATE_LOST
-    assert LEASE * 0.9 <= elapsed <= LEASE + INTERVAL, elapsed
+    for _ in range(12):  # 1.2 s of heartbeats: longer than the lease
+        await asyncio.sleep(0.1)
+        sent = time.monotonic()
+        hb = await c.heartbeat("n1")
+        assert hb.state == gm.NODE_STATE_READY
+        leases.append((sent, seconds(hb.lease_expire_time)))
+    ev = await next_event(watch, timeout=30)
+    arrived = time.monotonic()
     watch.cancel()
+    assert (ev.type, ev.allocation.id) == (ENDED, a.id)
+    assert ev.allocation.state == pb.ALLOCATION_STATE_LOST
+    lost_at = seconds(ev.event_time)
+    # The last renewal the server had made when it declared the node lost (its lease
+    # started then: lease end - LEASE). Normally the last heartbeat; earlier only if this
+    # machine stalled the heartbeats for longer than the lease.
+    renewed = [(s, end) for s, end in leases if end - LEASE <= lost_at]
+    last_sent, lease_end = renewed[-1]
+    assert lost_at >= lease_end, (lost_at, lease_end)
+    assert seconds(ev.allocation.end_time) >= lease_end
+    assert arrived - last_sent >= LEASE, arrived - last_sent
+    node = await c.node("n1")
+    assert node.state == gm.NODE_STATE_DOWN or seconds(node.last_heartbeat_time) > lost_at
+    if node.state == gm.NODE_STATE_DOWN:
+        assert seconds(node.lease_expire_time) <= lost_at
 
 
 async def test_unhealthy_gpu_gets_no_new_work(cluster_factory: Any) -> None:
