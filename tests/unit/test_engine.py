@@ -4,6 +4,8 @@ the fair order, reasons for waiting are events, and a revision means one content
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from rmgrpc import codec
 from rmgrpc.clock import ManualClock
 from rmgrpc.engine import Engine, GpuReport
+from rmgrpc.errors import Unavailable
 from rmgrpc.gpu.simulated import simulated_nodes
 from rmgrpc.model import Allocation, AllocationState, Event, EventKind, Shape
 from rmgrpc.store import Store
@@ -139,3 +142,29 @@ async def test_a_changed_reason_is_an_event_and_a_revision_has_one_content(
     assert reasons[0] != reasons[1] == waiting[1].pending_reason
     assert waiting[0].state == AllocationState.ALLOCATED
     assert waiting[1].queue_position == 1 and waiting[2].queue_position == 2
+
+
+async def test_a_failed_commit_fails_every_waiter_at_once(tmp_path: Path) -> None:
+    """The database file is deleted under the server: the commit fails, its caller and
+    everyone waiting for a later revision get UNAVAILABLE at once, and no later write is
+    acknowledged."""
+    clock = ManualClock()
+    settings = make_settings(tmp_path)
+    store = await Store.open(settings.db)
+    engine = Engine(settings, store, clock)
+    await engine.start(simulated_nodes(1, 8, now=clock.now()))
+    try:
+        a, _ = await engine.allocate(request(gpus=8), dry_run=False)
+        os.remove(settings.db)
+        reader = asyncio.create_task(engine.wait_committed(engine.revision + 1))
+        with pytest.raises(Unavailable):
+            await engine.release(a.id)
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(reader, 5)
+        assert engine.failed is not None
+        with pytest.raises(Unavailable):
+            await engine.allocate(request(), dry_run=False)
+    finally:
+        await engine.stop()
+        with contextlib.suppress(Exception):
+            await store.close()

@@ -25,7 +25,7 @@ from rmgrpc.errors import NotFound, Unavailable
 from rmgrpc.events import EventHub
 from rmgrpc.model import AllocationState, EventKind, Node, NodeState
 from rmgrpc.state import ClusterState
-from rmgrpc.store import Store
+from rmgrpc.store import EventStore
 
 log = logging.getLogger("rmgrpc.engine")
 
@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 class EngineCore:
-    def __init__(self, settings: Settings, store: Store, clock: Clock) -> None:
+    def __init__(self, settings: Settings, store: EventStore, clock: Clock) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock

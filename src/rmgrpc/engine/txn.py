@@ -25,7 +25,7 @@ from rmgrpc.clock import Clock
 from rmgrpc.errors import Unavailable
 from rmgrpc.events import EventHub
 from rmgrpc.model import Event, EventKind
-from rmgrpc.store import Store, Write
+from rmgrpc.store import EventStore, Write
 
 log = logging.getLogger("rmgrpc.engine")
 
@@ -50,7 +50,7 @@ class Txn:
 class Committer:
     """Assigns revisions, submits txns in order, and knows what is durable."""
 
-    def __init__(self, store: Store, hub: EventHub, clock: Clock) -> None:
+    def __init__(self, store: EventStore, hub: EventHub, clock: Clock) -> None:
         self.store = store
         self.hub = hub
         self.clock = clock
