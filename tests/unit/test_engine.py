@@ -168,3 +168,13 @@ async def test_a_failed_commit_fails_every_waiter_at_once(tmp_path: Path) -> Non
         await engine.stop()
         with contextlib.suppress(Exception):
             await store.close()
+
+
+async def test_a_cordon_is_seen_by_the_next_quick_decision(engine_factory: Any) -> None:
+    engine, _ = await engine_factory(nodes=2, gpus=8)
+    a, _ = await engine.allocate(request(gpus=1), dry_run=False)
+    first = a.placements[0].node_id
+    await engine.cordon(first, "maintenance")
+    for _ in range(3):
+        b, _ = await engine.allocate(request(gpus=1), dry_run=False)
+        assert b.state == AllocationState.ALLOCATED and b.placements[0].node_id != first

@@ -72,6 +72,9 @@ class Transitions:
             self.state.remove_node(node.id)
         else:
             self.state.put_node(node)
+        # Capacity may have come or gone (state, GPUs, health): decisions made on the
+        # old view of this node no longer hold.
+        self.on_capacity_change()
 
     def quota(self, txn: Txn, quota: Quota, *, deleted: bool = False) -> None:
         def encode(rev: int) -> bytes:
