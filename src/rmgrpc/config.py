@@ -88,7 +88,19 @@ class Settings:
     )
 
     watch_buffer_events: int = _s(
-        "watch", "events a watcher may fall behind before it is cut off", default=4096
+        "watch",
+        "events buffered per live watcher; past it, it catches up from the log",
+        default=4096,
+    )
+    watch_max_lag_events: int = _s(
+        "watch",
+        "a watcher that fell back is cut off this many revisions behind",
+        default=65536,
+    )
+    watch_max_lag_seconds: float = _s(
+        "watch",
+        "a watcher that fell back is cut off after this long without progress",
+        default=30.0,
     )
     watch_progress_seconds: float = _s(
         "watch", "idle streams get a progress message this often", default=5.0
@@ -143,6 +155,11 @@ class Settings:
             (self.max_held_gangs >= 0, "max_held_gangs must be >= 0"),
             (self.default_weight > 0, "default_weight must be > 0"),
             (self.watch_buffer_events >= 16, "watch_buffer_events must be >= 16"),
+            (
+                self.watch_max_lag_events >= self.watch_buffer_events,
+                "watch_max_lag_events must be >= watch_buffer_events",
+            ),
+            (self.watch_max_lag_seconds > 0, "watch_max_lag_seconds must be > 0"),
             (self.watch_progress_seconds > 0, "watch_progress_seconds must be > 0"),
             (self.retention_max_events >= 1, "retention_max_events must be >= 1"),
             (self.retention_max_age_seconds > 0, "retention_max_age_seconds must be > 0"),

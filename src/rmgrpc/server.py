@@ -76,8 +76,13 @@ class RunningServer:
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
-        # Watch streams never end on their own: close them so stop() need not wait the grace.
+        # Watch streams never end on their own: close them so stop() need not wait the grace,
+        # and give them a moment to send their resume status before gRPC cancels calls.
         self.engine.hub.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while self.engine.hub.watchers and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()

@@ -44,6 +44,8 @@ class EngineCore:
             last_revision=store.last_revision,
             oldest_revision=store.oldest_revision,
             buffer_limit=settings.watch_buffer_events,
+            max_lag_events=settings.watch_max_lag_events,
+            max_lag_seconds=settings.watch_max_lag_seconds,
         )
         self.committer = Committer(store, self.hub, clock)
         # Watchers see an event only once it is durable: the store calls back after commit.
