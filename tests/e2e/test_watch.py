@@ -182,7 +182,10 @@ def by_id(i: str) -> Predicate:
 
 
 async def read_until(
-    stub: Stub, request: pb.WatchAllocationsRequest, final: asyncio.Future[int]
+    stub: Stub,
+    request: pb.WatchAllocationsRequest,
+    final: asyncio.Future[int],
+    timeout: float = 30.0,
 ) -> list[pb.AllocationEvent]:
     """Everything one stream delivers (progress included) until it passes `final`'s revision.
 
@@ -191,7 +194,7 @@ async def read_until(
     out: list[pb.AllocationEvent] = []
     call = stub.WatchAllocations(request)
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(timeout):
             async for ev in call:
                 out.append(ev)
                 if final.done() and ev.revision >= final.result():
@@ -706,6 +709,9 @@ async def _slow_watcher_is_cut_off_and_resumes(
     server: RunningServer, slow_options: list[tuple[str, Any]], writers: int
 ) -> None:
     hub = server.engine.hub
+    # A watcher whose buffer overflows falls back to catch-up; it is cut once it lags this
+    # far behind (the default, 65,536, would take minutes of churn here).
+    hub._max_lag_events = 64
     peaks = watch_buffer_probe(hub)
     final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     async with (
@@ -714,8 +720,11 @@ async def _slow_watcher_is_cut_off_and_resumes(
     ):
         stub = Stub(ch)
         start_revision = hub.revision + 1
+        # It reads through all the churn it takes to fill the slow one's transport windows.
         fast = asyncio.create_task(
-            read_until(stub, pb.WatchAllocationsRequest(start_revision=start_revision), final)
+            read_until(
+                stub, pb.WatchAllocationsRequest(start_revision=start_revision), final, 180.0
+            )
         )
         slow = Stub(slow_ch).WatchAllocations(
             pb.WatchAllocationsRequest(start_revision=start_revision)
@@ -842,3 +851,51 @@ async def test_bad_watch_requests_are_invalid_argument(servers: Servers) -> None
         ]:
             err = await status_of(stub.WatchAllocations(request))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+
+
+# -- bursts ----------------------------------------------------------------------------------
+
+
+async def test_a_scheduling_burst_larger_than_the_buffer_reaches_a_prompt_watcher_whole(
+    servers: Servers,
+) -> None:
+    """One cycle places 64 queued allocations at once: one commit of more matching events
+    than a watcher's buffer (16) holds. The watcher falls back to catch-up instead of being
+    cut off, then rejoins live."""
+    server = await servers.start(watch_buffer_events=16, simulated_nodes=8)
+    hub = server.engine.hub
+    sizes: list[int] = []
+    publish = hub.publish
+
+    def recording(events: Any) -> None:
+        sizes.append(len(events))
+        publish(events)
+
+    hub.publish = recording  # type: ignore[method-assign]
+    final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        stub = Stub(ch)
+        # Every GPU of the 8 nodes, then 64 single-GPU requests queued behind it.
+        blocker = await stub.Allocate(pb.AllocateRequest(tenant="org/a", count=8, shape=shape(8)))
+        for _ in range(64):
+            await stub.Allocate(pb.AllocateRequest(tenant="org/a", count=1, shape=shape(1)))
+        start_revision = await settled(server) + 1
+        reader = asyncio.create_task(
+            read_until(stub, pb.WatchAllocationsRequest(start_revision=start_revision), final)
+        )
+        async with asyncio.timeout(10):
+            while hub.watchers < 1:
+                await asyncio.sleep(0.01)
+        sizes.clear()
+        await stub.ReleaseAllocation(pb.ReleaseAllocationRequest(id=blocker.allocation.id))
+        placed = pb.ALLOCATION_EVENT_TYPE_PLACED
+        async with asyncio.timeout(10):
+            while sum(t == placed for _, t, _ in await log_keys(server, after=start_revision)) < 64:
+                await asyncio.sleep(0.02)
+        # Then live again: a later change still arrives.
+        await Churn(stub, seed=30).run(5)
+        final.set_result(await settled(server))
+        got = keys(await reader, upto=final.result())
+    same(got, await log_keys(server, after=start_revision - 1))
+    assert max(sizes) > 16, sizes  # a real burst: one commit larger than the buffer
+    assert hub.fell_back >= 1 and hub.cut_off == 0
