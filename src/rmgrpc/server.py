@@ -11,8 +11,9 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,6 +40,8 @@ from rmgrpc.v1 import (
 )
 
 log = logging.getLogger("rmgrpc")
+
+T = TypeVar("T")
 
 SERVICE_NAMES = [
     allocator_pb2.DESCRIPTOR.services_by_name["AllocatorService"].full_name,
@@ -112,6 +115,15 @@ def inventory(settings: Settings, clock: Clock) -> tuple[list[Node], NvmlInvento
     return nodes, nvml
 
 
+async def _yielding(items: Iterable[T], every: int = 64) -> AsyncIterator[T]:
+    """`items`, handing the event loop back every `every` of them: a refresh over thousands
+    of GPUs or allocations must not hold RPCs up for its whole length."""
+    for i, item in enumerate(items):
+        if i and i % every == 0:
+            await asyncio.sleep(0)
+        yield item
+
+
 async def _gpu_metrics_loop(engine: Engine, nvml: NvmlInventory | None, every: float) -> None:
     """Refreshes GPU metrics: sampled through NVML for the local node (reported like an
     agent's heartbeat, so its health changes are events), simulated for simulated nodes."""
@@ -127,7 +139,7 @@ async def _gpu_metrics_loop(engine: Engine, nvml: NvmlInventory | None, every: f
             busy: dict[str, set[int]] = {}
             for node_id, index in engine.state.holders:
                 busy.setdefault(node_id, set()).add(index)
-            for node in engine.state.nodes.values():
+            async for node in _yielding(list(engine.state.nodes.values()), 16):
                 if node.simulated:
                     samples = simulated_metrics(node, now, busy.get(node.id, set()))
                     for gpu in node.gpus:
@@ -185,13 +197,13 @@ async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float)
             seen = counts_now
             state = engine.state
             counts = dict.fromkeys((s.name for s in AllocationState), 0)
-            for a in state.allocations.values():
+            async for a in _yielding(list(state.allocations.values()), 4096):
                 counts[a.state.name] += 1
             metrics.set_allocation_counts(counts)
             nodes = dict.fromkeys((s.name for s in NodeState), 0)
             gpus: dict[tuple[str, str], int] = {}
             current: set[str] = set()
-            for node in state.nodes.values():
+            async for node in _yielding(list(state.nodes.values()), 16):
                 current.add(node.id)
                 nodes[node.state.name] += 1
                 for g in node.gpus:
