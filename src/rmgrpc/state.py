@@ -15,6 +15,7 @@ keeps, up to date at each change, what the hot paths would otherwise scan for:
 from __future__ import annotations
 
 import bisect
+import heapq
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -161,17 +162,16 @@ class ClusterState:
             if a is not None:
                 yield a
 
-    def of_subtree(self, root: str, after_seq: int = 0) -> list[Allocation]:
-        """Retained allocations of `root` and its subtree, in creation order."""
-        out = [
-            self.allocations[aid]
+    def of_subtree(self, root: str, after_seq: int = 0) -> Iterator[Allocation]:
+        """Retained allocations of `root` and its subtree, in creation order, from the
+        first with seq > `after_seq`: each tenant's own are kept in creation order, so
+        they are merged, never sorted, and a page reads little more than itself."""
+        per_tenant = [
+            (a for aid in ids if (a := self.allocations[aid]).seq > after_seq)
             for tenant, ids in self.by_tenant.items()
             if in_subtree(tenant, root)
-            for aid in ids
         ]
-        out = [a for a in out if a.seq > after_seq]
-        out.sort(key=lambda a: a.seq)
-        return out
+        return heapq.merge(*per_tenant, key=lambda a: a.seq)
 
     # -- nodes -------------------------------------------------------------
 

@@ -37,9 +37,7 @@ class AllocationCommands(EngineCore):
     ) -> Iterator[Allocation]:
         """Matching retained allocations in creation order, from after `after_seq`."""
         source = (
-            iter(self.state.of_subtree(tenant, after_seq))
-            if tenant
-            else self.state.in_order(after_seq)
+            self.state.of_subtree(tenant, after_seq) if tenant else self.state.in_order(after_seq)
         )
         for a in source:
             if states and a.state not in states:
