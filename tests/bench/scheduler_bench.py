@@ -1,7 +1,14 @@
 """One full scheduling cycle at scale, next to a naive scheduler on the same input.
 
-    python -m tests.bench.scheduler_bench [--nodes 1000] [--pending 10000] [--running 0]
-                                          [--seed 7] [--repeat 3] [--no-baseline]
+    python -m tests.bench.scheduler_bench [--case queue preemption] [--nodes 1000]
+                                          [--pending N] [--running N] [--seed 7]
+                                          [--repeat 3] [--no-baseline]
+
+Cases (both by default; --pending/--running override a case's own numbers):
+  queue       10,000 pending, nothing running.
+  preemption  10,000 pending and 5,000 1-GPU allocations running, all held by tenants
+              with no guarantee at the lowest priority, so pending work of higher
+              priority and of tenants under their guarantee must preempt (target < 1 s).
 
 10,000 pending requests of mixed shapes (1/2/4/8-GPU, multi-node gangs, CPU-only; some
 naming a GPU model, some a node selector) from tenants with quotas, onto 1,000 nodes of
@@ -18,6 +25,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from rmgrpc.model import (
     Allocation,
@@ -125,8 +133,40 @@ def random_shape(rng: random.Random) -> tuple[Shape, int]:
     return Shape.of(gpus, model, cpu, mem, selector), count
 
 
+# Who holds the running work in the preemption case: no guarantee among them, so lab and
+# org1's tenants sit under their guarantees and may preempt them, as may higher priorities.
+VICTIMS = ("batch", "adhoc", "org2/train", "org2/infer")
+
+
+@dataclass(frozen=True)
+class Case:
+    pending: int
+    running: int
+    running_tenants: tuple[str, ...] = TENANTS
+    running_priorities: tuple[int, ...] = (0, 0, 0, 10)
+    target_seconds: float | None = None
+
+
+CASES = {
+    "queue": Case(pending=10_000, running=0),
+    "preemption": Case(
+        pending=10_000,
+        running=5_000,
+        running_tenants=VICTIMS,
+        running_priorities=(0,),
+        target_seconds=1.0,
+    ),
+}
+
+
 def build_snapshot(
-    n_nodes: int, n_pending: int, n_running: int, seed: int, config: SchedulerConfig
+    n_nodes: int,
+    n_pending: int,
+    n_running: int,
+    seed: int,
+    config: SchedulerConfig,
+    running_tenants: Sequence[str] = TENANTS,
+    running_priorities: Sequence[int] = (0, 0, 0, 10),
 ) -> Snapshot:
     rng = random.Random(seed)
     nodes = build_cluster(n_nodes, rng)
@@ -142,10 +182,10 @@ def build_snapshot(
         seq += 1
         a = Allocation(
             id=f"run-{i:06d}",
-            tenant=rng.choice(TENANTS),
+            tenant=rng.choice(running_tenants),
             count=1,
             shape=Shape.of(1, gpu.model, 4000, 32 * GIB),
-            priority=rng.choice((0, 0, 0, 10)),
+            priority=rng.choice(running_priorities),
             state=AllocationState.ALLOCATED,
             placements=(Placement(node.id, (gpu.index,)),),
             create_time=now - 3600,
@@ -270,9 +310,10 @@ def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="One full scheduling cycle vs a naive baseline.")
+    ap.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--nodes", type=int, default=1000)
-    ap.add_argument("--pending", type=int, default=10_000)
-    ap.add_argument("--running", type=int, default=0, help="1-GPU allocations already placed")
+    ap.add_argument("--pending", type=int, default=None, help="overrides the case's")
+    ap.add_argument("--running", type=int, default=None, help="1-GPU allocations placed")
     ap.add_argument("--max-preemptions", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeat", type=int, default=3, help="cycles timed; the median is shown")
@@ -284,23 +325,47 @@ def main(argv: Sequence[str] | None = None) -> None:
         preemption_grace_seconds=30,
         max_preemptions_per_cycle=args.max_preemptions,
     )
+    for name in args.case:
+        case = CASES[name]
+        pending = case.pending if args.pending is None else args.pending
+        running = case.running if args.running is None else args.running
+        print(f"-- case {name}")
+        run_case(args, config, case, pending, running)
+
+
+def run_case(
+    args: argparse.Namespace, config: SchedulerConfig, case: Case, pending: int, running: int
+) -> None:
     t0 = time.perf_counter()
-    snap = build_snapshot(args.nodes, args.pending, args.running, args.seed, config)
+    snap = build_snapshot(
+        args.nodes,
+        pending,
+        running,
+        args.seed,
+        config,
+        case.running_tenants,
+        case.running_priorities,
+    )
     build = time.perf_counter() - t0
     gpus = sum(len(n.gpus) for n in snap.nodes.values())
     print(
-        f"cluster: {len(snap.nodes)} nodes, {gpus} GPUs; {args.pending} pending, "
-        f"{args.running} running; {len(snap.quotas)} quotas (built in {build:.2f} s)"
+        f"cluster: {len(snap.nodes)} nodes, {gpus} GPUs; {pending} pending, "
+        f"{running} running; {len(snap.quotas)} quotas (built in {build:.2f} s)"
     )
 
     d = run_cycle(snap)  # also warms up
     seconds = _median_seconds(lambda: run_cycle(snap), args.repeat)
     decided = len(d.admissions) + len(d.pending)
+    target = ""
+    if case.target_seconds is not None:
+        target = f"  (target < {case.target_seconds * 1000:.0f} ms)"
     print(
         f"rmgrpc cycle:   {seconds * 1000:8.1f} ms  {decided / seconds:10.0f} decisions/s  "
         f"admitted {len(d.admissions)}, preempted {len(d.preemptions)}, "
-        f"pending {len(d.pending)} (each with a reason and position)"
+        f"pending {len(d.pending)} (each with a reason and position){target}"
     )
+    if running and not d.preemptions:
+        print("                (no preemption happened: this case does not measure it)")
     again = run_cycle(snap)
     same = again.admissions == d.admissions and again.pending == d.pending
     print(f"deterministic:  {'yes' if same else 'NO'}")
