@@ -15,8 +15,8 @@ keeps, up to date at each change, what the hot paths would otherwise scan for:
 from __future__ import annotations
 
 import bisect
-import heapq
 import dataclasses
+import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 

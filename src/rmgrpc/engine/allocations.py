@@ -96,11 +96,12 @@ class AllocationCommands(EngineCore):
                 a.pending_reason = decided
             tr.allocation(txn, a, AllocationEventType.CREATED)
             if decided is None:
-                self.scheduling.unconsidered(a.id)
+                self.scheduling.pending(a.id, considered=False)
                 ticket = self.scheduling.request()
-            elif not isinstance(decided, str):
+            elif isinstance(decided, str):
+                self.scheduling.pending(a.id, considered=True)
+            else:
                 tr.place(txn, a, decided)
-                self.scheduling.forget(a.id)
         await self.committer.wait(txn)
         if decided is None:
             # The queue is not settled: the next pass decides, in the fair order.

@@ -54,7 +54,8 @@ class EngineCore:
         self.timers = Timers(clock, self._timer_wake.set)
         self.transitions = Transitions(self.state, self.committer, self.timers, clock)
         self.scheduling = Scheduling(self)
-        self.transitions.on_capacity_change = self.scheduling.changed
+        self.transitions.on_node_change = self.scheduling.changed
+        self.transitions.on_freed = self.scheduling.freed
         # Bumped by every quota change: plans made before one re-check quota.
         self.quotas_version = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -108,6 +109,8 @@ class EngineCore:
         tr = self.transitions
         for a in self.state.live.values():
             tr.arm(a)
+            if a.state == AllocationState.PENDING:
+                self.scheduling.pending(a.id, considered=False)
         for node in self.state.nodes.values():
             tr.arm_node(node)
         configured = {node.id for node in inventory}
@@ -205,7 +208,6 @@ class EngineCore:
         self.transitions.node(txn, node)
         log.warning("node %s DOWN: %s; its work is LOST", node_id, node.state_reason)
         self.transitions.lose_work_on(txn, node_id, f"node {node_id} went DOWN")
-        self.scheduling.changed()
         return True
 
     # -- compaction --------------------------------------------------------------------

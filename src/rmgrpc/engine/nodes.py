@@ -79,7 +79,6 @@ class NodeCommands(EngineCore):
                 log.info("node %s registered with %d GPUs", node.id, len(node.gpus))
             self._lease(node)
             tr.node(txn, node)
-        self.scheduling.changed()
         await self.committer.wait(txn)
         return node
 
@@ -107,8 +106,7 @@ class NodeCommands(EngineCore):
         if changed:
             with self.committer.transaction() as txn:
                 self.transitions.node(txn, node)
-            self.scheduling.changed()
-            await self.committer.wait(txn)
+                await self.committer.wait(txn)
         else:
             await self.wait_committed(node.revision)
         return node
@@ -142,7 +140,6 @@ class NodeCommands(EngineCore):
         with self.committer.transaction() as txn:
             self._set_admin(node, NodeState.READY, "")
             self.transitions.node(txn, node)
-        self.scheduling.changed()
         await self.committer.wait(txn)
         return node
 
@@ -159,6 +156,5 @@ class NodeCommands(EngineCore):
                 if a.state == AllocationState.ALLOCATED:
                     self.transitions.preempt(txn, a, grace, f"node {node_id} is draining")
                     evicted.append(a.id)
-        self.scheduling.changed()
         await self.committer.wait(txn)
         return node, evicted

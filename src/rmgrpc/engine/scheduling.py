@@ -74,8 +74,9 @@ class Scheduling:
         # Bumped by any change that may let pending work fit (capacity freed, a node or
         # quota changed); a pass settles the queue as of the epoch its snapshot had.
         self.epoch = 0
-        self._settled_epoch = -1
-        # Pending requests no pass or quick decision has looked at yet.
+        self._settled_epoch = 0
+        # Every PENDING allocation, and those no pass or quick decision has looked at yet.
+        self._pending: set[str] = set()
         self._unconsidered: set[str] = set()
         self._last: Decisions = Decisions()
         self._quick: tuple[CapacityView, Ledger] | None = None
@@ -95,10 +96,32 @@ class Scheduling:
     # -- asking for passes -----------------------------------------------------------
 
     def changed(self) -> None:
-        """Something happened that may let pending work fit: unsettle, run a pass soon."""
-        self.epoch += 1
+        """A node or quota changed: decisions made on the old view no longer hold, and
+        pending work may fit now."""
         self._quick = None
+        self._unsettle()
+
+    def freed(self, a: Allocation) -> None:
+        """`a` gives its capacity back (before its state says so)."""
+        if self._quick is not None:
+            view, ledger = self._quick
+            st = view.statement()  # committed at once: keeps the view's undo journal empty
+            view.release(a)
+            st.commit()
+            ledger.add_held(a.tenant, Amount.of_placed(a, ledger.gpu_models), -1)
+        self._unsettle()
+
+    def _unsettle(self) -> None:
+        if not self._pending:
+            return  # nobody waits, so no pass could do better than a quick decision
+        self.epoch += 1
         self.request(urgent=True)
+
+    def pending(self, allocation_id: str, *, considered: bool) -> None:
+        """A new PENDING allocation; not `considered`: the next pass must see it first."""
+        self._pending.add(allocation_id)
+        if not considered:
+            self._unconsidered.add(allocation_id)
 
     def request(self, *, urgent: bool = True) -> int:
         """Asks for a pass; returns a ticket `wait` can wait on."""
@@ -124,6 +147,7 @@ class Scheduling:
 
     def forget(self, allocation_id: str) -> None:
         """`allocation_id` is no longer pending."""
+        self._pending.discard(allocation_id)
         self._unconsidered.discard(allocation_id)
         self._reason_at.pop(allocation_id, None)
 
@@ -371,9 +395,6 @@ class Scheduling:
         placed = dataclasses.replace(a, placements=placements)
         ledger.add_held(a.tenant, Amount.of_placed(placed, ledger.gpu_models))
         return placements
-
-    def unconsidered(self, allocation_id: str) -> None:
-        self._unconsidered.add(allocation_id)
 
     # -- dry runs --------------------------------------------------------------------
 

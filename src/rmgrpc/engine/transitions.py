@@ -41,8 +41,10 @@ class Transitions:
         self.committer = committer
         self.timers = timers
         self.clock = clock
-        # Set by the engine: told when capacity frees or work may newly fit.
-        self.on_capacity_change: Callable[[], None] = lambda: None
+        # Set by the engine: told when a node changed (capacity came or went) and when an
+        # allocation gave its capacity back.
+        self.on_node_change: Callable[[], None] = lambda: None
+        self.on_freed: Callable[[Allocation], None] = lambda a: None
 
     # -- events ----------------------------------------------------------------------
 
@@ -74,7 +76,7 @@ class Transitions:
             self.state.put_node(node)
         # Capacity may have come or gone (state, GPUs, health): decisions made on the
         # old view of this node no longer hold.
-        self.on_capacity_change()
+        self.on_node_change()
 
     def quota(self, txn: Txn, quota: Quota, *, deleted: bool = False) -> None:
         def encode(rev: int) -> bytes:
@@ -102,6 +104,8 @@ class Transitions:
     def end(self, txn: Txn, a: Allocation, state: AllocationState, reason: str) -> None:
         """Ends `a` (RELEASED, CANCELLED, EXPIRED, LOST, REJECTED) and frees what it holds."""
         held = self.state.holds(a)
+        if held:
+            self.on_freed(a)  # told before it changes: what it held is what goes back
         a.state = state
         a.state_reason = reason
         a.end_time = self.clock.now()
@@ -110,8 +114,6 @@ class Transitions:
         self.state.free(a)
         self.timers.cancel_all(a.id, _ALLOCATION_TIMERS)
         self.allocation(txn, a, AllocationEventType.ENDED)
-        if held:
-            self.on_capacity_change()
         if state in (AllocationState.EXPIRED, AllocationState.LOST):
             log.info("allocation %s of tenant %s %s: %s", a.id, a.tenant, state.name, reason)
 
@@ -127,7 +129,7 @@ class Transitions:
         if self.state.holds(victim) and victim.grace_end_time is not None:
             self.timers.arm("grace", victim.id, victim.grace_end_time)
         else:
-            self.on_capacity_change()
+            self.on_freed(victim)  # no grace: `apply.preempt` gave its capacity back
         self.allocation(txn, victim, AllocationEventType.ENDED)
         log.info(
             "allocation %s of tenant %s PREEMPTED%s: %s",
@@ -140,8 +142,8 @@ class Transitions:
     def grace_over(self, a: Allocation) -> None:
         """A victim's grace ended: its capacity goes back (no event: the PREEMPTED event
         already named `grace_end_time`, when this was to happen)."""
+        self.on_freed(a)
         self.state.free(a, keep_live=True)
-        self.on_capacity_change()
 
     def arm(self, a: Allocation) -> None:
         """Arms the deadlines `a` carries in its current state."""
