@@ -262,6 +262,18 @@ class TestHolds:
         assert v.place_gang(Shape.of(1), 1, owner="urgent", priority=5) is not None
         assert v.place_gang(Shape.of(7), 1, owner="gang") is not None
 
+    def test_a_second_hold_is_explained_and_placed_alike(self) -> None:
+        v = view_of(make_node("a"), make_node("b"), make_node("c"))
+        v.hold(["a"], "gang", priority=0)
+        assert v.explain(Shape.of(8), 3).counters == {"held for starving gang gang": 1}
+        # The same gang now holds two nodes: both the reason and the placer see it.
+        v.hold(["a", "b"], "gang", priority=0)
+        ex = v.explain(Shape.of(8), 2)
+        assert ex.counters == {"held for starving gang gang": 2}
+        assert ex.fitting_nodes == 1
+        assert v.place_gang(Shape.of(8), 2) is None
+        assert gpus_on(v.place_gang(Shape.of(8), 1))[0][0] == "c"
+
     def test_nodes_to_hold_prefers_free_and_soon_free_nodes(self) -> None:
         busy_forever = placed("x", "a", (0, 1))
         ends_soon = placed("y", "b", (0, 1, 2, 3, 4, 5))

@@ -4,13 +4,18 @@ Nomad's two phases, in our words. *Feasibility* is a chain of tiny named filters
 (`FILTERS`), each answering "can this node take one replica?"; a filter that rejects a
 node counts one under its own name, and a pending request's explanation is those counts
 ("16 nodes: 12 have fewer than 4 free H100 GPUs, 2 cordoned, 2 lack label zone=a").
+The same chain decides placement: `find_node` accepts a node only once every filter has
+passed it, so the reason a request waits can never disagree with the placer. As in
+Nomad, the filters that read only a node's class (state, hold, labels, GPU models) run
+once per class of alike nodes and are cached; the rest run per candidate node.
 *Ranking* prefers the node a replica fills best, so the least capacity is stranded: the
 fewest free GPUs left (small requests pack onto busy nodes, whole nodes stay whole for
 whole-node requests), then the least CPU and memory left.
 
 `CapacityView` is the scheduler's scratch copy of what is free. It indexes schedulable
 nodes by free GPU count per model (and per node selector, built on first use), so a
-placement walks the best-fitting buckets instead of every node, and it remembers, per
+placement walks the best-fitting buckets instead of every node (the index only
+pre-selects; the chain accepts), and it remembers, per
 cycle, that a request signature did not fit: capacity only shrinks during a pass unless
 something is released, which bumps a generation number. Every change is journaled, so a
 `Statement` can try "what if these victims were gone?" and discard it for free (KAI's
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +36,11 @@ GIB = 1024**3
 
 # How many feasible nodes of the best-fitting GPU bucket are scored before one is chosen.
 CANDIDATE_LIMIT = 4
+
+# Most requests' class verdicts a view keeps (one short list each).
+_VERDICTS_KEPT = 4096
+# A class verdict not worked out yet (compared by identity).
+_UNJUDGED = "(not judged yet)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,6 +91,7 @@ class NodeCapacity:
     """What one node has free, as the current pass sees it."""
 
     __slots__ = (
+        "cls",
         "cpu_free",
         "cpu_total",
         "end_time",
@@ -124,6 +136,8 @@ class NodeCapacity:
         self.held_for = ""
         self.held_priority = 0
         self.indexes: list[_Index] = []
+        # Id of the node's class in its view (`_class_key`), set by the view.
+        self.cls = -1
 
     def free_count(self, model: str) -> int:
         lst = self.free.get(model)
@@ -138,7 +152,12 @@ class NodeCapacity:
         return bool(self.held_for) and self.held_for != owner and priority <= self.held_priority
 
     def replicas_fit(self, shape: Shape, models: Sequence[str] | None, *, empty: bool) -> int:
-        """How many replicas of `shape` fit on this node now (or once `empty`)."""
+        """How many replicas of `shape` fit on this node now (or once `empty`).
+
+        Counts, it does not judge: at least 1 on every node the filter chain passes, and
+        each replica placed here lowers it by exactly 1, so the sum over passing nodes is
+        how many replicas the placer can place.
+        """
         cpu = self.cpu_total if empty else self.cpu_free
         mem = self.mem_total if empty else self.mem_free
         room = math.inf
@@ -152,7 +171,8 @@ class NodeCapacity:
             for m in _models_for(shape, models, counts):
                 best += counts.get(m, 0) // shape.gpus
             room = min(room, best)
-        return 0 if room == math.inf else int(room)
+        # A shape asking for nothing (the API refuses it) fits without bound.
+        return sys.maxsize if room == math.inf else int(room)
 
 
 def _models_for(shape: Shape, models: Sequence[str] | None, present: Iterable[str]) -> list[str]:
@@ -220,20 +240,37 @@ def gpu_model_present(node: NodeCapacity, req: ReplicaRequest) -> str | None:
     return f"have fewer than {gpus_text(g, '', 'healthy')}"
 
 
-def gpus_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+# The filters on free capacity each rest on a yes/no predicate the placer calls directly:
+# it rejects most of the nodes it visits, and should not write a reason for each.
+Predicate = Callable[[NodeCapacity, ReplicaRequest], bool]
+
+
+def has_free_gpus(node: NodeCapacity, req: ReplicaRequest) -> bool:
     g = req.shape.gpus
     if g <= 0:
+        return True
+    return any(node.free_count(m) >= g for m in _models_for(req.shape, req.models, node.free))
+
+
+def has_free_cpu(node: NodeCapacity, req: ReplicaRequest) -> bool:
+    return node.cpu_free >= req.shape.cpu_millis
+
+
+def has_free_memory(node: NodeCapacity, req: ReplicaRequest) -> bool:
+    return node.mem_free >= req.shape.memory_bytes
+
+
+def gpus_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    if has_free_gpus(node, req):
         return None
-    for m in _models_for(req.shape, req.models, node.free):
-        if node.free_count(m) >= g:
-            return None
+    g = req.shape.gpus
     if g == 1:
         return f"have no free {req.shape.gpu_model + ' ' if req.shape.gpu_model else ''}GPU"
     return f"have fewer than {gpus_text(g, req.shape.gpu_model, 'free')}"
 
 
 def cpu_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
-    if node.cpu_free >= req.shape.cpu_millis:
+    if has_free_cpu(node, req):
         return None
     if node.cpu_total < req.shape.cpu_millis:
         return f"have less than {cpu_text(req.shape.cpu_millis)} in total"
@@ -241,7 +278,7 @@ def cpu_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
 
 
 def memory_free(node: NodeCapacity, req: ReplicaRequest) -> str | None:
-    if node.mem_free >= req.shape.memory_bytes:
+    if has_free_memory(node, req):
         return None
     if node.mem_total < req.shape.memory_bytes:
         return f"have less than {memory_text(req.shape.memory_bytes)} in total"
@@ -260,23 +297,59 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
 )
 
 
-# The first five depend only on a node's class (state, hold, labels, GPU counts), so an
-# explanation runs them once per class of alike nodes; the last two per node.
-CLASS_FILTERS = FILTERS[:5]
-NODE_FILTERS = FILTERS[5:]
+# The first four read only what `_class_key` holds, which no take or give changes: the
+# view runs them once per class of alike nodes and caches the verdict. The rest read free
+# capacity, which every take changes: they run on each candidate node.
+CLASS_FILTERS = FILTERS[:4]
+NODE_FILTERS = FILTERS[4:]
+
+# Each node filter's predicate, in the order the placer tries them: the index already
+# pre-selected on free GPUs, so CPU and memory are what reject there.
+PREDICATES: dict[Filter, Predicate] = {
+    cpu_free: has_free_cpu,
+    memory_free: has_free_memory,
+    gpus_free: has_free_gpus,
+}
+if set(PREDICATES) != {check for _, check in NODE_FILTERS}:
+    raise RuntimeError("every node filter needs its predicate in PREDICATES")
+_PLACE_CHECKS: tuple[Predicate, ...] = tuple(PREDICATES.values())
+# gpus_free reads only free GPU counts (besides the class), so `explain` runs it once per
+# group of nodes alike in those; CPU and memory per node.
+_GPU_FILTERS = NODE_FILTERS[:1]
+_RESOURCE_FILTERS = NODE_FILTERS[1:]
 
 
-def feasible(node: NodeCapacity, req: ReplicaRequest) -> str | None:
-    """Run the whole chain; the first rejecting filter's counter name, or None."""
-    for _, check in FILTERS:
+def _class_key(n: NodeCapacity) -> tuple[object, ...]:
+    """Everything CLASS_FILTERS read: nodes with equal keys get equal verdicts."""
+    return (
+        n.state,
+        n.held_for,
+        n.held_priority,
+        tuple(sorted(n.labels.items())),
+        tuple(sorted(n.healthy_by_model.items())),
+        tuple(sorted(set(n.gpu_models.values()))),
+    )
+
+
+def rejection(
+    filters: Iterable[tuple[str, Filter]], node: NodeCapacity, req: ReplicaRequest
+) -> str | None:
+    """The first of `filters` that rejects the node: its counter name, or None."""
+    for _, check in filters:
         why = check(node, req)
         if why is not None:
             return why
     return None
 
 
+def feasible(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    """Run the whole chain; the first rejecting filter's counter name, or None."""
+    return rejection(FILTERS, node, req)
+
+
 # ---------------------------------------------------------------------------------------
-# Ranking: bin-packing scores. Lower is better; the GPU fit is decided by the index.
+# Ranking: bin-packing scores. Lower is better; the GPU fit is ranked by walking the
+# index's fullest buckets first.
 
 
 def leftover_score(node: NodeCapacity, shape: Shape) -> float:
@@ -421,8 +494,17 @@ class CapacityView:
         self.holders: dict[str, tuple[str, ...]] = {}
         # Nodes, by id, that scans visited: a measure of the index's work.
         self.visited = 0
+        # Class id -> its members grouped by free GPU counts, valid while `_changes` is.
         self._changes = 0
-        self._class_cache: tuple[tuple[int, int, int], list[list[NodeCapacity]]] | None = None
+        self._groups: dict[int, list[list[NodeCapacity]]] = {}
+        self._groups_at = 0
+        # Classes of alike nodes (`_class_key`) and their members, by class id.
+        self._class_ids: dict[tuple[object, ...], int] = {}
+        self._class_nodes: list[list[NodeCapacity]] = []
+        for n in self.nodes.values():
+            self._classify(n)
+        # Request key -> CLASS_FILTERS verdict per class id; holds change classes and clear it.
+        self._verdicts: dict[tuple[object, ...], list[str | None]] = {}
 
     # -- building -------------------------------------------------------------------
 
@@ -444,12 +526,66 @@ class CapacityView:
         idx = self._indexes.get(selector)
         if idx is None:
             idx = _Index(selector, self.max_by_model)
+            # Pre-selection by the chain's own filters for state and labels.
+            probe = ReplicaRequest(Shape(node_selector=selector))
             for n in self.nodes.values():
-                if n.schedulable and labels_match(n.labels, selector):
+                if node_ready(n, probe) is None and selector_matches(n, probe) is None:
                     idx.add(n)
                     n.indexes.append(idx)
             self._indexes[selector] = idx
         return idx
+
+    # -- classes of alike nodes -----------------------------------------------------------
+
+    def _classify(self, n: NodeCapacity) -> None:
+        """File `n` under its class, moving it out of its old one."""
+        if n.cls >= 0:
+            self._class_nodes[n.cls].remove(n)
+        key = _class_key(n)
+        cid = self._class_ids.get(key)
+        if cid is None:
+            cid = self._class_ids[key] = len(self._class_nodes)
+            self._class_nodes.append([])
+        self._class_nodes[cid].append(n)
+        n.cls = cid
+        self._changes += 1
+
+    def _gpu_groups(self, cid: int) -> list[list[NodeCapacity]]:
+        """A class's members grouped by free GPU counts: all `gpus_free` reads but the class."""
+        if self._groups_at != self._changes:
+            self._groups.clear()
+            self._groups_at = self._changes
+        got = self._groups.get(cid)
+        if got is None:
+            by: dict[tuple[tuple[str, int], ...], list[NodeCapacity]] = {}
+            for n in self._class_nodes[cid]:
+                key = tuple(sorted((m, len(v)) for m, v in n.free.items()))
+                by.setdefault(key, []).append(n)
+            got = self._groups[cid] = list(by.values())
+        return got
+
+    def _class_verdicts(self, req: ReplicaRequest) -> list[str | None]:
+        """CLASS_FILTERS' verdict by class id, `_UNJUDGED` until `_judge` runs them (on one
+        member of the class): a placement only looks at classes its index buckets hold."""
+        # Owner and priority only matter against a hold (`not_held`): requests alike share
+        # one list, as they share a remembered no-fit (`_key`).
+        holds = self.holders
+        key = (
+            req.shape,
+            req.models,
+            req.owner if req.owner in holds else "",
+            req.priority if holds else 0,
+        )
+        got = self._verdicts.get(key)
+        if got is None:
+            if len(self._verdicts) >= _VERDICTS_KEPT:
+                self._verdicts.clear()  # the engine's quick view lives long: stay bounded
+            got = self._verdicts[key] = [_UNJUDGED] * len(self._class_nodes)
+        return got
+
+    def _judge(self, verdicts: list[str | None], cid: int, req: ReplicaRequest) -> str | None:
+        why = verdicts[cid] = rejection(CLASS_FILTERS, self._class_nodes[cid][0], req)
+        return why
 
     # -- changes ----------------------------------------------------------------------
 
@@ -528,7 +664,9 @@ class CapacityView:
             n = self.nodes[nid]
             n.held_for = owner
             n.held_priority = priority
+            self._classify(n)
         self.holders[owner] = tuple(node_ids)
+        self._verdicts.clear()
 
     # -- placing --------------------------------------------------------------------------
 
@@ -548,11 +686,24 @@ class CapacityView:
         models: tuple[str, ...] | None = None,
     ) -> tuple[NodeCapacity, str] | None:
         """The best node for one replica, and the GPU model to take there."""
+        req = ReplicaRequest(shape, owner, priority, models)
+        return self._find(req, self._class_verdicts(req))
+
+    def _find(
+        self, req: ReplicaRequest, verdicts: list[str | None]
+    ) -> tuple[NodeCapacity, str] | None:
+        """Walk the index's best-fitting buckets; accept only nodes the whole chain passes.
+
+        The index pre-selects (schedulable, selector, enough free GPUs of a model); a node
+        is scored only once its class passed CLASS_FILTERS (`verdicts`) and it passed
+        NODE_FILTERS itself (their predicates), as `explain` counts them.
+        """
+        shape = req.shape
         idx = self.index(shape.node_selector)
-        cpu = shape.cpu_millis
-        mem = shape.memory_bytes
+        nodes = self.nodes
+        # Unpacked for speed: a predicate added to PREDICATES fails here, not silently.
+        check1, check2, check3 = _PLACE_CHECKS
         g = shape.gpus
-        holds = bool(self.holders)
         best: NodeCapacity | None = None
         best_model = ""
         best_score = math.inf
@@ -561,11 +712,14 @@ class CapacityView:
             for bucket in idx.by_total:
                 found = 0
                 for nid in bucket:
-                    n = self.nodes[nid]
+                    n = nodes[nid]
                     self.visited += 1
-                    if n.cpu_free < cpu or n.mem_free < mem:
-                        continue
-                    if holds and n.blocks(owner, priority):
+                    why = verdicts[n.cls]
+                    if why is _UNJUDGED:
+                        why = self._judge(verdicts, n.cls, req)
+                    if why is not None or not (
+                        check1(n, req) and check2(n, req) and check3(n, req)
+                    ):
                         continue
                     s = leftover_score(n, shape)
                     if s < best_score:
@@ -576,12 +730,7 @@ class CapacityView:
                 if best is not None:
                     return best, ""
             return None
-        if shape.gpu_model:
-            if models is not None and shape.gpu_model not in models:
-                return None
-            model_list: Sequence[str] = (shape.gpu_model,)
-        else:
-            model_list = self.models if models is None else models
+        model_list = _models_for(shape, req.models, self.models)
         for c in range(g, self.max_gpus + 1):
             found = 0
             for m in model_list:
@@ -589,11 +738,14 @@ class CapacityView:
                 if buckets is None or c >= len(buckets):
                     continue
                 for nid in buckets[c]:
-                    n = self.nodes[nid]
+                    n = nodes[nid]
                     self.visited += 1
-                    if n.cpu_free < cpu or n.mem_free < mem:
-                        continue
-                    if holds and n.blocks(owner, priority):
+                    why = verdicts[n.cls]
+                    if why is _UNJUDGED:
+                        why = self._judge(verdicts, n.cls, req)
+                    if why is not None or not (
+                        check1(n, req) and check2(n, req) and check3(n, req)
+                    ):
                         continue
                     s = leftover_score(n, shape)
                     if s < best_score:
@@ -620,11 +772,13 @@ class CapacityView:
         key = self._key(shape, count, owner, priority, models)
         if self._no_fit.get(key) == self.generation:
             return None
+        req = ReplicaRequest(shape, owner, priority, models)
+        verdicts = self._class_verdicts(req)  # takes do not change classes
         mark = len(self._journal)
         placements: list[Placement] = []
         g = shape.gpus
         for _ in range(count):
-            found = self.find_node(shape, owner=owner, priority=priority, models=models)
+            found = self._find(req, verdicts)
             if found is None:
                 self._rollback(mark)
                 # Only outside trials: a trial's capacity is not the pass's capacity.
@@ -667,57 +821,38 @@ class CapacityView:
         priority: int = 0,
         models: tuple[str, ...] | None = None,
     ) -> Explanation:
-        """Run the filter chain over every node and count who rejected it and why."""
+        """Run the filter chain over every node and count who rejected it and why.
+
+        The same verdicts and filters `find_node` accepts nodes by: a node counted as
+        fitting is one the placer may choose.
+        """
         req = ReplicaRequest(shape, owner, priority, models)
         ex = Explanation(shape, count, nodes=len(self.nodes))
         counters = ex.counters
-        for group in self._classes():
-            why = None
-            for _, check in CLASS_FILTERS:
-                why = check(group[0], req)
-                if why is not None:
-                    break
+        verdicts = self._class_verdicts(req)
+        for cid, members in enumerate(self._class_nodes):
+            if not members:
+                continue  # emptied by holds
+            why = verdicts[cid]
+            if why is _UNJUDGED:
+                why = self._judge(verdicts, cid, req)
             if why is not None:
-                counters[why] = counters.get(why, 0) + len(group)
+                counters[why] = counters.get(why, 0) + len(members)
                 continue
-            for n in group:
-                why = None
-                for _, check in NODE_FILTERS:
-                    why = check(n, req)
-                    if why is not None:
-                        break
-                if why is None:
-                    room = n.replicas_fit(shape, models, empty=False)
-                    if room > 0:
+            # gpus_free once per group of alike free GPU counts, the rest per node.
+            for group in self._gpu_groups(cid):
+                why = rejection(_GPU_FILTERS, group[0], req)
+                if why is not None:
+                    counters[why] = counters.get(why, 0) + len(group)
+                    continue
+                for n in group:
+                    why = rejection(_RESOURCE_FILTERS, n, req)
+                    if why is None:
                         ex.fitting_nodes += 1
-                        ex.replica_room += room
-                        continue
-                    why = "cannot take one replica"
-                counters[why] = counters.get(why, 0) + 1
+                        ex.replica_room += n.replicas_fit(shape, models, empty=False)
+                    else:
+                        counters[why] = counters.get(why, 0) + 1
         return ex
-
-    def _classes(self) -> list[list[NodeCapacity]]:
-        """Nodes grouped by what the class filters look at; cached until the view changes."""
-        if self._class_cache is not None and self._class_cache[0] == self._version():
-            return self._class_cache[1]
-        groups: dict[tuple[object, ...], list[NodeCapacity]] = {}
-        for n in self.nodes.values():
-            key = (
-                n.state,
-                n.held_for,
-                n.held_priority,
-                tuple(sorted(n.labels.items())),
-                tuple(sorted(n.healthy_by_model.items())),
-                tuple(sorted((m, len(v)) for m, v in n.free.items())),
-                tuple(sorted(set(n.gpu_models.values()))),
-            )
-            groups.setdefault(key, []).append(n)
-        out = list(groups.values())
-        self._class_cache = (self._version(), out)
-        return out
-
-    def _version(self) -> tuple[int, int, int]:
-        return (self._changes, len(self._journal), len(self.holders))
 
 
 class Statement:
@@ -781,11 +916,19 @@ def nodes_to_hold(
     many of the GPUs the gang could use are busy. Nodes are taken in that order until,
     once empty, they could host every replica. None when even the whole cluster could not.
     """
+    req = ReplicaRequest(shape, owner, priority, models)
+    verdicts = view._class_verdicts(req)
     ranked: list[tuple[tuple[float, int, str], int]] = []
     for n in view.nodes.values():
-        if not n.schedulable or (n.held_for and n.held_for != owner):
+        # The class filters (ready, hold, labels, enough healthy GPUs), as for placing.
+        why = verdicts[n.cls]
+        if why is _UNJUDGED:
+            why = view._judge(verdicts, n.cls, req)
+        if why is not None:
             continue
-        if not labels_match(n.labels, shape.node_selector):
+        # Stricter than `not_held`: never take over another gang's hold, even with a higher
+        # priority, or two starving gangs could keep each other waiting.
+        if n.held_for and n.held_for != owner:
             continue
         room = n.replicas_fit(shape, models, empty=True)
         if room <= 0:
