@@ -533,3 +533,23 @@ class TestConvergence:
         assert len({p.node_id for p in gang.placements}) == 2
         assert held_seen
         assert small_while_blocked > 10
+
+
+def test_quota_bound_preemption_keeps_the_per_model_limit() -> None:
+    """Found by test_safety_over_random_streams: a request bound by its tenant's limit
+    preempts the tenant's own lower-priority work, and (no grace) is placed in the same
+    pass; that placement must still respect the per-model limit (H100: 0 here)."""
+    limit = Resources(gpus=4, gpus_by_model={"H100": 0})
+    s = Simulator(
+        [make_node("n0", gpus=2, model="H100"), make_node("n1", gpus=8, model="A100")],
+        [Quota(tenant="org/x", limit=limit)],
+        SchedulerConfig(min_runtime_seconds=0, preemption_grace_seconds=0),
+    )
+    old = s.submit("org/x", Shape(gpus=4))
+    s.step()
+    assert old.state == AllocationState.ALLOCATED and old.placements[0].node_id == "n1"
+    new = s.submit("org/x", Shape(gpus=1), priority=1)
+    s.step()
+    assert old.state == AllocationState.PREEMPTED
+    assert new.state == AllocationState.ALLOCATED
+    assert new.placements[0].node_id == "n1"

@@ -388,7 +388,11 @@ class _Cycle:
                 self.view.release(v.alloc)
                 self.ledger.add_held(v.tenant, v.amount, -1)
             placements = None
-            if self.ledger.limit_block(a.tenant, self.amount(a)) is None:
+            if models is None:
+                # Quota-bound preemption comes here without the models the per-model
+                # limits allow; with the victims gone from the ledger, ask now.
+                models = self._models(a)
+            if models != () and self.ledger.limit_block(a.tenant, self.amount(a)) is None:
                 placements = self.view.place_gang(
                     a.shape, a.count, owner=a.id, priority=a.priority, models=models
                 )
