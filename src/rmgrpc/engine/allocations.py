@@ -71,7 +71,9 @@ class AllocationCommands(EngineCore):
         if request.reservation_id:
             raise NotFound("reservation", request.reservation_id)
         request.lease_seconds = request.lease_seconds or self.settings.default_lease_seconds
-        reason = fairshare.check_admissible(self._admission_snapshot(), request)
+        reason = fairshare.check_admissible(
+            self._admission_snapshot(), request, self.scheduling.gpu_models
+        )
         if reason is not None:
             log.info("allocation request of tenant %s refused: %s", request.tenant, reason)
             raise QuotaExceeded([QuotaViolation(f"tenant:{request.tenant}", reason)])

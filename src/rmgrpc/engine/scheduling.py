@@ -80,6 +80,13 @@ class Scheduling:
         self._unconsidered: set[str] = set()
         self._last: Decisions = Decisions()
         self._quick: tuple[CapacityView, Ledger] | None = None
+        # Reasons the quick view gave, while it has not changed: a full cluster explains
+        # the same shape the same way, and a filter-chain walk over every node is the
+        # dearest part of a quick decision.
+        self._explained: dict[tuple[object, ...], str] = {}
+        # Victims counted as leaving in the quick ledger (preempted, still in grace).
+        self._leaving_ids: set[str] = set()
+        self._models: tuple[str, ...] | None = None
         # Victims whose grace ended: dropped from the live set after the next pass,
         # which hands what they freed to their preemptor first.
         self.graced: list[str] = []
@@ -98,8 +105,26 @@ class Scheduling:
     def changed(self) -> None:
         """A node or quota changed: decisions made on the old view no longer hold, and
         pending work may fit now."""
-        self._quick = None
+        self._invalidate()
+        self._models = None
         self._unsettle()
+
+    def _invalidate(self) -> None:
+        self._quick = None
+        self._leaving_ids.clear()
+        self._explained.clear()
+
+    @property
+    def gpu_models(self) -> tuple[str, ...]:
+        """Every GPU model the cluster has (for admission checks), kept until a node changes."""
+        if self._models is None:
+            self._models = tuple(
+                sorted({g.model for n in self.state.nodes.values() for g in n.gpus})
+            )
+        return self._models
+
+    # The quick view and ledger follow every change of what is held, in place: rebuilding
+    # them (every node, every running allocation) would stall the event loop.
 
     def freed(self, a: Allocation) -> None:
         """`a` gives its capacity back (before its state says so)."""
@@ -108,8 +133,40 @@ class Scheduling:
             st = view.statement()  # committed at once: keeps the view's undo journal empty
             view.release(a)
             st.commit()
-            ledger.add_held(a.tenant, Amount.of_placed(a, ledger.gpu_models), -1)
+            amt = Amount.of_placed(a, ledger.gpu_models)
+            ledger.add_held(a.tenant, amt, -1)
+            if a.id in self._leaving_ids:
+                ledger.add_leaving(a.tenant, amt, -1)
+            self._explained.clear()
+        self._leaving_ids.discard(a.id)
         self._unsettle()
+
+    def _taken(self, a: Allocation) -> None:
+        """A pass placed `a`."""
+        if self._quick is None:
+            return
+        view, ledger = self._quick
+        st = view.statement()
+        for p in a.placements:
+            view.take(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
+        st.commit()
+        ledger.add_held(a.tenant, Amount.of_placed(a, ledger.gpu_models))
+        self._explained.clear()
+        self._running(a)
+
+    def _leaving(self, victim: Allocation) -> None:
+        """A pass preempted `victim`; while it keeps its capacity (grace) it is leaving."""
+        if self._quick is None or not self.state.holds(victim):
+            return
+        ledger = self._quick[1]
+        ledger.add_leaving(victim.tenant, Amount.of_placed(victim, ledger.gpu_models))
+        self._leaving_ids.add(victim.id)
+
+    def _running(self, a: Allocation) -> None:
+        if self._min_priority is None or a.priority < self._min_priority:
+            self._min_priority = a.priority
+        if self._first_start is None:
+            self._first_start = a.allocate_time or self.engine.clock.now()
 
     def _unsettle(self) -> None:
         if not self._pending:
@@ -160,8 +217,10 @@ class Scheduling:
                 await asyncio.wait_for(self._kick.wait(), REFRESH_EVERY if pending else None)
             if not self._urgent:
                 # Only a refresh: leave the CPU to serving for a moment first (an urgent
-                # request cuts the wait short).
-                gap = REFRESH_GAP - (time.monotonic() - self._last_pass_end)
+                # request cuts the wait short), and the longer passes take, the longer:
+                # refreshes never take more than a third of the time.
+                every = max(REFRESH_GAP, 2 * self.last_cycle_seconds)
+                gap = every - (time.monotonic() - self._last_pass_end)
                 if gap > 0:
                     self._kick.clear()
                     with contextlib.suppress(TimeoutError):
@@ -255,9 +314,11 @@ class Scheduling:
             )
             for victim in applied.preempted:
                 tr.preempted(txn, victim)
+                self._leaving(victim)
             for a in applied.placed:
                 self.forget(a.id)
                 tr.placed(txn, a)
+                self._taken(a)
             for aid, why in applied.refused:
                 log.info("plan for %s refused at apply time: %s", aid, why)
                 self._unconsidered.add(aid)
@@ -268,8 +329,13 @@ class Scheduling:
                 gone = state.live.get(aid)
                 if gone is not None and gone.state == AllocationState.PREEMPTED:
                     state.free(gone)
+        holds_moved = (decisions.held_nodes, decisions.reserved) != (
+            self._last.held_nodes,
+            self._last.reserved,
+        )
         self._last = decisions
-        self._quick = None
+        if holds_moved:
+            self._invalidate()  # the quick view keeps off what the last pass held
         if applied.placed or applied.preempted:
             log.debug("pass placed %d, preempted %d", len(applied.placed), len(applied.preempted))
         return txn
@@ -342,6 +408,12 @@ class Scheduling:
                 free = [i for i in gpus if any(i in lst for lst in n.free.values())]
                 view.take(node_id, free, min(cpu, n.cpu_free), min(mem, n.mem_free))
             self._quick = (view, self._ledger())
+            # The ledger counts victims still in their grace as leaving.
+            self._leaving_ids = {
+                a.id
+                for a in state.live.values()
+                if a.state == AllocationState.PREEMPTED and state.holds(a)
+            }
             running = [a for a in state.live.values() if a.state == AllocationState.ALLOCATED]
             self._min_priority = min((a.priority for a in running), default=None)
             self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
@@ -384,14 +456,16 @@ class Scheduling:
             if self._may_preempt(a, amt, ledger):
                 return None
             self.request(urgent=False)  # for its position, and fair-share reclaim
-            return view.explain(
-                a.shape, a.count, owner=a.id, priority=a.priority, models=models
-            ).text()
+            held = bool(view.holders)
+            key = (a.shape, a.count, models, a.priority if held else 0, a.id if held else "")
+            text = self._explained.get(key)
+            if text is None:
+                ex = view.explain(a.shape, a.count, owner=a.id, priority=a.priority, models=models)
+                text = self._explained[key] = ex.text()
+            return text
         self._quick_placed += 1
-        if self._min_priority is None or a.priority < self._min_priority:
-            self._min_priority = a.priority
-        if self._first_start is None:
-            self._first_start = self.engine.clock.now()
+        self._explained.clear()
+        self._running(a)
         placed = dataclasses.replace(a, placements=placements)
         ledger.add_held(a.tenant, Amount.of_placed(placed, ledger.gpu_models))
         return placements

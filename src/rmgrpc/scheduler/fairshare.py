@@ -14,7 +14,7 @@ tenant's own allocations beside its children count as one more child of weight 1
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rmgrpc.model import Allocation, AllocationState, Node, Quota, Resources, parent_of
@@ -605,7 +605,9 @@ def all_tenant_usage(snapshot: Snapshot) -> dict[str, TenantUsage]:
 # Admission control.
 
 
-def check_admissible(snapshot: Snapshot, request: Allocation) -> str | None:
+def check_admissible(
+    snapshot: Snapshot, request: Allocation, cluster_models: Sequence[str] | None = None
+) -> str | None:
     """Why `request` can never be admitted under the current limits, or None.
 
     "Never": its total alone exceeds the limit of its tenant or an ancestor, whatever
@@ -613,7 +615,8 @@ def check_admissible(snapshot: Snapshot, request: Allocation) -> str | None:
     """
     tree = TenantTree(snapshot.quotas, (request.tenant,), snapshot.config)
     amt = Amount.of_request(request)
-    cluster_models = sorted({g.model for n in snapshot.nodes.values() for g in n.gpus})
+    if cluster_models is None:
+        cluster_models = sorted({g.model for n in snapshot.nodes.values() for g in n.gpus})
     for t in tree.chain(request.tenant):
         lim = tree.limit(t)
         who = f"tenant {t}" if t == request.tenant else f"parent quota `{t}`"
