@@ -140,7 +140,7 @@ async def _gpu_metrics_loop(engine: Engine, nvml: NvmlInventory | None, every: f
             busy: dict[str, set[int]] = {}
             for node_id, index in engine.state.holders:
                 busy.setdefault(node_id, set()).add(index)
-            async for node in _yielding(list(engine.state.nodes.values()), 16):
+            async for node in _yielding(list(engine.state.nodes.values()), 4):
                 if node.simulated:
                     samples = simulated_metrics(node, now, busy.get(node.id, set()))
                     for gpu in node.gpus:
@@ -204,7 +204,7 @@ async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float)
             nodes = dict.fromkeys((s.name for s in NodeState), 0)
             gpus: dict[tuple[str, str], int] = {}
             current: set[str] = set()
-            async for node in _yielding(list(state.nodes.values()), 16):
+            async for node in _yielding(list(state.nodes.values()), 4):
                 current.add(node.id)
                 nodes[node.state.name] += 1
                 for g in node.gpus:
