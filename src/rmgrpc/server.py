@@ -23,6 +23,7 @@ from rmgrpc import reflection, telemetry
 from rmgrpc.clock import Clock, SystemClock
 from rmgrpc.config import Settings
 from rmgrpc.engine import Engine, GpuReport
+from rmgrpc.gcpolicy import GcPolicy
 from rmgrpc.gpu.nvml import NvmlInventory
 from rmgrpc.gpu.simulated import simulated_metrics, simulated_nodes
 from rmgrpc.model import AllocationState, GpuHealth, Node, NodeState
@@ -289,6 +290,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         await store.close()
         raise
     tasks = [
+        asyncio.create_task(GcPolicy().run(), name="rmgrpc-gc"),
         asyncio.create_task(_gauges_loop(engine, metrics, 5.0)),
         asyncio.create_task(
             _gpu_metrics_loop(engine, nvml, min(5.0, settings.heartbeat_interval_seconds))
