@@ -4,6 +4,7 @@ subprocess (for grpcurl, signals and kill -9), always on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +46,21 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         yield ch
+
+
+def nobody_runner() -> tuple[list[str], str] | None:
+    """(`runuser -u nobody -- env PYTHONDONTWRITEBYTECODE=1`, a system Python of this
+    version) when we are root and both are here: a real non-root process for permission
+    checks, since root ignores permission bits (and the venv's interpreter may sit under
+    /root, out of nobody's reach)."""
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        return None
+    python = shutil.which(
+        f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
+    )
+    if python is None:
+        return None
+    return ["runuser", "-u", "nobody", "--", "env", "PYTHONDONTWRITEBYTECODE=1"], python
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import pytest
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc
 from rmgrpc.v1.resources_pb2 import Shape
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess, free_port, nobody_runner
 
 SHAPE = Shape(gpus=1, cpu_millis=100, memory_bytes=1 << 20)
 FIX = "restore it from a backup, or move it away to start with an empty database"
@@ -184,20 +184,16 @@ def test_database_gone_while_serving_stops_acknowledging(
 def nobody_prefix() -> list[str] | None:
     """A command line running `rmgrpc` as `nobody`, when root with runuser and a system
     Python of this version (the venv's interpreter may sit under /root, out of reach)."""
-    if os.geteuid() != 0 or not shutil.which("runuser"):
+    found = nobody_runner()
+    if found is None:
         return None
-    python = shutil.which(
-        f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
-    )
-    if python is None:
-        return None
+    runner, python = found
     code = (
         "import site, sys; site.addsitedir(sys.argv.pop(1));"
         " from rmgrpc.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     site = sysconfig.get_paths()["purelib"]
-    prefix = ["runuser", "-u", "nobody", "--", "env", "PYTHONDONTWRITEBYTECODE=1"]
-    prefix += [python, "-c", code, site]
+    prefix = [*runner, python, "-c", code, site]
     probe = subprocess.run([*prefix, "config"], capture_output=True, timeout=60)
     return prefix if probe.returncode == 0 else None
 

@@ -20,6 +20,7 @@ import pytest
 from rmgrpc.model import Event, EventKind
 from rmgrpc.store import SCHEMA_VERSION, EventStore, Store, StoreError, Write
 from rmgrpc.store.schema import SchemaError, migrate
+from tests.conftest import nobody_runner
 
 ALLOC = EventKind.ALLOCATION
 
@@ -591,18 +592,14 @@ except StoreError as e:
 
 def nobody_python() -> list[str] | None:
     """A command running Python as `nobody`, when root and the tools are here."""
-    if os.geteuid() != 0 or not shutil.which("runuser"):
+    found = nobody_runner()
+    if found is None:
         return None
-    # The venv's interpreter may live under /root, out of nobody's reach.
-    python = shutil.which(
-        f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
-    )
-    if python is None:
-        return None
+    runner, python = found
     site = [p for p in sys.path if p.endswith("site-packages")]
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = f"PYTHONPATH={os.pathsep.join([src, *site])}"
-    cmd = ["runuser", "-u", "nobody", "--", "env", "PYTHONDONTWRITEBYTECODE=1", env, python]
+    cmd = [*runner, env, python]
     probe = subprocess.run([*cmd, "-c", "import rmgrpc.store"], capture_output=True)
     return cmd if probe.returncode == 0 else None
 
