@@ -46,6 +46,7 @@ from itertools import islice
 
 from rmgrpc.errors import RevisionCompacted, Unavailable, WatcherTooSlow
 from rmgrpc.model import Event, EventKind
+from rmgrpc.state import in_subtree
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,7 @@ class WatchFilter:
         if self.node_id and self.node_id not in event.node_ids:
             return False
         # A tenant sees its whole subtree: "org" matches "org/team".
-        return not self.tenant or (
-            event.tenant == self.tenant or event.tenant.startswith(self.tenant + "/")
-        )
+        return in_subtree(event.tenant, self.tenant)
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,32 +126,32 @@ class Scheduling:
     # The quick view and ledger follow every change of what is held, in place: rebuilding
     # them (every node, every running allocation) would stall the event loop.
 
+    def _follow(self, a: Allocation, sign: int) -> None:
+        """`a` takes (+1) or gives back (-1) its placements' capacity: the quick view and
+        ledger follow."""
+        if self._quick is None:
+            return
+        view, ledger = self._quick
+        st = view.statement()  # committed at once: keeps the view's undo journal empty
+        for p in a.placements:
+            change = view.take if sign > 0 else view.give
+            change(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
+        st.commit()
+        amt = Amount.of_placed(a, ledger.gpu_models)
+        ledger.add_held(a.tenant, amt, sign)
+        if sign < 0 and a.id in self._leaving_ids:
+            ledger.add_leaving(a.tenant, amt, -1)
+        self._explained.clear()
+
     def freed(self, a: Allocation) -> None:
         """`a` gives its capacity back (before its state says so)."""
-        if self._quick is not None:
-            view, ledger = self._quick
-            st = view.statement()  # committed at once: keeps the view's undo journal empty
-            view.release(a)
-            st.commit()
-            amt = Amount.of_placed(a, ledger.gpu_models)
-            ledger.add_held(a.tenant, amt, -1)
-            if a.id in self._leaving_ids:
-                ledger.add_leaving(a.tenant, amt, -1)
-            self._explained.clear()
+        self._follow(a, -1)
         self._leaving_ids.discard(a.id)
         self._unsettle()
 
     def _taken(self, a: Allocation) -> None:
         """A pass placed `a`."""
-        if self._quick is None:
-            return
-        view, ledger = self._quick
-        st = view.statement()
-        for p in a.placements:
-            view.take(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
-        st.commit()
-        ledger.add_held(a.tenant, Amount.of_placed(a, ledger.gpu_models))
-        self._explained.clear()
+        self._follow(a, +1)
         self._running(a)
 
     def _leaving(self, victim: Allocation) -> None:

@@ -39,10 +39,6 @@ class Txn:
     deletes: list[tuple[EventKind, str]] = field(default_factory=list)
     future: asyncio.Future[None] | None = None
 
-    @property
-    def last_revision(self) -> int:
-        return self.events[-1].revision if self.events else 0
-
     def __bool__(self) -> bool:
         return bool(self.events or self.puts or self.deletes)
 

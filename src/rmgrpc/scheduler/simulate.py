@@ -22,7 +22,7 @@ from rmgrpc.model import (
 from rmgrpc.scheduler.apply import apply_plan
 from rmgrpc.scheduler.cycle import run_cycle
 from rmgrpc.scheduler.snapshot import Decisions, SchedulerConfig, Snapshot
-from rmgrpc.state import ClusterState
+from rmgrpc.state import ClusterState, in_subtree
 
 GIB = 1024**3
 
@@ -173,19 +173,14 @@ class Simulator:
 
     def held_gpus(self, tenant: str) -> int:
         """GPUs held by the tenant's subtree (allocated, or preempted within grace)."""
-        return sum(
-            a.total_gpus
-            for a in self.live()
-            if a.tenant == tenant or a.tenant.startswith(tenant + "/")
-        )
+        return sum(a.total_gpus for a in self.live() if in_subtree(a.tenant, tenant))
 
     def running_gpus(self, tenant: str) -> int:
         """GPUs of the tenant's ALLOCATED (not preempted) allocations."""
         return sum(
             a.total_gpus
             for a in self.allocations.values()
-            if a.state == AllocationState.ALLOCATED
-            and (a.tenant == tenant or a.tenant.startswith(tenant + "/"))
+            if a.state == AllocationState.ALLOCATED and in_subtree(a.tenant, tenant)
         )
 
     def get(self, alloc_id: str) -> Allocation:
