@@ -296,10 +296,8 @@ CANCELLED = pb.ALLOCATION_STATE_CANCELLED
 READY = gpu_manager_pb2.NODE_STATE_READY
 CORDONED = gpu_manager_pb2.NODE_STATE_CORDONED
 MIXED_ENV = {
+    **ENV,
     "RMGRPC_SIMULATED_NODES": "16",
-    "RMGRPC_SIMULATED_GPUS_PER_NODE": "8",
-    "RMGRPC_WATCH_PROGRESS_SECONDS": "0.2",
-    "RMGRPC_LOG_LEVEL": "warning",
     # Were anything preempted, it would let go at once: ListGpus then shows exactly the
     # ALLOCATED allocations' GPUs.
     "RMGRPC_PREEMPTION_GRACE_SECONDS": "0",
