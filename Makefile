@@ -9,15 +9,16 @@ PROTOC  = $(BIN)/python -m grpc_tools.protoc -Iprotos \
   --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 ARGS   ?=
 
-.PHONY: run test test-slow proto proto-check proto-lint lint bench clean
+.PHONY: run test test-slow proto proto-check proto-lint lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Dev mode: 4 simulated nodes (a plain `rmgrpc serve` has only real ones).
 run: $(STAMP)
-	$(BIN)/rmgrpc serve $(ARGS)
+	$(BIN)/rmgrpc serve --dev $(ARGS)
 
 test: $(STAMP) proto-check
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -63,6 +64,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(ARGS)
+
+# Mutation testing of scheduler/preemption.py and scheduler/fairshare.py against the fast
+# unit tests ([tool.mutmut] in pyproject.toml); `ARGS="rmgrpc.scheduler.preemption*"`
+# narrows it to one module. Then `.venv/bin/mutmut results` lists the survivors.
+mutate: $(STAMP)
+	$(BIN)/mutmut run --max-children 2 $(ARGS)
+	$(BIN)/mutmut results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

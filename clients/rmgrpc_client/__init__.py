@@ -2,7 +2,8 @@
 
 `AsyncClient` (asyncio) and `Client` (blocking) wrap every RPC of AllocatorService,
 GpuManagerService and QuotaService; `watch_allocations` is a watch that survives
-disconnects and compaction; every failure is an `RmgrpcError`. Only the protobuf stubs
+disconnects and compaction; `AsyncKeepalive`/`Keepalive` (`client.keepalive(id)`) renew an
+allocation's lease until stopped; every failure is an `RmgrpcError`. Only the protobuf stubs
 (`rmgrpc.v1`) are needed, not the server.
 """
 
@@ -23,17 +24,21 @@ from rmgrpc_client._errors import (
 )
 from rmgrpc_client._paging import Page
 from rmgrpc_client._sync_client import Client
+from rmgrpc_client.keepalive import AllocationEnded, AsyncKeepalive, Keepalive
 from rmgrpc_client.watch import AllocationWatch, Relisted, Relister, WatchItem, watch_allocations
 
 __all__ = [
     "AbortedError",
+    "AllocationEnded",
     "AllocationWatch",
     "AlreadyExistsError",
     "AsyncClient",
+    "AsyncKeepalive",
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "Keepalive",
     "NotFoundError",
     "OutOfRangeError",
     "Page",

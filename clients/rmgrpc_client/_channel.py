@@ -5,6 +5,9 @@ RPC of rmgrpc is idempotent — Allocate through its `request_id`)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -40,3 +43,21 @@ CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
 def auth_metadata(token: str | None) -> Metadata:
     """The call metadata carrying `token` as a bearer credential (empty without one)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca_file` to trust (the system's roots when
+    None), and for mutual TLS the client's `cert_file` and `key_file`, which go together."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate and its key go together (--tls-cert, --tls-key)")
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file),
+        private_key=read(key_file),
+        certificate_chain=read(cert_file),
+    )

@@ -1,18 +1,34 @@
-"""How `rmgrpcctl` shows results: compact human tables and blocks, or protobuf JSON.
+"""How `rmgrpcctl` shows results: human tables and blocks, protobuf JSON (with the field
+names grpcurl prints) or YAML.
 
 Pure functions from messages to text, so the CLI's output is testable without a server.
+Tables are built as `Rows` first, which the live `top` view renders with rich; times are
+shown as ages ("5m12s") against a `now` the caller passes, never as raw UTC stamps.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from google.protobuf import json_format, message
+from google.protobuf import json_format, message, timestamp_pb2
 
 from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
+from rmgrpc_client._yaml import dump as yaml_dump
 
 _BINARY_UNITS = (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10))
 _DECIMAL_UNITS = {"T": 10**12, "G": 10**9, "M": 10**6, "K": 10**3, "k": 10**3}
+
+# Allocations that still hold or wait for capacity; `list` shows only these by default.
+LIVE_STATES = (
+    allocator_pb2.ALLOCATION_STATE_PENDING,
+    allocator_pb2.ALLOCATION_STATE_ALLOCATED,
+    allocator_pb2.ALLOCATION_STATE_PREEMPTED,
+)
 
 
 # -- values -----------------------------------------------------------------------------
@@ -55,16 +71,6 @@ def parse_labels(pairs: Iterable[str]) -> dict[str, str]:
 
 def format_labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
-
-
-def enum_value(names: Sequence[str], prefix: str, text: str) -> str:
-    """The full enum name for ``allocated`` / ``ALLOCATED`` / ``ALLOCATION_STATE_ALLOCATED``."""
-    wanted = text.upper()
-    for name in (wanted, prefix + wanted):
-        if name in names and not name.endswith("_UNSPECIFIED"):
-            return name
-    choices = ", ".join(n.removeprefix(prefix).lower() for n in names if "UNSPECIFIED" not in n)
-    raise ValueError(f"unknown value {text!r} (choose from {choices})")
 
 
 def _short(full: str, prefix: str) -> str:
@@ -114,6 +120,18 @@ def format_resources(res: resources_pb2.Resources, *, empty: str = "-") -> str:
     return " ".join(parts) or empty
 
 
+def format_amounts(res: resources_pb2.Resources) -> str:
+    """``gpus=4 cpu=8``: only the non-zero amounts (what is held or asked for); ``0`` when
+    nothing is."""
+    parts = [f"gpus={res.gpus}"] if res.gpus else []
+    parts += [f"{model}={n}" for model, n in sorted(res.gpus_by_model.items()) if n]
+    if res.cpu_millis:
+        parts.append(f"cpu={format_cpu(res.cpu_millis)}")
+    if res.memory_bytes:
+        parts.append(f"mem={format_bytes(res.memory_bytes)}")
+    return " ".join(parts) or "0"
+
+
 def format_placements(placements: Iterable[resources_pb2.Placement]) -> str:
     """``n1:0,1 n2:3``: per replica, its node and GPU indices."""
     text = " ".join(
@@ -123,16 +141,87 @@ def format_placements(placements: Iterable[resources_pb2.Placement]) -> str:
     return text or "-"
 
 
+# -- times ------------------------------------------------------------------------------
+
+
+def stamp_seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    """A protobuf Timestamp as Unix seconds."""
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def human_duration(seconds: float) -> str:
+    """Like kubectl's AGE: ``42s``, ``5m12s``, ``45m``, ``3h20m``, ``30h``, ``3d4h``, ``12d``;
+    precise when short, coarser as it grows."""
+    s = max(0, int(seconds))
+    minutes, hours, days = s // 60, s // 3600, s // 86400
+    if s < 120:
+        return f"{s}s"
+    if minutes < 10:
+        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
+    if hours < 3:
+        return f"{minutes}m"
+    if hours < 8:
+        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if days < 8:
+        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
+    return f"{days}d"
+
+
+def age(msg: message.Message, field: str, now: float) -> str:
+    """How long ago the Timestamp `field` of `msg` was (``5m``), or ``-`` when unset."""
+    if not msg.HasField(field):
+        return "-"
+    return human_duration(now - stamp_seconds(getattr(msg, field)))
+
+
+def relative(msg: message.Message, field: str, now: float) -> str:
+    """``5m ago`` or ``in 4m`` for the Timestamp `field`; ``-`` when unset."""
+    if not msg.HasField(field):
+        return "-"
+    delta = stamp_seconds(getattr(msg, field)) - now
+    return f"in {human_duration(delta)}" if delta > 0 else f"{human_duration(-delta)} ago"
+
+
+def when(msg: message.Message, field: str, now: float) -> str:
+    """``2026-12-02 12:25:35 (5m ago)`` in local time, to the second; empty when unset."""
+    if not msg.HasField(field):
+        return ""
+    at = datetime.fromtimestamp(stamp_seconds(getattr(msg, field))).astimezone()
+    return f"{at:%Y-%m-%d %H:%M:%S} ({relative(msg, field, now)})"
+
+
 # -- layouts ----------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+@dataclass(frozen=True)
+class Rows:
+    """A table before layout: column headers and one tuple of cells per row."""
+
+    headers: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+
+
+def _rows(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Rows:
+    return Rows(tuple(headers), [tuple(str(c) for c in row) for row in rows])
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, header: bool = True) -> str:
     """Left-aligned columns two spaces apart; the last column is not padded."""
-    cells = [[str(h) for h in headers], *([str(c) for c in row] for row in rows)]
+    body = [[str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers], *body] if header else body
+    if not cells:
+        return ""
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     )
+
+
+def render(rows: Rows, *, header: bool = True) -> str:
+    """`rows` as a plain-text table (`header=False` for ``--no-headers``)."""
+    return table(rows.headers, rows.rows, header=header)
 
 
 def block(pairs: Iterable[tuple[str, object]]) -> str:
@@ -142,9 +231,27 @@ def block(pairs: Iterable[tuple[str, object]]) -> str:
     return "\n".join(f"{k + ':':<{width}} {v}" for k, v in kept)
 
 
+def to_dict(msg: message.Message) -> dict[str, Any]:
+    """A message as grpcurl shows it: snake_case proto field names, enums by name, int64
+    as strings, default values left out."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
 def to_json(msg: message.Message, *, compact: bool = False) -> str:
-    """Protobuf JSON, with the field names grpcurl shows; one line when `compact`."""
-    return json_format.MessageToJson(msg, indent=None if compact else 2)
+    """Protobuf JSON with the field names grpcurl prints; one line when `compact`."""
+    return json_format.MessageToJson(
+        msg, indent=None if compact else 2, preserving_proto_field_name=True
+    )
+
+
+def dumps(doc: Any, *, compact: bool = False) -> str:
+    """A plain JSON document (for outputs that are not one message), formatted like `to_json`."""
+    return json.dumps(doc, indent=None if compact else 2, ensure_ascii=False)
+
+
+def json_to_yaml(text: str) -> str:
+    """JSON text as YAML (a ``-o yaml`` view of the same document)."""
+    return yaml_dump(json.loads(text)).rstrip("\n")
 
 
 # -- allocations ------------------------------------------------------------------------
@@ -154,26 +261,85 @@ def _reason(a: allocator_pb2.Allocation) -> str:
     return a.pending_reason or a.state_reason
 
 
-def allocation_table(allocations: Iterable[allocator_pb2.Allocation]) -> str:
-    return table(
-        ("ID", "TENANT", "STATE", "REPLICAS", "SHAPE", "PLACEMENTS", "REV", "REASON"),
-        (
-            (
-                a.id,
-                a.tenant,
-                state_name(a.state),
-                a.count,
-                format_shape(a.shape),
-                format_placements(a.placements),
-                a.revision,
-                _reason(a),
-            )
-            for a in allocations
-        ),
+def _position(a: allocator_pb2.Allocation) -> str:
+    return str(a.queue_position) if a.queue_position else "-"
+
+
+def is_live(a: allocator_pb2.Allocation, now: float) -> bool:
+    """Still holds or waits for capacity: PENDING, ALLOCATED, or PREEMPTED within its grace
+    period (its GPUs are not back yet)."""
+    if a.state == allocator_pb2.ALLOCATION_STATE_PREEMPTED:
+        return a.HasField("grace_end_time") and stamp_seconds(a.grace_end_time) > now
+    return a.state in LIVE_STATES
+
+
+def allocation_rows(
+    allocations: Iterable[allocator_pb2.Allocation], now: float, *, wide: bool = False
+) -> Rows:
+    """ID, tenant, state, queue position, shape, where it runs, AGE (since created) and
+    why it waits or ended; `wide` adds priority, lease, revision and request id."""
+    headers = ["ID", "TENANT", "STATE", "POS", "REPLICAS", "SHAPE", "PLACEMENTS", "AGE"]
+    if wide:
+        headers += ["PRIORITY", "LEASE", "REV", "REQUEST-ID"]
+    headers.append("REASON")
+    rows = []
+    for a in allocations:
+        row = [
+            a.id,
+            a.tenant,
+            state_name(a.state),
+            _position(a),
+            a.count,
+            format_shape(a.shape),
+            format_placements(a.placements),
+            age(a, "create_time", now),
+        ]
+        if wide:
+            lease = relative(a, "lease_expire_time", now) if is_live(a, now) else "-"
+            row += [a.priority, lease, a.revision, a.request_id or "-"]
+        row.append(_reason(a) or "-")
+        rows.append(row)
+    return _rows(headers, rows)
+
+
+def admission_order(pending: Iterable[allocator_pb2.Allocation]) -> list[allocator_pb2.Allocation]:
+    """Pending allocations in the order the scheduler would admit them: by queue position;
+    ones not ranked yet (position 0) last, in arrival order."""
+    return sorted(
+        pending,
+        key=lambda a: (a.queue_position == 0, a.queue_position, a.create_revision, a.id),
     )
 
 
-def allocation_block(a: allocator_pb2.Allocation) -> str:
+def queue_rows(
+    pending: Iterable[allocator_pb2.Allocation], now: float, *, wide: bool = False
+) -> Rows:
+    """The queue in admission order: position, who, what, how long it has waited, why."""
+    headers = ["POS", "ID", "TENANT", "PRIORITY", "REPLICAS", "SHAPE", "WAITING"]
+    if wide:
+        headers += ["CREATED-REV", "REQUEST-ID"]
+    headers.append("REASON")
+    rows = []
+    for a in admission_order(pending):
+        row = [
+            _position(a),
+            a.id,
+            a.tenant,
+            a.priority,
+            a.count,
+            format_shape(a.shape),
+            age(a, "create_time", now),
+        ]
+        if wide:
+            row += [a.create_revision, a.request_id or "-"]
+        row.append(a.pending_reason or "-")
+        rows.append(row)
+    return _rows(headers, rows)
+
+
+def allocation_block(a: allocator_pb2.Allocation, now: float | None = None) -> str:
+    """One allocation as ``key: value`` lines; times local, with their age."""
+    now = time.time() if now is None else now
     return block(
         [
             ("id", a.id),
@@ -188,18 +354,21 @@ def allocation_block(a: allocator_pb2.Allocation) -> str:
             ("reason", a.state_reason),
             ("preempted by", a.preempted_by),
             ("reservation", a.reservation_id),
-            ("lease expires", _time(a, "lease_expire_time")),
-            ("max end", _time(a, "max_end_time")),
-            ("created", _time(a, "create_time")),
-            ("ended", _time(a, "end_time")),
+            ("created", when(a, "create_time", now)),
+            ("allocated", when(a, "allocate_time", now)),
+            ("lease expires", when(a, "lease_expire_time", now) if is_live(a, now) else ""),
+            ("max end", when(a, "max_end_time", now)),
+            ("grace ends", when(a, "grace_end_time", now)),
+            ("ended", when(a, "end_time", now)),
             ("request id", a.request_id),
             ("revision", a.revision or ""),
         ]
     )
 
 
-def dry_run_block(response: allocator_pb2.AllocateResponse) -> str:
-    text = "dry run: nothing changed\n" + allocation_block(response.allocation)
+def dry_run_block(response: allocator_pb2.AllocateResponse, now: float | None = None) -> str:
+    """What a dry run would do, and whom it would preempt."""
+    text = "dry run: nothing changed\n" + allocation_block(response.allocation, now)
     if response.preempted_allocation_ids:
         text += "\nwould preempt: " + ", ".join(response.preempted_allocation_ids)
     return text
@@ -233,81 +402,112 @@ def relisted_lines(allocations: Sequence[allocator_pb2.Allocation], revision: in
     return "\n".join([head, *rows])
 
 
-def _time(msg: message.Message, field: str) -> str:
-    if not msg.HasField(field):
-        return ""
-    stamp = getattr(msg, field)
-    return str(stamp.ToJsonString())
-
-
 # -- nodes and GPUs ---------------------------------------------------------------------
 
 
-def node_table(nodes: Iterable[gpu_manager_pb2.Node]) -> str:
-    return table(
-        ("ID", "STATE", "GPUS", "MODELS", "CPU", "MEMORY", "LABELS"),
-        (
-            (
-                n.id + (" (sim)" if n.simulated else ""),
-                node_state_name(n.state),
-                f"{n.allocated.gpus}/{len(n.gpus)}",
-                ",".join(sorted({g.model for g in n.gpus})) or "-",
-                f"{format_cpu(n.allocated.cpu_millis)}/{format_cpu(n.cpu_millis)}",
-                f"{format_bytes(n.allocated.memory_bytes)}/{format_bytes(n.memory_bytes)}",
-                format_labels(n.labels),
-            )
-            for n in nodes
-        ),
+def free_gpus(n: gpu_manager_pb2.Node) -> int:
+    """GPUs of `n` that could take work now: healthy and held by no allocation."""
+    return sum(
+        1 for g in n.gpus if not g.allocation_id and g.health == gpu_manager_pb2.GPU_HEALTH_HEALTHY
     )
 
 
-def node_block(n: gpu_manager_pb2.Node) -> str:
+def _heartbeat(n: gpu_manager_pb2.Node, now: float) -> str:
+    return relative(n, "last_heartbeat_time", now)
+
+
+def node_rows(nodes: Iterable[gpu_manager_pb2.Node], now: float, *, wide: bool = False) -> Rows:
+    """Nodes with state, free/total columns that cannot be misread, heartbeat age and the
+    operator's reason; `wide` adds models, totals, labels and revision."""
+    headers = ["NODE", "STATE", "GPU-FREE", "GPU-TOTAL", "CPU-FREE", "MEM-FREE", "HEARTBEAT"]
+    if wide:
+        headers += ["MODELS", "CPU-TOTAL", "MEM-TOTAL", "LABELS", "REV"]
+    headers.append("REASON")
+    rows = []
+    for n in nodes:
+        row = [
+            n.id + (" (sim)" if n.simulated else ""),
+            node_state_name(n.state),
+            free_gpus(n),
+            len(n.gpus),
+            format_cpu(max(0, n.cpu_millis - n.allocated.cpu_millis)),
+            format_bytes(max(0, n.memory_bytes - n.allocated.memory_bytes)),
+            _heartbeat(n, now),
+        ]
+        if wide:
+            row += [
+                ",".join(sorted({g.model for g in n.gpus})) or "-",
+                format_cpu(n.cpu_millis),
+                format_bytes(n.memory_bytes),
+                format_labels(n.labels),
+                n.revision,
+            ]
+        row.append(n.state_reason or "-")
+        rows.append(row)
+    return _rows(headers, rows)
+
+
+def node_block(n: gpu_manager_pb2.Node, now: float | None = None) -> str:
+    """One node as ``key: value`` lines, then its GPUs as a table."""
+    now = time.time() if now is None else now
     head = block(
         [
             ("id", n.id),
             ("state", node_state_name(n.state)),
             ("reason", n.state_reason),
             ("simulated", "yes" if n.simulated else ""),
-            ("cpu", f"{format_cpu(n.allocated.cpu_millis)}/{format_cpu(n.cpu_millis)}"),
+            ("gpus", f"{free_gpus(n)} free of {len(n.gpus)}"),
+            ("cpu", f"{format_cpu(n.allocated.cpu_millis)} used of {format_cpu(n.cpu_millis)}"),
             (
                 "memory",
-                f"{format_bytes(n.allocated.memory_bytes)}/{format_bytes(n.memory_bytes)}",
+                f"{format_bytes(n.allocated.memory_bytes)} used of {format_bytes(n.memory_bytes)}",
             ),
             ("labels", format_labels(n.labels)),
-            ("last heartbeat", _time(n, "last_heartbeat_time")),
-            ("lease expires", _time(n, "lease_expire_time")),
+            ("last heartbeat", when(n, "last_heartbeat_time", now)),
+            ("lease expires", when(n, "lease_expire_time", now)),
             ("revision", n.revision),
         ]
     )
-    return head + "\n\n" + gpu_table(n.gpus) if n.gpus else head
+    return head + "\n\n" + render(gpu_rows(n.gpus)) if n.gpus else head
 
 
-def gpu_table(gpus: Iterable[gpu_manager_pb2.Gpu]) -> str:
-    return table(
-        ("NODE", "INDEX", "MODEL", "MEMORY", "HEALTH", "UTIL", "TEMP", "ALLOCATION", "TENANT"),
-        (
-            (
-                g.node_id or "-",
-                g.index,
-                g.model,
-                format_bytes(g.memory_bytes),
-                health_name(g.health),
-                f"{g.metrics.utilization_percent:.0f}%" if g.HasField("metrics") else "-",
-                f"{g.metrics.temperature_celsius:.0f}C" if g.HasField("metrics") else "-",
-                g.allocation_id or "-",
-                g.tenant or "-",
-            )
-            for g in gpus
-        ),
-    )
+def gpu_rows(gpus: Iterable[gpu_manager_pb2.Gpu], *, wide: bool = False) -> Rows:
+    """GPUs with health, live metrics and who holds them; `wide` adds memory use, power
+    and UUID."""
+    headers = ["NODE", "INDEX", "MODEL", "MEMORY", "HEALTH", "UTIL", "TEMP"]
+    if wide:
+        headers += ["MEM-USED", "POWER", "UUID"]
+    headers += ["ALLOCATION", "TENANT"]
+    rows = []
+    for g in gpus:
+        has = g.HasField("metrics")
+        row = [
+            g.node_id or "-",
+            g.index,
+            g.model,
+            format_bytes(g.memory_bytes),
+            health_name(g.health),
+            f"{g.metrics.utilization_percent:.0f}%" if has else "-",
+            f"{g.metrics.temperature_celsius:.0f}C" if has else "-",
+        ]
+        if wide:
+            row += [
+                format_bytes(g.metrics.memory_used_bytes) if has else "-",
+                f"{g.metrics.power_watts:.0f}W" if has else "-",
+                g.uuid or "-",
+            ]
+        row += [g.allocation_id or "-", g.tenant or "-"]
+        rows.append(row)
+    return _rows(headers, rows)
 
 
-def drain_block(response: gpu_manager_pb2.DrainNodeResponse) -> str:
+def drain_block(response: gpu_manager_pb2.DrainNodeResponse, now: float | None = None) -> str:
+    """The drained node and the allocations asked to leave it."""
     asked = ", ".join(response.allocation_ids) or "none"
-    return node_block(response.node) + f"\n\nasked to leave: {asked}"
+    return node_block(response.node, now) + f"\n\nasked to leave: {asked}"
 
 
-# -- quotas and usage -------------------------------------------------------------------
+# -- quotas, usage and tenants ----------------------------------------------------------
 
 
 def _budget(q: quota_pb2.Quota) -> str:
@@ -317,8 +517,9 @@ def _budget(q: quota_pb2.Quota) -> str:
     return f"{q.budget.amount:g}{period}"
 
 
-def quota_table(quotas: Iterable[quota_pb2.Quota]) -> str:
-    return table(
+def quota_rows(quotas: Iterable[quota_pb2.Quota]) -> Rows:
+    """Quotas as set: guarantee, limit, weight and budget per tenant."""
+    return _rows(
         ("TENANT", "PARENT", "GUARANTEED", "LIMIT", "WEIGHT", "BUDGET"),
         (
             (
@@ -335,6 +536,7 @@ def quota_table(quotas: Iterable[quota_pb2.Quota]) -> str:
 
 
 def quota_block(q: quota_pb2.Quota) -> str:
+    """One quota as ``key: value`` lines."""
     return block(
         [
             ("tenant", q.tenant),
@@ -342,13 +544,43 @@ def quota_block(q: quota_pb2.Quota) -> str:
             ("guaranteed", format_resources(q.guaranteed)),
             ("limit", format_resources(q.limit, empty="unbounded")),
             ("weight", f"{q.weight:g}"),
+            ("lending", format_resources(q.lending_limit, empty="all of the guarantee")),
             ("budget", _budget(q)),
+            ("preemption", _preemption_policy(q)),
             ("revision", q.revision),
         ]
     )
 
 
+def _preemption_policy(q: quota_pb2.Quota) -> str:
+    """E.g. "own: lower priority; others: any; while borrowing: up to priority 3"."""
+
+    def word(enum: Any, value: int, prefix: str) -> str:
+        if not value:
+            return "default"
+        return str(enum.Name(value)).removeprefix(prefix).lower().replace("_", " ")
+
+    borrowing = word(
+        quota_pb2.BorrowingPreemption, q.preemption_while_borrowing, "BORROWING_PREEMPTION_"
+    )
+    if q.preemption_while_borrowing == quota_pb2.BORROWING_PREEMPTION_UP_TO_PRIORITY:
+        borrowing = f"up to priority {q.borrowing_max_priority}"
+    return (
+        "own: "
+        + word(
+            quota_pb2.WithinTenantPreemption,
+            q.within_tenant_preemption,
+            "WITHIN_TENANT_PREEMPTION_",
+        )
+        + "; others: "
+        + word(quota_pb2.ReclaimPolicy, q.reclaim_from_others, "RECLAIM_POLICY_")
+        + "; while borrowing: "
+        + borrowing
+    )
+
+
 def usage_block(u: quota_pb2.TenantUsage) -> str:
+    """A tenant's usage as ``key: value`` lines."""
     return block(
         [
             ("tenant", u.tenant),
@@ -362,7 +594,79 @@ def usage_block(u: quota_pb2.TenantUsage) -> str:
             ("dominant share", f"{u.dominant_share:.3f}"),
             ("weighted share", f"{u.weighted_dominant_share:.3f}"),
             ("fair share", f"{u.fair_share:.3f}"),
+            ("recent usage", format_resources(u.recent_usage)),
+            ("ordered by", u.order_explanation),
             ("cost", f"{u.cost:g}"),
             ("budget used", f"{u.budget_used_fraction:.0%}" if u.budget_used_fraction else ""),
         ]
     )
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    """One line of `rmgrpcctl tenants`: a tenant's quota (if one is set), its usage, and
+    its oldest pending allocation's creation time (Unix seconds; None when none waits)."""
+
+    tenant: str
+    usage: quota_pb2.TenantUsage
+    quota: quota_pb2.Quota | None = None
+    oldest_pending: float | None = None
+
+
+def _gpus(res: resources_pb2.Resources, unset: str) -> str:
+    return str(res.gpus) if res.HasField("gpus") else unset
+
+
+def tenant_rows(tenants: Iterable[TenantStatus], now: float, *, wide: bool = False) -> Rows:
+    """Like `sshare`: per tenant its GPU guarantee, limit, weight, what it holds and waits
+    for, its fair share of the cluster's GPUs and how long its oldest request has waited.
+    `wide` adds every resource, what it borrows, its dominant share and cost."""
+    headers = ["TENANT", "WEIGHT", "GUARANTEED", "LIMIT", "HELD", "PENDING", "FAIR-SHARE"]
+    headers += ["RUNNING", "WAITING", "OLDEST-WAIT"]
+    if wide:
+        headers += ["BORROWED", "DOMINANT-SHARE", "COST", "BUDGET-USED"]
+    rows = []
+    for t in tenants:
+        u = t.usage
+        weight = f"{t.quota.weight:g}" if t.quota is not None and t.quota.weight else "1"
+        if wide:
+            cells = [
+                format_resources(u.guaranteed),
+                format_resources(u.limit, empty="unbounded"),
+                format_amounts(u.held),
+                format_amounts(u.pending),
+            ]
+        else:  # GPUs only: the scarce resource, and a column a person can compare
+            cells = [
+                _gpus(u.guaranteed, "0"),
+                _gpus(u.limit, "none"),
+                str(u.held.gpus),
+                str(u.pending.gpus),
+            ]
+        oldest = "-" if t.oldest_pending is None else human_duration(now - t.oldest_pending)
+        row: list[object] = [t.tenant, weight, *cells, f"{u.fair_share:.0%}"]
+        row += [u.running_allocations, u.pending_allocations, oldest]
+        if wide:
+            row += [
+                format_amounts(u.borrowed),
+                f"{u.dominant_share:.3f}",
+                f"{u.cost:g}",
+                f"{u.budget_used_fraction:.0%}" if u.budget_used_fraction else "-",
+            ]
+        rows.append(row)
+    return _rows(headers, rows)
+
+
+def tenants_document(tenants: Iterable[TenantStatus]) -> dict[str, Any]:
+    """`tenants -o json`: per tenant its usage and quota as grpcurl would print them."""
+    out = []
+    for t in tenants:
+        item: dict[str, Any] = {"tenant": t.tenant, "usage": to_dict(t.usage)}
+        if t.quota is not None:
+            item["quota"] = to_dict(t.quota)
+        if t.oldest_pending is not None:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromNanoseconds(int(t.oldest_pending * 1e9))
+            item["oldest_pending_create_time"] = stamp.ToJsonString()
+        out.append(item)
+    return {"tenants": out}

@@ -3,9 +3,9 @@ same arguments, same results, on a plain (non-asyncio) gRPC channel."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from google.protobuf import message
@@ -24,10 +24,19 @@ from rmgrpc_client._channel import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     auth_metadata,
+    tls_credentials,
 )
-from rmgrpc_client._errors import from_rpc_error
+from rmgrpc_client._errors import RmgrpcError, from_rpc_error
 from rmgrpc_client._paging import Page, iterate_pages_sync
-from rmgrpc_client._requests import allocate_request, quota_message
+from rmgrpc_client._requests import (
+    allocate_request,
+    quota_message,
+    quota_request,
+    quota_update_mask,
+)
+
+if TYPE_CHECKING:
+    from rmgrpc_client.keepalive import Keepalive
 
 _R = TypeVar("_R", bound=message.Message)
 
@@ -40,7 +49,8 @@ class Client:
 
     `target` is ``host:port``; pass `channel` instead to bring your own (TLS, interceptors,
     options) — the client then leaves it open on `close()`. `credentials` makes the client
-    open a TLS channel to `target`. `token` is sent as ``authorization: Bearer <token>``.
+    open a TLS channel to `target`; or name PEM files: `tls_ca` (the CA to trust) and, for
+    mutual TLS, `tls_cert` and `tls_key`. `token` is sent as ``authorization: Bearer <token>``.
     `timeout` (seconds, `None` for none) bounds each unary call; watch streams are unbounded.
     Every failed call raises `RmgrpcError` (a subclass per status code).
     """
@@ -53,8 +63,13 @@ class Client:
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self._owns_channel = channel is None
+        if credentials is None and (tls_ca or tls_cert):
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         if channel is None:
             if credentials is not None:
                 channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
@@ -234,6 +249,28 @@ class Client:
             allocator_pb2.RenewAllocationResponse,
         )
         return response.allocation
+
+    def keepalive(
+        self,
+        allocation: str | allocator_pb2.Allocation,
+        *,
+        lease_seconds: int = 0,
+        fraction: float = 1 / 3,
+        on_renewed: Callable[[allocator_pb2.Allocation], None] | None = None,
+        on_error: Callable[[RmgrpcError], None] | None = None,
+    ) -> Keepalive:
+        """Renew `allocation` every `fraction` of its lease until stopped; use it as
+        ``with client.keepalive(a.id):`` (see `rmgrpc_client.keepalive`)."""
+        from rmgrpc_client.keepalive import Keepalive
+
+        return Keepalive(
+            self,
+            allocation,
+            lease_seconds=lease_seconds,
+            fraction=fraction,
+            on_renewed=on_renewed,
+            on_error=on_error,
+        )
 
     def watch_events(
         self,
@@ -426,9 +463,19 @@ class Client:
         limit: resources_pb2.Resources | None = None,
         weight: float = 0.0,
         budget: quota_pb2.Budget | None = None,
+        update_mask: Sequence[str] | None = None,
+        etag: str = "",
+        policy: quota_pb2.Quota | None = None,
     ) -> quota_pb2.Quota:
         """Create or replace the tenant's quota. Unset limit fields are unbounded; weight 0
-        and an empty parent take the server's defaults (1, and the tenant's path prefix)."""
+        and an empty parent take the server's defaults (1, and the tenant's path prefix).
+
+        `update_mask` (e.g. ``["weight", "limit.gpus"]``) changes only the fields it names
+        and keeps the rest; `None` replaces the whole quota. `etag` (from a read) makes the
+        write conditional: `FailedPreconditionError` if the quota changed since.
+        `update_quota` builds the mask for you. `policy`: a Quota whose preemption policy
+        fields (`within_tenant_preemption`, `reclaim_from_others`,
+        `preemption_while_borrowing`, `borrowing_max_priority`) are sent."""
         quota = quota_message(
             tenant=tenant,
             parent=parent,
@@ -436,10 +483,46 @@ class Client:
             limit=limit,
             weight=weight,
             budget=budget,
+            policy=policy,
         )
         response = self._call(
             self._quota.SetQuota,
-            quota_pb2.SetQuotaRequest(quota=quota),
+            quota_request(quota, update_mask, etag),
+            quota_pb2.SetQuotaResponse,
+        )
+        return response.quota
+
+    def update_quota(
+        self,
+        tenant: str,
+        *,
+        parent: str | None = None,
+        guaranteed: resources_pb2.Resources | None = None,
+        limit: resources_pb2.Resources | None = None,
+        weight: float | None = None,
+        budget: quota_pb2.Budget | None = None,
+        etag: str = "",
+    ) -> quota_pb2.Quota:
+        """Change only what is given and keep the rest (creating the quota, with defaults
+        for the rest, if the tenant has none): ``update_quota("org/a", weight=3)`` leaves
+        its guarantee and limit alone. In `guaranteed`/`limit` only the fields set count.
+        `etag`: as in `set_quota`."""
+        mask = quota_update_mask(
+            parent=parent, guaranteed=guaranteed, limit=limit, weight=weight, budget=budget
+        )
+        quota = quota_message(
+            tenant=tenant,
+            parent=parent or "",
+            guaranteed=guaranteed,
+            limit=limit,
+            weight=0.0,
+            budget=budget,
+        )
+        if weight is not None:
+            quota.weight = weight  # 0 included: it is a weight of its own
+        response = self._call(
+            self._quota.SetQuota,
+            quota_request(quota, mask, etag),
             quota_pb2.SetQuotaResponse,
         )
         return response.quota
@@ -472,11 +555,12 @@ class Client:
             )
         )
 
-    def delete_quota(self, tenant: str) -> None:
-        """Return the tenant to the default quota."""
+    def delete_quota(self, tenant: str, *, etag: str = "") -> None:
+        """Return the tenant to the default quota; with `etag`, only if unchanged since read
+        (else `FailedPreconditionError`)."""
         self._call(
             self._quota.DeleteQuota,
-            quota_pb2.DeleteQuotaRequest(tenant=tenant),
+            quota_pb2.DeleteQuotaRequest(tenant=tenant, etag=etag),
             quota_pb2.DeleteQuotaResponse,
         )
 

@@ -14,6 +14,12 @@ and reconciles when the server has compacted it). The one window left is a crash
 acting and saving, after which the restarted agent repeats that action: real actions
 should be idempotent. If the server forgets the node (heartbeat NOT_FOUND), the agent
 registers it again. SIGINT/SIGTERM stop it cleanly.
+
+Leases: an allocation that asked for `lease_seconds` expires unless renewed. The agent
+renews what runs on its node as part of its heartbeat loop, once half a lease (less two
+heartbeats, as margin) has passed since the last renewal, so work placed here lives as
+long as the agent does, and stops soon after the agent dies. An allocation with no lease
+(the server's default) needs nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +42,7 @@ import grpc
 from rmgrpc.v1 import allocator_pb2
 from rmgrpc_client._async_client import AsyncClient
 from rmgrpc_client._channel import DEFAULT_TARGET
-from rmgrpc_client._errors import NotFoundError, RmgrpcError
+from rmgrpc_client._errors import FailedPreconditionError, NotFoundError, RmgrpcError
 from rmgrpc_client._format import parse_bytes, parse_labels
 from rmgrpc_client._gpus import GpuSource, SimulatedGpus, open_nvml
 from rmgrpc_client._reconcile import Action, AgentState, Reconciler
@@ -64,6 +71,14 @@ class NodeSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Lease:
+    """What the agent knows of one started allocation's lease, on its own clock."""
+
+    seconds: int
+    renewed_at: float
+
+
 def _print_line(line: str) -> None:
     print(line, flush=True)
 
@@ -83,6 +98,7 @@ class Agent:
         heartbeat_interval: float | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._node = node
@@ -95,6 +111,13 @@ class Agent:
         self._reconciler = Reconciler(node.node_id)
         self._saved: AgentState | None = None
         self._watch: AllocationWatch | None = None
+        self._monotonic = monotonic
+        # Started allocations' leases. One not known yet (just placed, or found after a
+        # restart, its lease maybe long running) is renewed at the next heartbeat, which
+        # also says how long its lease is (a renewal of one with no lease writes nothing).
+        self._leases: dict[str, _Lease] = {}
+        self._renew_failing = False
+        self.heartbeats = 0  # heartbeat rounds completed (renewals included)
 
     @property
     def reconciler(self) -> Reconciler:
@@ -166,7 +189,39 @@ class Agent:
             if failing:
                 self._emit("heartbeat ok again")
                 failing = False
+            await self._renew_leases()
             self._checkpoint()
+            self.heartbeats += 1
+
+    async def _renew_leases(self) -> None:
+        """Renews each started allocation whose lease is due (see the module doc)."""
+        started = self._reconciler.started
+        for gone in self._leases.keys() - started:
+            del self._leases[gone]
+        now = self._monotonic()
+        for alloc_id in sorted(started):
+            lease = self._leases.get(alloc_id)
+            if lease is not None and (
+                lease.seconds <= 0
+                or now - lease.renewed_at + 2 * self._interval < lease.seconds / 2
+            ):
+                continue
+            try:
+                renewed = await self._client.renew(alloc_id)
+            except (FailedPreconditionError, NotFoundError):
+                # Ended: the watch brings the stop; nothing to keep alive.
+                self._leases[alloc_id] = _Lease(0, now)
+                continue
+            except RmgrpcError as error:
+                # Never fatal: heartbeats and the watch matter more than one lease.
+                if not self._renew_failing:
+                    self._emit(f"cannot renew {alloc_id}, will keep trying: {error}")
+                self._renew_failing = True
+                continue
+            if self._renew_failing:
+                self._emit("renewals ok again")
+                self._renew_failing = False
+            self._leases[alloc_id] = _Lease(renewed.lease_seconds, now)
 
     # -- the allocations --------------------------------------------------------------
 
@@ -257,7 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rmgrpc-agent", description="Example rmgrpc node agent (prints, runs nothing)."
     )
     parser.add_argument("--server", default=os.environ.get("RMGRPC_SERVER", DEFAULT_TARGET))
-    parser.add_argument("--token", default=os.environ.get("RMGRPC_TOKEN"))
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("RMGRPC_TOKEN"),
+        help="bearer token of the agent's principal (env RMGRPC_TOKEN)",
+    )
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA bundle: connect with TLS")
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="FILE", help="client private key (mutual TLS)")
     parser.add_argument("--node-id", default=socket.gethostname())
     parser.add_argument("--cpu-millis", type=int, default=(os.cpu_count() or 1) * 1000)
     parser.add_argument("--memory", type=parse_bytes, default=_machine_memory())
@@ -311,7 +373,13 @@ async def _serve(args: argparse.Namespace, labels: dict[str, str]) -> None:
         )
         gpus = SimulatedGpus(node.node_id, args.simulated_gpus, args.gpu_model, args.gpu_memory)
     state_file = args.state_file or _default_state_file(node.node_id)
-    async with AsyncClient(args.server, token=args.token) as client:
+    async with AsyncClient(
+        args.server,
+        token=args.token or None,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    ) as client:
         agent = Agent(client, node, gpus, state_file, heartbeat_interval=args.heartbeat_interval)
         running = asyncio.create_task(agent.run())
         stop = asyncio.Event()

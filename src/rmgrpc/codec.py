@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rmgrpc.model import (
     Allocation,
     AllocationState,
+    BorrowingPreemption,
     Budget,
     Gpu,
     GpuHealth,
@@ -23,8 +25,10 @@ from rmgrpc.model import (
     NodeState,
     Placement,
     Quota,
+    ReclaimPolicy,
     Resources,
     Shape,
+    WithinTenantPreemption,
 )
 from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
 
@@ -111,6 +115,10 @@ def allocation_to_proto(
         revision=a.revision,
         preempted_by=a.preempted_by,
         create_revision=a.seq,
+        request_digest=a.request_digest,
+        requeued_from=a.requeued_from,
+        requeued_as=a.requeued_as,
+        no_requeue=a.no_requeue,
     )
     for name in (
         "create_time",
@@ -154,6 +162,10 @@ def allocation_from_proto(msg: allocator_pb2.Allocation) -> Allocation:
         grace_end_time=t("grace_end_time"),
         preempted_by=msg.preempted_by,
         seq=msg.create_revision,
+        request_digest=msg.request_digest,
+        requeued_from=msg.requeued_from,
+        requeued_as=msg.requeued_as,
+        no_requeue=msg.no_requeue,
     )
 
 
@@ -165,6 +177,7 @@ def metrics_to_proto(m: GpuMetrics) -> gpu_manager_pb2.GpuMetrics:
         power_watts=m.power_watts,
         ecc_errors=m.ecc_errors,
         xid_errors=m.xid_errors,
+        recent_xids=m.recent_xids,
     )
     stamp = ts(m.sample_time) if m.sample_time else None
     if stamp is not None:
@@ -181,6 +194,7 @@ def metrics_from_proto(msg: gpu_manager_pb2.GpuMetrics) -> GpuMetrics:
         ecc_errors=msg.ecc_errors,
         xid_errors=msg.xid_errors,
         sample_time=from_ts(msg.sample_time, msg.HasField("sample_time")) or 0.0,
+        recent_xids=tuple(msg.recent_xids),
     )
 
 
@@ -194,6 +208,8 @@ def gpu_to_proto(
         memory_bytes=g.memory_bytes,
         health=int(g.health),  # type: ignore[arg-type]
         node_id=node_id,
+        cordoned=g.cordoned,
+        health_reason=g.health_reason,
     )
     if status and g.metrics is not None:
         msg.metrics.CopyFrom(metrics_to_proto(g.metrics))
@@ -246,6 +262,8 @@ def gpu_from_proto(msg: gpu_manager_pb2.Gpu) -> Gpu:
         memory_bytes=msg.memory_bytes,
         health=GpuHealth(msg.health) if msg.health else GpuHealth.HEALTHY,
         metrics=metrics_from_proto(msg.metrics) if msg.HasField("metrics") else None,
+        cordoned=msg.cordoned,
+        health_reason=msg.health_reason,
     )
 
 
@@ -276,6 +294,10 @@ def quota_to_proto(q: Quota) -> quota_pb2.Quota:
         weight=q.weight,
         revision=q.revision,
     )
+    lend = resources_to_proto(q.lending_limit)
+    if lend.ByteSize():
+        msg.lending_limit.CopyFrom(lend)
+    _preemption_policy_to_proto(q, msg)
     if q.budget is not None:
         msg.budget.CopyFrom(
             quota_pb2.Budget(amount=q.budget.amount, period_seconds=q.budget.period_seconds)
@@ -292,10 +314,38 @@ def quota_from_proto(msg: quota_pb2.Quota) -> Quota:
         parent=msg.parent,
         guaranteed=resources_from_proto(msg.guaranteed),
         limit=resources_from_proto(msg.limit),
-        weight=msg.weight or 1.0,
+        # Rows written before weight had presence never held 0: absent means 1.
+        weight=msg.weight if msg.HasField("weight") else 1.0,
+        lending_limit=resources_from_proto(msg.lending_limit),
         budget=Budget(msg.budget.amount, msg.budget.period_seconds)
         if msg.HasField("budget")
         else None,
         revision=msg.revision,
         update_time=from_ts(msg.update_time, msg.HasField("update_time")) or 0.0,
+        **preemption_policy_from_proto(msg),
     )
+
+
+def _preemption_policy_to_proto(q: Quota, msg: quota_pb2.Quota) -> None:
+    # Enum values equal the proto ones; the defaults are written out, so GetQuota shows
+    # what applies rather than UNSPECIFIED.
+    msg.within_tenant_preemption = quota_pb2.WithinTenantPreemption.ValueType(
+        q.within_tenant_preemption
+    )
+    msg.reclaim_from_others = quota_pb2.ReclaimPolicy.ValueType(q.reclaim_from_others)
+    msg.preemption_while_borrowing = quota_pb2.BorrowingPreemption.ValueType(
+        q.preemption_while_borrowing
+    )
+    msg.borrowing_max_priority = q.borrowing_max_priority
+
+
+def preemption_policy_from_proto(msg: quota_pb2.Quota) -> dict[str, Any]:
+    """UNSPECIFIED (and rows stored before these fields existed) take the defaults."""
+    out: dict[str, Any] = {"borrowing_max_priority": msg.borrowing_max_priority}
+    if msg.within_tenant_preemption:
+        out["within_tenant_preemption"] = WithinTenantPreemption(msg.within_tenant_preemption)
+    if msg.reclaim_from_others:
+        out["reclaim_from_others"] = ReclaimPolicy(msg.reclaim_from_others)
+    if msg.preemption_while_borrowing:
+        out["preemption_while_borrowing"] = BorrowingPreemption(msg.preemption_while_borrowing)
+    return out

@@ -13,9 +13,12 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmgrpc.scheduler.snapshot import SchedulerConfig
+
+if TYPE_CHECKING:
+    from rmgrpc.gpu.health import HealthPolicy
 
 
 class ConfigError(Exception):
@@ -36,6 +39,11 @@ class Settings:
         "server", "how long in-flight RPCs get on SIGTERM", default=5.0
     )
     log_level: str = _s("server", "debug, info, warning or error", default="info")
+    insecure: bool = _s(
+        "server",
+        "serve a non-loopback address with no authentication (never in production)",
+        default=False,
+    )
 
     db: str = _s("store", "SQLite database file", default="rmgrpc.db")
     sqlite_synchronous: str = _s(
@@ -45,7 +53,9 @@ class Settings:
         "store", "ended allocations are forgotten after this long", default=7 * 86400.0
     )
 
-    simulated_nodes: int = _s("inventory", "simulated nodes at start (0: none)", default=4)
+    simulated_nodes: int = _s(
+        "inventory", "simulated nodes at start (0: none; `rmgrpc serve --dev`: 4)", default=0
+    )
     simulated_gpus_per_node: int = _s("inventory", "GPUs per simulated node", default=8)
     simulated_gpu_model: str = _s("inventory", "model of simulated GPUs", default="H100")
     simulated_cpu_millis: int = _s("inventory", "CPU per simulated node", default=128_000)
@@ -54,8 +64,35 @@ class Settings:
     )
     nvml: str = _s("inventory", "auto: add local GPUs when NVML works; off: never", default="auto")
 
+    gpu_max_temperature_celsius: float = _s(
+        "gpu_health", "a GPU hotter than this is quarantined (0: no limit)", default=90.0
+    )
+    gpu_max_uncorrectable_ecc: int = _s(
+        "gpu_health",
+        "a GPU with more uncorrectable (volatile) ECC errors than this is quarantined",
+        default=0,
+    )
+    gpu_quarantine_xids: str = _s(
+        "gpu_health",
+        "XID codes that quarantine a GPU (hardware faults), comma-separated",
+        default="48,63,64,74,79,92,94,95,119,120",
+    )
+    gpu_warn_xids: str = _s(
+        "gpu_health",
+        "XID codes only logged as warnings (application faults), comma-separated",
+        default="13,31,43,45",
+    )
+    gpu_recovery_seconds: float = _s(
+        "gpu_health",
+        "a quarantined GPU whose samples stay clean this long returns by itself (0: at once)",
+        default=600.0,
+    )
+
     default_lease_seconds: int = _s(
-        "leases", "allocation lease when a request names none", default=300
+        "leases",
+        "allocation lease when a request names none; 0: no lease (runs until released"
+        " or max_duration_seconds)",
+        default=0,
     )
     max_lease_seconds: int = _s("leases", "longest allocation lease", default=7 * 86400)
     node_lease_seconds: float = _s(
@@ -86,6 +123,16 @@ class Settings:
     default_limit_gpus: int = _s(
         "scheduler", "GPU limit of tenants with no quota (-1: none)", default=-1
     )
+    fair_share_half_life_seconds: float = _s(
+        "scheduler",
+        "fair share orders by usage averaged with this half-life (0: by what is held now)",
+        default=3600.0,
+    )
+    never_fits: str = _s(
+        "scheduler",
+        "a request no registered node could ever host: reject (REJECTED at once) or pending",
+        default="reject",
+    )
 
     watch_buffer_events: int = _s(
         "watch",
@@ -112,8 +159,97 @@ class Settings:
         "watch", "events older than this are compacted away", default=7 * 86400.0
     )
     compaction_interval_seconds: float = _s("watch", "how often to compact", default=60.0)
+    event_ring_max_bytes: int = _s(
+        "watch",
+        "the in-memory ring of recent events (watch catch-up) holds at most this many bytes",
+        default=64 * 1024 * 1024,
+    )
 
-    tracing: str = _s("telemetry", "none, console or otlp", default="none")
+    max_message_bytes: int = _s(
+        "limits", "largest request message accepted (RESOURCE_EXHAUSTED above)", default=4 << 20
+    )
+    max_concurrent_streams: int = _s(
+        "limits", "concurrent calls (HTTP/2 streams) per client connection", default=2048
+    )
+    keepalive_time_seconds: float = _s(
+        "limits", "the server pings an idle connection this often", default=30.0
+    )
+    keepalive_timeout_seconds: float = _s(
+        "limits", "a connection whose ping goes unanswered this long is closed", default=10.0
+    )
+    min_ping_interval_seconds: float = _s(
+        "limits", "clients pinging more often than this are disconnected", default=10.0
+    )
+    max_page_size: int = _s("limits", "most items a List page may ask for", default=1000)
+    max_page_bytes: int = _s(
+        "limits", "a List page stops before its items pass this many bytes", default=1 << 20
+    )
+    max_labels: int = _s(
+        "limits", "most labels on a node, or entries in a node selector", default=64
+    )
+    max_gpus_per_node: int = _s("limits", "most GPUs one node may register", default=64)
+    max_quota_models: int = _s(
+        "limits", "most GPU models in a quota's gpus_by_model map", default=64
+    )
+    max_pending_per_tenant: int = _s(
+        "limits", "PENDING allocations one tenant may have at once", default=10_000
+    )
+    max_pending_total: int = _s(
+        "limits", "PENDING allocations the whole server may hold at once", default=100_000
+    )
+    max_watch_streams_per_principal: int = _s(
+        "limits", "open watch streams per client (today: per peer address)", default=2048
+    )
+    max_watch_streams: int = _s("limits", "open watch streams in total", default=10_000)
+
+    tracing: str = _s(
+        "telemetry",
+        "span exporter: none, console (to tracing_file) or otlp (pip install 'rmgrpc[otlp]')",
+        default="none",
+    )
+    tracing_file: str = _s(
+        "telemetry",
+        "file console spans are appended to (a JSON per line); empty: stdout",
+        default="",
+    )
+    otlp_endpoint: str = _s(
+        "telemetry",
+        "OTLP collector URL; empty: OTEL_EXPORTER_OTLP_ENDPOINT, else the exporter's default",
+        default="",
+    )
+    otlp_protocol: str = _s("telemetry", "OTLP transport: grpc or http/protobuf", default="grpc")
+    tracing_sample_ratio: float = _s(
+        "telemetry",
+        "share of traces recorded, 0..1 (spans in a recorded trace always are)",
+        default=1.0,
+    )
+    metrics_refresh_seconds: float = _s(
+        "telemetry", "how often gauges (cluster, tenants, GPUs) are recomputed", default=5.0
+    )
+
+    tokens_file: str = _s(
+        "auth",
+        "TOML file of principals: token hashes and client-certificate SANs (reread on SIGHUP)",
+        default="",
+    )
+
+    cert_file: str = _s("tls", "server certificate chain (PEM); empty: no TLS", default="")
+    key_file: str = _s("tls", "server private key (PEM)", default="")
+    client_ca_file: str = _s(
+        "tls", "CA bundle (PEM) for client certificates; set: mutual TLS required", default=""
+    )
+
+    def health_policy(self) -> HealthPolicy:
+        """The GPU health policy of these settings; ValueError when it cannot be built."""
+        from rmgrpc.gpu.health import policy_from
+
+        return policy_from(
+            max_temperature_celsius=self.gpu_max_temperature_celsius,
+            max_uncorrectable_ecc=self.gpu_max_uncorrectable_ecc,
+            quarantine_xids=self.gpu_quarantine_xids,
+            warn_xids=self.gpu_warn_xids,
+            recovery_seconds=self.gpu_recovery_seconds,
+        )
 
     def scheduler_config(self) -> SchedulerConfig:
         from rmgrpc.model import Resources
@@ -127,6 +263,8 @@ class Settings:
             preemption_grace_seconds=self.preemption_grace_seconds,
             starvation_seconds=self.starvation_seconds,
             max_held_gangs=self.max_held_gangs,
+            fair_share_half_life_seconds=self.fair_share_half_life_seconds,
+            never_fits_pending=self.never_fits == "pending",
         )
 
     def validate(self) -> None:
@@ -139,9 +277,10 @@ class Settings:
             (self.simulated_cpu_millis > 0, "simulated_cpu_millis must be > 0"),
             (self.simulated_memory_bytes > 0, "simulated_memory_bytes must be > 0"),
             (self.nvml in ("auto", "off"), "nvml must be 'auto' or 'off'"),
+            (_health_error(self) is None, f"gpu_health: {_health_error(self)}"),
             (
-                0 < self.default_lease_seconds <= self.max_lease_seconds,
-                "default_lease_seconds must be > 0 and <= max_lease_seconds",
+                0 <= self.default_lease_seconds <= self.max_lease_seconds,
+                "default_lease_seconds must be >= 0 and <= max_lease_seconds",
             ),
             (self.node_lease_seconds > 0, "node_lease_seconds must be > 0"),
             (
@@ -154,6 +293,11 @@ class Settings:
             (self.starvation_seconds >= 0, "starvation_seconds must be >= 0"),
             (self.max_held_gangs >= 0, "max_held_gangs must be >= 0"),
             (self.default_weight > 0, "default_weight must be > 0"),
+            (
+                self.fair_share_half_life_seconds >= 0,
+                "fair_share_half_life_seconds must be >= 0",
+            ),
+            (self.never_fits in ("reject", "pending"), "never_fits must be reject or pending"),
             (self.watch_buffer_events >= 16, "watch_buffer_events must be >= 16"),
             (
                 self.watch_max_lag_events >= self.watch_buffer_events,
@@ -164,6 +308,31 @@ class Settings:
             (self.retention_max_events >= 1, "retention_max_events must be >= 1"),
             (self.retention_max_age_seconds > 0, "retention_max_age_seconds must be > 0"),
             (self.compaction_interval_seconds > 0, "compaction_interval_seconds must be > 0"),
+            (self.event_ring_max_bytes >= 1 << 20, "event_ring_max_bytes must be >= 1048576"),
+            (
+                64 * 1024 <= self.max_message_bytes <= 1 << 30,
+                "max_message_bytes must be between 65536 and 1073741824",
+            ),
+            (self.max_concurrent_streams >= 1, "max_concurrent_streams must be >= 1"),
+            (self.keepalive_time_seconds >= 1, "keepalive_time_seconds must be >= 1"),
+            (self.keepalive_timeout_seconds > 0, "keepalive_timeout_seconds must be > 0"),
+            (self.min_ping_interval_seconds >= 0, "min_ping_interval_seconds must be >= 0"),
+            (self.max_page_size >= 1, "max_page_size must be >= 1"),
+            (self.max_page_bytes >= 64 * 1024, "max_page_bytes must be >= 65536"),
+            (
+                self.max_page_bytes <= self.max_message_bytes,
+                "max_page_bytes must be <= max_message_bytes (clients' default limit is 4 MiB)",
+            ),
+            (0 <= self.max_labels <= 1024, "max_labels must be 0..1024"),
+            (1 <= self.max_gpus_per_node <= 1024, "max_gpus_per_node must be 1..1024"),
+            (self.max_quota_models >= 0, "max_quota_models must be >= 0"),
+            (self.max_pending_per_tenant >= 1, "max_pending_per_tenant must be >= 1"),
+            (self.max_pending_total >= 1, "max_pending_total must be >= 1"),
+            (
+                self.max_watch_streams_per_principal >= 1,
+                "max_watch_streams_per_principal must be >= 1",
+            ),
+            (self.max_watch_streams >= 1, "max_watch_streams must be >= 1"),
             (self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0"),
             (
                 self.sqlite_synchronous.upper() in ("NORMAL", "FULL"),
@@ -174,10 +343,29 @@ class Settings:
                 "log_level must be debug, info, warning or error",
             ),
             (self.tracing in ("none", "console", "otlp"), "tracing must be none, console or otlp"),
+            (
+                self.otlp_protocol in ("grpc", "http/protobuf"),
+                "otlp_protocol must be grpc or http/protobuf",
+            ),
+            (self.metrics_refresh_seconds > 0, "metrics_refresh_seconds must be > 0"),
+            (0 <= self.tracing_sample_ratio <= 1, "tracing_sample_ratio must be in [0, 1]"),
+            (bool(self.cert_file) == bool(self.key_file), "cert_file and key_file go together"),
+            (
+                not self.client_ca_file or bool(self.cert_file),
+                "client_ca_file needs cert_file and key_file (mutual TLS is TLS)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def _health_error(settings: Settings) -> str | None:
+    try:
+        settings.health_policy()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _host_port(name: str, value: str) -> None:
@@ -212,10 +400,12 @@ def load_settings(
     path: str | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Defaults, then the TOML file at `path`, then `RMGRPC_*` variables, then `overrides`."""
+    """Defaults (`defaults` replacing some, e.g. dev mode's), then the TOML file at
+    `path`, then `RMGRPC_*` variables, then `overrides`."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     known = {f.name: f for f in fields(Settings)}
     if path:
         try:
@@ -261,7 +451,10 @@ def example_toml() -> str:
             section = f.metadata["section"]
             lines += ["", f"[{section}]"]
         value = getattr(defaults, f.name)
-        rendered = f'"{value}"' if isinstance(value, str) else repr(value)
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        else:
+            rendered = f'"{value}"' if isinstance(value, str) else repr(value)
         lines.append(f"# {f.metadata['help']}")
         lines.append(f"{f.name} = {rendered}")
     return "\n".join(lines) + "\n"

@@ -83,3 +83,13 @@ class WatcherTooSlow(RmgrpcError):
 
 class Unavailable(RmgrpcError):
     """The server is shutting down or cannot serve right now; retry elsewhere or later."""
+
+
+class PermissionDenied(RmgrpcError):
+    """The caller is known but may not do this (its role, tenant subtree or node)."""
+
+    def __init__(self, principal: str, action: str, description: str) -> None:
+        self.principal = principal
+        self.action = action
+        self.description = description
+        super().__init__(description)

@@ -27,7 +27,8 @@ commit). The check is one pass over the fallen-back watchers per burst. Watchers
 in their initial catch-up from an old `start_revision` are never cut: they may be
 arbitrarily far behind by request, and hold one batch whatever they do.
 
-Memory: a synced watcher holds at most `buffer_limit` events; one in catch-up holds at
+Memory: the ring holds at most `ring_size` events and `ring_max_bytes` of them (the
+newest always); a synced watcher holds at most `buffer_limit` events; one in catch-up holds at
 most one batch (`catch_up_batch`, capped at `buffer_limit`), dropped when it is cut.
 Every batch, from the ring or the store, must run contiguously from the revision asked
 for: a hole is an EventLogGap (UNAVAILABLE, logged), never skipped. A missing start
@@ -142,6 +143,7 @@ class EventHub:
         last_revision: int,
         oldest_revision: int,
         ring_size: int = 65536,
+        ring_max_bytes: int = 64 * 1024 * 1024,
         buffer_limit: int = 4096,
         catch_up_batch: int = 1000,
         max_lag_events: int = 65536,
@@ -151,7 +153,12 @@ class EventHub:
         self._read_events = read_events
         self.revision = last_revision
         self.oldest_revision = oldest_revision
-        self._ring: deque[Event] = deque(maxlen=ring_size)
+        # Bounded by count and by bytes (events carry whole objects: a few large ones
+        # must not pin hundreds of MB). Older events are read from the store instead.
+        self._ring: deque[Event] = deque()
+        self._ring_size = ring_size
+        self._ring_max_bytes = ring_max_bytes
+        self.ring_bytes = 0
         self._buffer_limit = buffer_limit
         # A catch-up copy is never larger than a live buffer may be.
         self._batch = min(catch_up_batch, buffer_limit)
@@ -193,7 +200,7 @@ class EventHub:
             self._start_burst()
         fallen: list[_Subscriber] = []
         for event in events:
-            self._ring.append(event)
+            self._remember(event)
             self.revision = event.revision
             for sub in self._candidates(event):
                 if not sub.synced or not sub.filter.matches(event):
@@ -214,6 +221,21 @@ class EventHub:
             self._unregister(sub)
             self._unsynced.add(sub)
         self.fell_back += len(fallen)
+
+    def _remember(self, event: Event) -> None:
+        """Appends `event` to the ring, dropping the oldest past either bound (always
+        keeping the newest, whatever its size)."""
+        ring = self._ring
+        ring.append(event)
+        self.ring_bytes += event_bytes(event)
+        while len(ring) > 1 and (
+            len(ring) > self._ring_size or self.ring_bytes > self._ring_max_bytes
+        ):
+            self.ring_bytes -= event_bytes(ring.popleft())
+
+    @property
+    def ring_events(self) -> int:
+        return len(self._ring)
 
     def _start_burst(self) -> None:
         try:
@@ -417,6 +439,21 @@ class EventHub:
             if event.revision != next_rev + i:
                 raise _gap(next_rev + i, event.revision)
         return batch
+
+
+# What an Event costs in memory beyond its payload and strings (object, tuple, ints).
+_EVENT_OVERHEAD = 256
+
+
+def event_bytes(event: Event) -> int:
+    """About what `event` holds in memory, for the ring's byte bound."""
+    return (
+        _EVENT_OVERHEAD
+        + len(event.data)
+        + len(event.object_id)
+        + len(event.tenant)
+        + sum(len(n) for n in event.node_ids)
+    )
 
 
 def _gap(expected: int, found: int | None) -> EventLogGap:

@@ -41,6 +41,8 @@ class NodeState(enum.IntEnum):
     CORDONED = 2
     DRAINING = 3
     DOWN = 4
+    # Was DRAINING and no work is left on it; stays so until uncordoned.
+    DRAINED = 5
 
 
 class GpuHealth(enum.IntEnum):
@@ -85,6 +87,8 @@ class GpuMetrics:
     ecc_errors: int = 0
     xid_errors: int = 0
     sample_time: float = 0.0
+    # XID codes reported since the previous sample; the health policy judges them.
+    recent_xids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -95,6 +99,13 @@ class Gpu:
     memory_bytes: int
     health: GpuHealth = GpuHealth.HEALTHY
     metrics: GpuMetrics | None = None
+    # Pinned out by an operator: UNHEALTHY until uncordoned, whatever its samples say.
+    cordoned: bool = False
+    # Why it is UNHEALTHY: the sample that quarantined it, or the operator's reason.
+    health_reason: str = ""
+    # Status, not state: since when a quarantined GPU's samples have been clean (None
+    # while they are not); it returns to service after the policy's recovery time.
+    healthy_since: float | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +164,13 @@ class Allocation:
     preempted_by: str = ""
     # Sequence number in arrival order; the final tie-break of queue order.
     seq: int = 0
+    # Digest of the request that created it: a repeated request_id must match it.
+    request_digest: str = ""
+    # Drain requeueing: the allocation this one replaces / the one that replaces it,
+    # and whether the request opted out.
+    requeued_from: str = ""
+    requeued_as: str = ""
+    no_requeue: bool = False
 
     def holds_capacity(self, now: float) -> bool:
         """Placed and not yet given back: a PREEMPTED one holds until its grace ends."""
@@ -185,6 +203,34 @@ class Budget:
     period_seconds: int = 0
 
 
+class WithinTenantPreemption(enum.IntEnum):
+    """Which of its own allocations a tenant's pending request may preempt."""
+
+    NEVER = 1
+    LOWER_PRIORITY = 2
+    # Also equal priority when the victim arrived after the preemptor (Kueue's name).
+    LOWER_OR_NEWER_EQUAL_PRIORITY = 3
+
+
+class ReclaimPolicy(enum.IntEnum):
+    """Which other tenants' allocations a tenant's pending request may preempt."""
+
+    NEVER = 1
+    LOWER_PRIORITY = 2
+    # Borrowers at any priority when reclaiming a guarantee (priority preemption stays
+    # strictly lower).
+    ANY = 3
+
+
+class BorrowingPreemption(enum.IntEnum):
+    """May a request that would end above its tenant's guarantee preempt other tenants?"""
+
+    NEVER = 1
+    # Only victims of priority at most `Quota.borrowing_max_priority`.
+    UP_TO_PRIORITY = 2
+    ALWAYS = 3
+
+
 @dataclass(slots=True)
 class Quota:
     tenant: str
@@ -195,6 +241,15 @@ class Quota:
     budget: Budget | None = None
     revision: int = 0
     update_time: float = 0.0
+    # Preemption policies for this tenant's pending requests (the preemptor's quota
+    # decides, as a Kueue ClusterQueue's does). Defaults keep guarantees reachable.
+    within_tenant_preemption: WithinTenantPreemption = WithinTenantPreemption.LOWER_PRIORITY
+    reclaim_from_others: ReclaimPolicy = ReclaimPolicy.ANY
+    preemption_while_borrowing: BorrowingPreemption = BorrowingPreemption.ALWAYS
+    borrowing_max_priority: int = 0
+    # How much of `guaranteed` others may borrow while the tenant leaves it idle; a
+    # field left None lends all of it (the rest stays free for the tenant alone).
+    lending_limit: Resources = field(default_factory=Resources)
 
 
 def parent_of(tenant: str) -> str:

@@ -19,18 +19,19 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rmgrpc import reflection, telemetry
+from rmgrpc import limits, reflection, security, telemetry
 from rmgrpc.clock import Clock, SystemClock
 from rmgrpc.config import Settings
 from rmgrpc.engine import Engine, GpuReport
 from rmgrpc.gcpolicy import GcPolicy
 from rmgrpc.gpu.nvml import NvmlInventory
 from rmgrpc.gpu.simulated import simulated_metrics, simulated_nodes
-from rmgrpc.model import AllocationState, GpuHealth, Node, NodeState
+from rmgrpc.model import Node
 from rmgrpc.scheduler.snapshot import Decisions
 from rmgrpc.services.allocator import AllocatorService
 from rmgrpc.services.gpu_manager import GpuManagerService
 from rmgrpc.services.quota import QuotaService
+from rmgrpc.services.telemetry import TelemetryService
 from rmgrpc.store import Store, StoreError
 from rmgrpc.v1 import (
     allocator_pb2,
@@ -39,6 +40,8 @@ from rmgrpc.v1 import (
     gpu_manager_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
 )
 
 log = logging.getLogger("rmgrpc")
@@ -49,16 +52,14 @@ SERVICE_NAMES = [
     allocator_pb2.DESCRIPTOR.services_by_name["AllocatorService"].full_name,
     gpu_manager_pb2.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
+    telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name,
 ]
 
-GRPC_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Server options: the transport limits of `settings` (see `limits.py`)."""
     # One process per port: a second server must fail to bind, not share it.
-    ("grpc.so_reuseport", 0),
-]
+    return [*limits.grpc_options(settings), ("grpc.so_reuseport", 0)]
 
 
 class StartupError(Exception):
@@ -78,6 +79,7 @@ class RunningServer:
     metrics_server: telemetry.MetricsServer | None
     tasks: list[asyncio.Task[None]]
     nvml: NvmlInventory | None = None
+    protection: security.Security | None = None
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -109,7 +111,7 @@ def inventory(settings: Settings, clock: Clock) -> tuple[list[Node], NvmlInvento
         memory_bytes=settings.simulated_memory_bytes,
         now=clock.now(),
     )
-    nvml = NvmlInventory.probe() if settings.nvml == "auto" else None
+    nvml = NvmlInventory.probe(settings.health_policy()) if settings.nvml == "auto" else None
     if nvml is not None:
         local = nvml.discover(socket.gethostname())
         log.info("NVML: %d local GPUs on %s", len(local.gpus), local.id)
@@ -178,53 +180,13 @@ def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, Decisions], No
 
 
 async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float) -> None:
-    """Refreshes the gauges, and the counters kept by the store and the hub, every `every` s."""
-    seen = {"transactions": 0, "delivered": 0, "cut": 0}
-    # Nodes whose GPU series were published last round: one missing now was removed, and
-    # its series must go rather than report their last value for ever.
-    published: set[str] = set()
+    """Refreshes the gauges, and the counters kept by the store and the hub, every `every` s
+    (see `telemetry.StatePublisher`: RPCs never update these themselves)."""
+    publisher = telemetry.StatePublisher(metrics, since=engine.clock.now())
     errors = telemetry.RateLimitedLog(log)
     while True:
         try:
-            counts_now = {
-                "transactions": engine.store.transactions_committed,
-                "delivered": engine.hub.delivered,
-                "cut": engine.hub.cut_off,
-            }
-            metrics.store_transactions.inc(counts_now["transactions"] - seen["transactions"])
-            metrics.watch_events_sent.inc(counts_now["delivered"] - seen["delivered"])
-            metrics.watch_streams_cut.labels(reason="slow_consumer").inc(
-                counts_now["cut"] - seen["cut"]
-            )
-            seen = counts_now
-            state = engine.state
-            counts = dict.fromkeys((s.name for s in AllocationState), 0)
-            async for a in _yielding(list(state.allocations.values()), 4096):
-                counts[a.state.name] += 1
-            metrics.set_allocation_counts(counts)
-            nodes = dict.fromkeys((s.name for s in NodeState), 0)
-            gpus: dict[tuple[str, str], int] = {}
-            current: set[str] = set()
-            async for node in _yielding(list(state.nodes.values()), 4):
-                current.add(node.id)
-                nodes[node.state.name] += 1
-                for g in node.gpus:
-                    gpus[(g.model, "total")] = gpus.get((g.model, "total"), 0) + 1
-                    if (node.id, g.index) in state.holders:
-                        gpus[(g.model, "allocated")] = gpus.get((g.model, "allocated"), 0) + 1
-                    if g.health == GpuHealth.UNHEALTHY:
-                        gpus[(g.model, "unhealthy")] = gpus.get((g.model, "unhealthy"), 0) + 1
-                # Even when empty: that drops series of GPUs the node no longer reports.
-                metrics.set_gpu_metrics(
-                    node.id, {g.index: g.metrics for g in node.gpus if g.metrics is not None}
-                )
-            for gone in published - current:
-                metrics.forget_node(gone)
-            published = current
-            metrics.set_node_counts(nodes)
-            metrics.set_gpu_counts(gpus)
-            metrics.watch_streams.set(engine.hub.watchers)
-            metrics.event_revision.set(engine.hub.revision)
+            await publisher.refresh(engine)
         except Exception:
             errors.exception("refreshing metrics gauges failed; retrying")
         await asyncio.sleep(every)
@@ -233,6 +195,10 @@ async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float)
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Opens the store, rebuilds the state and starts serving; raises StartupError."""
     clock = clock or SystemClock()
+    try:
+        protection = security.from_settings(settings)
+    except security.SecurityError as exc:
+        raise StartupError(str(exc)) from None
     # Scheduling passes run in a worker thread: have it hand the GIL back every 1 ms
     # (Python's default is 5 ms), so RPCs and commits wait for it at most that long.
     sys.setswitchinterval(0.001)
@@ -254,20 +220,27 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             raise StartupError(str(exc)) from None
 
         server = grpc.aio.server(
-            interceptors=[telemetry.MetricsInterceptor(metrics)], options=GRPC_OPTIONS
+            # The decode guard is outermost: nothing behind it ever sees undecodable bytes.
+            interceptors=[
+                limits.DecodeGuard(),
+                telemetry.MetricsInterceptor(metrics),
+                *protection.interceptors(),
+            ],
+            options=grpc_options(settings),
         )
         allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(AllocatorService(engine), server)
         gpu_manager_pb2_grpc.add_GpuManagerServiceServicer_to_server(
             GpuManagerService(engine), server
         )
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), server)
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(engine), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable(server, [*SERVICE_NAMES, health.SERVICE_NAME])
         for name in ["", *SERVICE_NAMES]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         try:
-            port = server.add_insecure_port(settings.listen)
+            port = protection.add_port(server, settings.listen)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {settings.listen}: {exc}") from None
         if port == 0:
@@ -289,21 +262,38 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         await engine.stop()
         await store.close()
         raise
+    if protection.notice:
+        log.info("%s", protection.notice)
     tasks = [
         asyncio.create_task(GcPolicy().run(), name="rmgrpc-gc"),
-        asyncio.create_task(_gauges_loop(engine, metrics, 5.0)),
+        asyncio.create_task(_gauges_loop(engine, metrics, settings.metrics_refresh_seconds)),
         asyncio.create_task(
             _gpu_metrics_loop(engine, nvml, min(5.0, settings.heartbeat_interval_seconds))
         ),
     ]
     return RunningServer(
-        server, engine, store, health_servicer, port, metrics, metrics_server, tasks, nvml
+        server,
+        engine,
+        store,
+        health_servicer,
+        port,
+        metrics,
+        metrics_server,
+        tasks,
+        nvml,
+        protection=protection,
     )
 
 
 async def serve(settings: Settings) -> int:
     """Runs until SIGTERM or SIGINT; returns the process exit code."""
-    telemetry.setup_tracing(settings.tracing)
+    try:
+        tracing = telemetry.setup_tracing_from(settings)
+    except telemetry.TracingError as exc:
+        raise StartupError(str(exc)) from None
+    # SIGHUP's default is to end the process: until the reload handler is in place (the
+    # port is open before that), a SIGHUP is ignored rather than fatal.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: None)
     running = await start(settings)
     host = settings.listen.rpartition(":")[0]
     print(f"rmgrpc serving on {host}:{running.port}", flush=True)
@@ -317,11 +307,16 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.protection is not None:
+        # Reread tokens without a restart: open streams keep going, new calls see the change.
+        loop.add_signal_handler(signal.SIGHUP, running.protection.reload)
     failed = asyncio.create_task(_watch_engine(running.engine))
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait({failed, waiter}, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down (grace %.1f s)", settings.shutdown_grace_seconds)
     await running.stop(settings.shutdown_grace_seconds)
+    if tracing is not None:
+        tracing.shutdown()  # flushes the spans still batched
     failed.cancel()
     waiter.cancel()
     return 1 if running.engine.failed is not None else 0

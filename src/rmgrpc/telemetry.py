@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -30,13 +31,27 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 
-from rmgrpc.model import GpuMetrics
+from rmgrpc.model import Allocation, AllocationState, GpuHealth, GpuMetrics, NodeState, Resources
+from rmgrpc.summary import current_view
+
+if TYPE_CHECKING:
+    from rmgrpc.config import Settings
+    from rmgrpc.engine import Engine
 
 log = logging.getLogger(__name__)
 
 _LabelKey = TypeVar("_LabelKey", bound=tuple[str, ...])
+T = TypeVar("T")
 
 # RPCs range from sub-millisecond reads to long watch streams.
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
@@ -44,10 +59,25 @@ _CYCLE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 _COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
 
 
+# Admission waits run from immediate to days on a busy cluster.
+_WAIT_BUCKETS = (0.01, 0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+
+# DCGM exporter's label names, so per-GPU series join with its own (`UUID`, `Hostname`),
+# plus who holds the GPU (like dcgm-exporter's pod/namespace labels on Kubernetes).
+GPU_LABELS = ("gpu", "UUID", "modelName", "Hostname", "tenant", "allocation")
+# Tenant gauges count the tenant with its subtree (as GetUsage and quotas do); `parent`
+# is "" at the top, so `sum(x{parent=""})` counts everything once.
+TENANT_LABELS = ("tenant", "parent")
+# Resources in base units: GPUs, CPU cores, memory bytes.
+RESOURCES = ("gpu", "cpu", "memory")
+
+
 class Metrics:
     """Every metric the server exports, in one registry. Use the attributes directly."""
 
     def __init__(self) -> None:
+        # `_created` samples double every counter's series and nobody graphs them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.rpc_requests = Counter(
@@ -76,18 +106,41 @@ class Metrics:
             registry=r,
         )
         self.allocations = Gauge(
-            "rmgrpc_allocations", "Allocations by state.", ["state"], registry=r
+            "rmgrpc_allocations",
+            "Live allocations by state: PENDING, ALLOCATED, PREEMPTED (in their grace).",
+            ["state"],
+            registry=r,
         )
         self.pending_allocations = Gauge(
             "rmgrpc_pending_allocations", "Allocations waiting in the queue.", registry=r
         )
         self.gpus = Gauge(
             "rmgrpc_gpus",
-            "GPUs by model and status (total, allocated, unhealthy).",
+            "GPUs by model and status; each GPU in exactly one status (allocated, free, "
+            "unhealthy: idle and unhealthy, unschedulable: idle on a node not READY), so "
+            "sum by (model) is the total.",
             ["model", "status"],
             registry=r,
         )
         self.nodes = Gauge("rmgrpc_nodes", "Nodes by state.", ["state"], registry=r)
+        self.cluster_capacity = Gauge(
+            "rmgrpc_cluster_capacity",
+            "What every registered node has (gpu: GPUs, cpu: cores, memory: bytes).",
+            ["resource"],
+            registry=r,
+        )
+        self.cluster_allocated = Gauge(
+            "rmgrpc_cluster_allocated",
+            "Held by live allocations (gpu: GPUs, cpu: cores, memory: bytes).",
+            ["resource"],
+            registry=r,
+        )
+        self.cluster_pending = Gauge(
+            "rmgrpc_cluster_pending",
+            "Asked for by pending allocations (gpu: GPUs, cpu: cores, memory: bytes).",
+            ["resource"],
+            registry=r,
+        )
         self.watch_streams = Gauge("rmgrpc_watch_streams", "Open watch streams.", registry=r)
         self.watch_events_sent = Counter(
             "rmgrpc_watch_events_sent_total", "Events sent on watch streams.", registry=r
@@ -110,33 +163,103 @@ class Metrics:
         self.store_transactions = Counter(
             "rmgrpc_store_transactions_total", "Store transactions committed.", registry=r
         )
-        self.budget_used_ratio = Gauge(
-            "rmgrpc_budget_used_ratio",
-            "Share of the current budget period's budget spent, per tenant (1 = all).",
+        # Per GPU, named like DCGM exporter's fields (DCGM_FI_DEV_GPU_UTIL, _FB_USED, ...).
+        self.gpu_utilization = Gauge(
+            "rmgrpc_gpu_utilization_percent", "GPU utilization (0-100).", GPU_LABELS, registry=r
+        )
+        self.gpu_memory_used = Gauge(
+            "rmgrpc_gpu_memory_used_bytes", "GPU memory in use.", GPU_LABELS, registry=r
+        )
+        self.gpu_temperature = Gauge(
+            "rmgrpc_gpu_temperature_celsius", "GPU temperature.", GPU_LABELS, registry=r
+        )
+        self.gpu_power = Gauge("rmgrpc_gpu_power_watts", "GPU power draw.", GPU_LABELS, registry=r)
+        # Per tenant (with its subtree), like Kueue's cluster-queue gauges.
+        per_resource = [*TENANT_LABELS, "resource"]
+        self.tenant_guaranteed = Gauge(
+            "rmgrpc_tenant_guaranteed",
+            "Quota guarantee (gpu: GPUs, cpu: cores, memory: bytes).",
+            per_resource,
+            registry=r,
+        )
+        self.tenant_limit = Gauge(
+            "rmgrpc_tenant_limit",
+            "Quota limit, borrowing included; no series for a resource without limit.",
+            per_resource,
+            registry=r,
+        )
+        self.tenant_fair_share = Gauge(
+            "rmgrpc_tenant_fair_share",
+            "What the tenant deserves now by weighted fair share, in resources.",
+            per_resource,
+            registry=r,
+        )
+        self.tenant_held = Gauge(
+            "rmgrpc_tenant_held", "Held by the tenant's live allocations.", per_resource, registry=r
+        )
+        self.tenant_pending = Gauge(
+            "rmgrpc_tenant_pending",
+            "Asked for by the tenant's pending allocations.",
+            per_resource,
+            registry=r,
+        )
+        self.tenant_fair_share_ratio = Gauge(
+            "rmgrpc_tenant_fair_share_ratio",
+            "Fair share as a fraction of the cluster, in the tenant's dominant resource.",
+            TENANT_LABELS,
+            registry=r,
+        )
+        self.tenant_dominant_share = Gauge(
+            "rmgrpc_tenant_dominant_share",
+            "Largest fraction of any resource of the cluster the tenant holds (DRF).",
+            TENANT_LABELS,
+            registry=r,
+        )
+        self.tenant_pending_allocations = Gauge(
+            "rmgrpc_tenant_pending_allocations",
+            "Allocations of the tenant waiting.",
+            TENANT_LABELS,
+            registry=r,
+        )
+        self.tenant_running_allocations = Gauge(
+            "rmgrpc_tenant_running_allocations",
+            "Allocations of the tenant holding capacity.",
+            TENANT_LABELS,
+            registry=r,
+        )
+        self.tenant_oldest_pending = Gauge(
+            "rmgrpc_tenant_oldest_pending_seconds",
+            "How long the tenant's oldest pending allocation has waited (0: none waits).",
+            TENANT_LABELS,
+            registry=r,
+        )
+        # Counters count the tenant's own allocations (not its subtree's): sums add up.
+        self.tenant_admitted = Counter(
+            "rmgrpc_tenant_admitted_total",
+            "Allocations of the tenant placed (admitted) since the server started.",
             ["tenant"],
             registry=r,
         )
-        self.budget_alerts = Counter(
-            "rmgrpc_budget_alerts_total",
-            "Budget alerts raised, by threshold percent.",
-            ["tenant", "threshold"],
+        self.tenant_admission_wait = Histogram(
+            "rmgrpc_tenant_admission_wait_seconds",
+            "Time from request to placement of the tenant's admitted allocations.",
+            ["tenant"],
+            buckets=_WAIT_BUCKETS,
             registry=r,
         )
-        per_gpu = ["node", "gpu"]
-        self.gpu_utilization = Gauge(
-            "rmgrpc_gpu_utilization_percent", "GPU utilization.", per_gpu, registry=r
-        )
-        self.gpu_temperature = Gauge(
-            "rmgrpc_gpu_temperature_celsius", "GPU temperature.", per_gpu, registry=r
-        )
-        self.gpu_power = Gauge("rmgrpc_gpu_power_watts", "GPU power draw.", per_gpu, registry=r)
-        self.gpu_memory_used = Gauge(
-            "rmgrpc_gpu_memory_used_bytes", "GPU memory in use.", per_gpu, registry=r
+        self.tenant_preempted_gpu_seconds = Counter(
+            "rmgrpc_tenant_preempted_gpu_seconds_total",
+            "GPU-seconds of work of the tenant's allocations that were preempted (run time x "
+            "GPUs, lost when the work stopped).",
+            ["tenant"],
+            registry=r,
         )
         # Label sets last written by the set_* helpers, so a state or GPU that disappears
         # is removed instead of reporting its last value for ever.
         self._lock = threading.Lock()
         self._shown: dict[str, set[tuple[str, ...]]] = {}
+        # Children made by `_set`, by id of their gauge, then label values.
+        self._children: dict[int, dict[tuple[str, ...], Any]] = {}
 
     # --- helpers for callers that publish whole snapshots ------------------------------
 
@@ -156,19 +279,19 @@ class Metrics:
         """GPU counts keyed by (model, status); combinations left out are removed."""
         self._publish("gpus", self.gpus, dict(by_model_status), None)
 
-    def set_gpu_metrics(self, node_id: str, by_index: Mapping[int, GpuMetrics]) -> None:
-        """One node's latest GPU sample; GPUs it no longer has are removed."""
-        keys = {(node_id, str(i)): m for i, m in by_index.items()}
+    def set_gpu_metrics(self, node_id: str, rows: Mapping[tuple[str, ...], GpuMetrics]) -> None:
+        """One node's latest GPU samples, keyed by `GPU_LABELS` values (`Hostname` is
+        `node_id`); series of GPUs gone, or now held by someone else, are removed."""
         shown_key = f"gpu:{node_id}"
         with self._lock:
-            for key in self._shown.get(shown_key, set()) - keys.keys():
+            for key in self._shown.get(shown_key, set()) - rows.keys():
                 self._remove_gpu(key)
-            for key, m in keys.items():
-                self.gpu_utilization.labels(*key).set(m.utilization_percent)
-                self.gpu_temperature.labels(*key).set(m.temperature_celsius)
-                self.gpu_power.labels(*key).set(m.power_watts)
-                self.gpu_memory_used.labels(*key).set(m.memory_used_bytes)
-            self._shown[shown_key] = set(keys)
+            for key, m in rows.items():
+                self._set(self.gpu_utilization, key, m.utilization_percent)
+                self._set(self.gpu_temperature, key, m.temperature_celsius)
+                self._set(self.gpu_power, key, m.power_watts)
+                self._set(self.gpu_memory_used, key, m.memory_used_bytes)
+            self._shown[shown_key] = set(rows)
 
     def forget_node(self, node_id: str) -> None:
         """Drop every series labelled with a removed node, whoever set it."""
@@ -177,10 +300,82 @@ class Metrics:
             for gauge in self._per_node_gauges():
                 # By label rather than from `_shown`: a series set directly through
                 # `.labels()` must not outlive its node either.
-                gauge.remove_by_labels({"node": node_id})
+                gauge.remove_by_labels({"Hostname": node_id})
+                children = self._children.get(id(gauge), {})
+                for key in [k for k in children if k[GPU_LABELS.index("Hostname")] == node_id]:
+                    del children[key]
+
+    def set_cluster(
+        self,
+        capacity: Mapping[str, float],
+        allocated: Mapping[str, float],
+        pending: Mapping[str, float],
+    ) -> None:
+        """Cluster totals by resource name (see `RESOURCES`)."""
+        for gauge, values in (
+            (self.cluster_capacity, capacity),
+            (self.cluster_allocated, allocated),
+            (self.cluster_pending, pending),
+        ):
+            for resource, value in values.items():
+                gauge.labels(resource).set(value)
+
+    def set_tenants(self, rows: Mapping[tuple[str, str], TenantFigures]) -> None:
+        """Every tenant's gauges, keyed by (tenant, parent); tenants left out are removed."""
+        per_resource = {
+            "tenant_guaranteed": (self.tenant_guaranteed, "guaranteed"),
+            "tenant_limit": (self.tenant_limit, "limit"),
+            "tenant_fair_share": (self.tenant_fair_share, "fair_share"),
+            "tenant_held": (self.tenant_held, "held"),
+            "tenant_pending": (self.tenant_pending, "pending"),
+        }
+        for name, (gauge, attr) in per_resource.items():
+            values: dict[tuple[str, ...], float] = {}
+            for key, fig in rows.items():
+                for resource, value in getattr(fig, attr).items():
+                    values[(*key, resource)] = value
+            self._publish(name, gauge, values, None)
+        scalar = {
+            "tenant_fair_share_ratio": (self.tenant_fair_share_ratio, "fair_share_ratio"),
+            "tenant_dominant_share": (self.tenant_dominant_share, "dominant_share"),
+            "tenant_pending_allocations": (self.tenant_pending_allocations, "pending_count"),
+            "tenant_running_allocations": (self.tenant_running_allocations, "running_count"),
+            "tenant_oldest_pending": (self.tenant_oldest_pending, "oldest_pending_seconds"),
+        }
+        for name, (gauge, attr) in scalar.items():
+            self._publish(name, gauge, {k: getattr(f, attr) for k, f in rows.items()}, None)
+
+    def forget_tenants(self, keep: Iterable[str]) -> None:
+        """Drop the per-tenant counters of every tenant not in `keep` (bounded labels)."""
+        kept = set(keep)
+        with self._lock:
+            shown = self._shown.get("tenant_counters", set())
+            for (tenant,) in shown - {(t,) for t in kept}:
+                for metric in (
+                    self.tenant_admitted,
+                    self.tenant_admission_wait,
+                    self.tenant_preempted_gpu_seconds,
+                ):
+                    metric.remove_by_labels({"tenant": tenant})
+            self._shown["tenant_counters"] = {k for k in shown if k[0] in kept}
+
+    def admitted(self, tenant: str, wait_seconds: float) -> None:
+        """One of `tenant`'s allocations was placed after waiting `wait_seconds`."""
+        self.tenant_admitted.labels(tenant).inc()
+        self.tenant_admission_wait.labels(tenant).observe(max(0.0, wait_seconds))
+        self._counted(tenant)
+
+    def preempted(self, tenant: str, gpu_seconds: float) -> None:
+        """One of `tenant`'s allocations was preempted after `gpu_seconds` of GPU work."""
+        self.tenant_preempted_gpu_seconds.labels(tenant).inc(max(0.0, gpu_seconds))
+        self._counted(tenant)
+
+    def _counted(self, tenant: str) -> None:
+        with self._lock:
+            self._shown.setdefault("tenant_counters", set()).add((tenant,))
 
     def _per_node_gauges(self) -> tuple[Gauge, ...]:
-        # Every metric with a "node" label; a new one must be added here so that
+        # Every metric with a "Hostname" label; a new one must be added here so that
         # forget_node (and set_gpu_metrics) clear it.
         return (
             self.gpu_utilization,
@@ -191,7 +386,20 @@ class Metrics:
 
     def _remove_gpu(self, key: tuple[str, ...]) -> None:
         for gauge in self._per_node_gauges():
-            gauge.remove(*key)  # a no-op for a series already gone
+            self._drop(gauge, key)
+
+    def _set(self, gauge: Gauge, key: tuple[str, ...], value: float) -> None:
+        # `labels()` validates and locks on every call, and a refresh sets thousands of
+        # series: keep each child once made (callers hold `_lock`).
+        children = self._children.setdefault(id(gauge), {})
+        child = children.get(key)
+        if child is None:
+            child = children[key] = gauge.labels(*key)
+        child.set(value)
+
+    def _drop(self, gauge: Gauge, key: tuple[str, ...]) -> None:
+        self._children.get(id(gauge), {}).pop(key, None)
+        gauge.remove(*key)  # a no-op for a series already gone
 
     def _publish(
         self,
@@ -205,15 +413,194 @@ class Metrics:
         with self._lock:
             for key in self._shown.get(name, set()) - values.keys():
                 if missing is None:
-                    gauge.remove(*key)
+                    self._drop(gauge, key)
                 else:
-                    gauge.labels(*key).set(missing)
+                    self._set(gauge, key, missing)
             for key, value in values.items():
-                gauge.labels(*key).set(value)
+                self._set(gauge, key, value)
             if missing is None:
                 self._shown[name] = set(values)
             else:
                 self._shown[name] = self._shown.get(name, set()) | set(values)
+
+
+@dataclass(slots=True)
+class TenantFigures:
+    """One tenant's gauge values; the resource maps are keyed by `RESOURCES` names."""
+
+    guaranteed: dict[str, float] = field(default_factory=dict)
+    limit: dict[str, float] = field(default_factory=dict)
+    fair_share: dict[str, float] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)
+    fair_share_ratio: float = 0.0
+    dominant_share: float = 0.0
+    pending_count: int = 0
+    running_count: int = 0
+    oldest_pending_seconds: float = 0.0
+
+
+def resource_values(r: Resources, *, all_dims: bool = True) -> dict[str, float]:
+    """`r` by `RESOURCES` name in base units; unset dimensions are 0, or left out when
+    `all_dims` is False (a limit's unset dimension means no limit, not 0)."""
+    out: dict[str, float] = {}
+    for name, value, scale in (
+        ("gpu", r.gpus, 1.0),
+        ("cpu", r.cpu_millis, 1000.0),
+        ("memory", r.memory_bytes, 1.0),
+    ):
+        if value is not None:
+            out[name] = value / scale
+        elif all_dims:
+            out[name] = 0.0
+    return out
+
+
+class StatePublisher:
+    """Publishes the cluster into `Metrics` from the gauges loop, never from an RPC.
+
+    Gauges come from `summary.current_view` (what GetClusterSummary reports) and a pass
+    over the GPUs for their holders and samples. Admissions and preemptions are counted
+    by looking, at each refresh, at the allocations that can have changed since the last
+    one (created since, live now, or live then), so the Allocate path pays nothing for
+    them; only those after `since` (the server's start) count, like any counter that
+    starts at 0 with its process.
+    """
+
+    def __init__(self, metrics: Metrics, since: float) -> None:
+        self.metrics = metrics
+        self._since = since
+        # Allocations counted as admitted / preempted, among those still watched.
+        self._admitted: set[str] = set()
+        self._preempted: set[str] = set()
+        self._watching: set[str] = set()
+        self._last_seq = 0
+        self._nodes: set[str] = set()
+        self._seen = {"transactions": 0, "delivered": 0, "cut": 0}
+
+    async def refresh(self, engine: Engine) -> None:
+        """One refresh of every gauge and counter kept here."""
+        m = self.metrics
+        counts_now = {
+            "transactions": engine.store.transactions_committed,
+            "delivered": engine.hub.delivered,
+            "cut": engine.hub.cut_off,
+        }
+        m.store_transactions.inc(counts_now["transactions"] - self._seen["transactions"])
+        m.watch_events_sent.inc(counts_now["delivered"] - self._seen["delivered"])
+        m.watch_streams_cut.labels(reason="slow_consumer").inc(
+            counts_now["cut"] - self._seen["cut"]
+        )
+        self._seen = counts_now
+        m.watch_streams.set(engine.hub.watchers)
+        m.event_revision.set(engine.hub.revision)
+
+        view = await current_view(engine)
+        m.set_allocation_counts(
+            {"PENDING": view.pending_count, "ALLOCATED": view.running, "PREEMPTED": view.leaving}
+        )
+        m.set_node_counts({s.name: n for s, n in view.nodes_by_state.items()})
+        m.set_cluster(
+            resource_values(view.capacity),
+            resource_values(view.allocated),
+            resource_values(view.pending),
+        )
+        rows: dict[tuple[str, str], TenantFigures] = {}
+        for name, t in view.tenants.items():
+            u = t.usage
+            oldest = t.oldest_pending_create_time
+            rows[(name, t.parent)] = TenantFigures(
+                guaranteed=resource_values(u.guaranteed),
+                limit=resource_values(u.limit, all_dims=False),
+                fair_share=resource_values(u.fair_share_resources),
+                held=resource_values(u.held),
+                pending=resource_values(u.pending),
+                fair_share_ratio=u.fair_share,
+                dominant_share=u.dominant_share,
+                pending_count=u.pending_count,
+                running_count=u.running,
+                oldest_pending_seconds=max(0.0, view.read_time - oldest) if oldest else 0.0,
+            )
+        m.set_tenants(rows)
+        await self._gpus(engine)
+        await self._count_transitions(engine)
+        state = engine.state
+        m.forget_tenants(set(state.by_tenant) | set(state.quotas) | set(view.tenants))
+
+    async def _gpus(self, engine: Engine) -> None:
+        state = engine.state
+        m = self.metrics
+        gpus: dict[tuple[str, str], int] = {}
+        current: set[str] = set()
+        async for node in _yielding(list(state.nodes.values()), 4):
+            current.add(node.id)
+            rows: dict[tuple[str, ...], GpuMetrics] = {}
+            for g in node.gpus:
+                holder = state.holder_of(node.id, g.index)
+                if holder is not None:
+                    status = "allocated"
+                elif g.health == GpuHealth.UNHEALTHY:
+                    status = "unhealthy"
+                elif node.state != NodeState.READY:
+                    status = "unschedulable"
+                else:
+                    status = "free"
+                gpus[(g.model, status)] = gpus.get((g.model, status), 0) + 1
+                if g.metrics is not None:
+                    aid, tenant = holder or ("", "")
+                    rows[(str(g.index), g.uuid, g.model, node.id, tenant, aid)] = g.metrics
+            # Even when empty: that drops series of GPUs the node no longer reports.
+            m.set_gpu_metrics(node.id, rows)
+        for gone in self._nodes - current:
+            m.forget_node(gone)
+        self._nodes = current
+        m.set_gpu_counts(gpus)
+
+    async def _count_transitions(self, engine: Engine) -> None:
+        # Only what can have changed since the last refresh is looked at: allocations
+        # created since (even if already ended), those live now, and those that were
+        # live last time (they may have ended since). Not every retained allocation.
+        state = engine.state
+        m = self.metrics
+        candidates: dict[str, Allocation] = {}
+        for a in state.in_order(self._last_seq):
+            candidates[a.id] = a
+            self._last_seq = a.seq
+        for aid in self._watching:
+            was_live = state.allocations.get(aid)
+            if was_live is not None:
+                candidates[aid] = was_live
+        candidates.update(state.live)
+        watching: set[str] = set()
+        async for a in _yielding(list(candidates.values()), 4096):
+            placed = a.allocate_time
+            if a.id in state.live:
+                watching.add(a.id)
+            if placed is None or placed < self._since:
+                continue
+            if a.id not in self._admitted:
+                self._admitted.add(a.id)
+                m.admitted(a.tenant, placed - a.create_time)
+            if (
+                a.state == AllocationState.PREEMPTED
+                and a.end_time is not None
+                and a.id not in self._preempted
+            ):
+                self._preempted.add(a.id)
+                m.preempted(a.tenant, (a.end_time - placed) * a.total_gpus)
+        # What is no longer watched is never looked at again: keep the sets bounded.
+        self._watching = watching
+        self._admitted &= watching
+        self._preempted &= watching
+
+
+async def _yielding(items: Iterable[T], every: int) -> AsyncIterator[T]:
+    """`items`, handing the event loop back every `every` of them: a refresh over thousands
+    of GPUs or allocations must not hold RPCs up for its whole length."""
+    for i, item in enumerate(items):
+        if i and i % every == 0:
+            await asyncio.sleep(0)
+        yield item
 
 
 # --- the /metrics endpoint -----------------------------------------------------------
@@ -398,65 +785,170 @@ class RateLimitedLog:
 # --- tracing -------------------------------------------------------------------------
 
 _provider: TracerProvider | None = None
+# The provider's tracer, made once: `get_tracer` builds a new one (and its scope) per call.
+_tracer: trace.Tracer | None = None
+_trace_file: IO[str] | None = None
 _provider_lock = threading.Lock()
 
-_OTLP_EXPORTERS = (
-    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-)
+# By `otlp_protocol`; both ship in the `otlp` extra (pip install 'rmgrpc[otlp]').
+_OTLP_EXPORTERS = {
+    "grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+}
 
 
-def setup_tracing(exporter: str, *, out: IO[str] | None = None) -> TracerProvider | None:
-    """Set up span export: "" or "none" (off), "console" (to `out`, default stdout), "otlp".
+class TracingError(ValueError):
+    """Tracing cannot be set up as configured; the message says what to change."""
+
+
+def setup_tracing(
+    exporter: str,
+    *,
+    out: IO[str] | None = None,
+    file: str = "",
+    endpoint: str = "",
+    protocol: str = "grpc",
+    sample_ratio: float = 1.0,
+) -> TracerProvider | None:
+    """Set up span export: "" or "none" (off), "console" or "otlp".
+
+    console: one JSON object per span per line, to `out`, else appended to `file`, else
+    stdout (the log goes to stderr, so spans never interleave with log lines).
+    otlp: to `endpoint` (empty: the exporter's own default and OTEL_EXPORTER_OTLP_*
+    variables) over `protocol` ("grpc" or "http/protobuf"); needs the `otlp` extra.
+    `sample_ratio` (0..1) of new traces are recorded; a span inside a sampled trace
+    always is (parent-based), so a trace is never half there.
 
     Returns the provider (call `.shutdown()` on it at exit to flush), or None when tracing
-    is off. Calling again replaces, and shuts down, the previous provider.
+    is off. Calling again replaces, and shuts down, the previous provider. Raises
+    TracingError for a setting that cannot work, rather than tracing silently off.
     """
-    global _provider
+    global _provider, _tracer, _trace_file
+    if not 0.0 <= sample_ratio <= 1.0:
+        raise TracingError(f"tracing_sample_ratio must be in [0, 1], got {sample_ratio}")
     kind = exporter.strip().lower()
     span_exporter: SpanExporter | None
+    opened: IO[str] | None = None
     if kind in ("", "none"):
         span_exporter = None
     elif kind == "console":
-        span_exporter = ConsoleSpanExporter(out=out or sys.stdout)
+        if out is None and file:
+            try:
+                opened = out = open(file, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+            except OSError as exc:
+                raise TracingError(
+                    f"cannot write spans to tracing_file {file!r}: {exc.strerror}"
+                ) from None
+        span_exporter = ConsoleSpanExporter(
+            out=out or sys.stdout, formatter=lambda span: span.to_json(indent=None) + "\n"
+        )
     elif kind == "otlp":
-        span_exporter = _otlp_exporter()
+        span_exporter = _otlp_exporter(endpoint, protocol)
     else:
-        raise ValueError(f"unknown trace exporter {exporter!r}: use none, console or otlp")
+        raise TracingError(f"unknown trace exporter {exporter!r}: use none, console or otlp")
 
     provider: TracerProvider | None = None
     if span_exporter is not None:
-        provider = TracerProvider(resource=Resource.create({"service.name": "rmgrpc"}))
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": "rmgrpc"}),
+            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        )
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
     with _provider_lock:
         previous, _provider = _provider, provider
+        _tracer = provider.get_tracer("rmgrpc") if provider is not None else None
+        previous_file, _trace_file = _trace_file, opened
     if previous is not None:
         previous.shutdown()
+    if previous_file is not None:
+        previous_file.close()
     return provider
 
 
-def _otlp_exporter() -> SpanExporter | None:
-    # The OTLP exporter is an optional extra; import it by name so that neither the
-    # package nor its type stubs are needed unless someone asks for OTLP.
-    for module_name in _OTLP_EXPORTERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        exporter: SpanExporter = module.OTLPSpanExporter()
-        return exporter
-    log.warning(
-        "OTLP tracing requested but opentelemetry-exporter-otlp is not installed: tracing off"
+def setup_tracing_from(settings: Settings) -> TracerProvider | None:
+    """`setup_tracing` with the `[telemetry]` settings."""
+    return setup_tracing(
+        settings.tracing,
+        file=settings.tracing_file,
+        endpoint=settings.otlp_endpoint,
+        protocol=settings.otlp_protocol,
+        sample_ratio=settings.tracing_sample_ratio,
     )
-    return None
+
+
+def _otlp_exporter(endpoint: str, protocol: str) -> SpanExporter:
+    module_name = _OTLP_EXPORTERS.get(protocol)
+    if module_name is None:
+        raise TracingError(f"unknown otlp_protocol {protocol!r}: use grpc or http/protobuf")
+    # An optional extra: imported by name so that neither the package nor its type stubs
+    # are needed unless someone asks for OTLP.
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise TracingError(
+            "tracing = otlp needs the OTLP exporter, which is not installed: "
+            "pip install 'rmgrpc[otlp]' (or set tracing to none or console)"
+        ) from None
+    kwargs = {"endpoint": endpoint} if endpoint else {}
+    exporter: SpanExporter = module.OTLPSpanExporter(**kwargs)
+    return exporter
 
 
 def tracer() -> trace.Tracer:
     """The "rmgrpc" tracer: from `setup_tracing`'s provider, else the global (no-op) one."""
-    provider = _provider
-    if provider is not None:
-        return provider.get_tracer("rmgrpc")
+    current = _tracer
+    if current is not None:
+        return current
     return trace.get_tracer("rmgrpc")
+
+
+# --- structured logs -----------------------------------------------------------------
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One logfmt line per record: `time=… level=… logger=… msg="…"`, then `trace_id=…
+    span_id=…` when logged inside a span, then `exc="…"` with a traceback (newlines
+    escaped: a record is always exactly one line, whatever it carries)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = [
+            ("time", _utc(record)),
+            ("level", record.levelname.lower()),
+            ("logger", record.name),
+            ("msg", record.getMessage()),
+        ]
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            pairs.append(("trace_id", format(context.trace_id, "032x")))
+            pairs.append(("span_id", format(context.span_id, "016x")))
+        if record.exc_info:
+            pairs.append(("exc", self.formatException(record.exc_info)))
+        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs)
+
+
+def _utc(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def _logfmt_value(value: str) -> str:
+    if value and not any(c in value for c in ' ="\\\n\r\t'):
+        return value
+    escaped = (
+        value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    )
+    return f'"{escaped}"'
+
+
+def setup_logging(level: str, stream: IO[str] | None = None) -> None:
+    """Root logging to `stream` (default stderr) in logfmt lines at `level`."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
 
 
 # --- the RPC interceptor -------------------------------------------------------------

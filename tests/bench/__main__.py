@@ -20,6 +20,7 @@ BENCHMARKS = {
     "watch": "tests.bench.watch_bench",
     "rpc": "tests.bench.rpc_bench",
     "load": "tests.bench.load_bench",
+    "telemetry": "tests.bench.telemetry_bench",
 }
 
 

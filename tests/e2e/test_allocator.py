@@ -38,7 +38,8 @@ async def test_allocate_places_get_list_release(
     assert len(a.placements) == 1 and len(a.placements[0].gpu_indices) == 4
     assert len(set(a.placements[0].gpu_indices)) == 4
     assert all(u.startswith("GPU-") for u in a.placements[0].gpu_uuids)
-    assert a.HasField("lease_expire_time") and a.HasField("allocate_time")
+    assert a.HasField("allocate_time")
+    assert not a.HasField("lease_expire_time") and a.lease_seconds == 0  # no lease unless asked
 
     got = (await stub.GetAllocation(pb.GetAllocationRequest(id=a.id))).allocation
     assert got == a
@@ -249,8 +250,10 @@ async def test_dry_run_answers_and_changes_nothing(
     fits = await stub.Allocate(req(gpus=8, dry_run=True))
     assert fits.dry_run and fits.allocation.state == ALLOCATED
     assert len(fits.allocation.placements[0].gpu_indices) == 8
+    # 3 x 8 GPUs on 2 nodes of 8 could never fit: a dry run says it would be rejected.
     too_big = await stub.Allocate(req(count=3, gpus=8, dry_run=True))
-    assert too_big.allocation.state == PENDING and too_big.allocation.pending_reason
+    assert too_big.allocation.state == pb.ALLOCATION_STATE_REJECTED
+    assert too_big.allocation.state_reason.startswith("never fits")
     after = await stub.ListAllocations(pb.ListAllocationsRequest())
     assert after.revision == before.revision and not after.allocations
 

@@ -123,6 +123,9 @@ async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
             "heartbeat_interval_seconds": INTERVAL,
             # Nothing is preempted behind the tests' backs (drain still preempts).
             "min_runtime_seconds": 3600.0,
+            # A GPU reported healthy again returns at once (the health policy's timed
+            # return has its own tests in test_gpu_health.py).
+            "gpu_recovery_seconds": 0.0,
             "watch_progress_seconds": 0.2,
         }
         settings = make_settings(tmp_path, **{**base, **overrides})
@@ -406,7 +409,9 @@ async def test_cordon_uncordon_and_drain(cluster_factory: Any) -> None:
 
     on_n2 = [await c.allocate(gpus=1) for _ in range(2)]
     assert all(a.state == ALLOCATED and a.placements[0].node_id == "n2" for a in on_n2)
-    waiting = await c.allocate(gpus=2)
+    # Opted out of requeueing: the drain below ends it for good (requeueing has its
+    # own tests in test_drain_e2e.py).
+    waiting = await c.allocate(gpus=2, no_requeue=True)
     assert waiting.state == PENDING
 
     uncordoned = (await c.nodes.UncordonNode(gm.UncordonNodeRequest(node_id="n1"))).node
@@ -440,12 +445,12 @@ async def test_cordon_uncordon_and_drain(cluster_factory: Any) -> None:
         lambda: c.nodes.ListGpus(gm.ListGpusRequest(node_id="n1")),
         lambda r: all(not g.allocation_id for g in r.gpus),
     )
-    # Free, but the node is draining: still no new work.
+    # Free, and the node is drained: still no new work.
     await c.advance_alive(1.0, "n1", "n2")
     await asyncio.sleep(0.1)
     assert (await c.get(late.id)).state == PENDING
-    assert (await c.node("n1")).state == gm.NODE_STATE_DRAINING
-    # Draining nodes can be uncordoned back into service.
+    assert (await c.node("n1")).state == gm.NODE_STATE_DRAINED
+    # Drained nodes can be uncordoned back into service.
     await c.nodes.UncordonNode(gm.UncordonNodeRequest(node_id="n1"))
     assert (await c.placed(late.id)).placements[0].node_id == "n1"
     watch.cancel()

@@ -186,12 +186,14 @@ async def test_gauges_loop_survives_errors_and_forgets_removed_nodes(
         await until(lambda: metrics.registry.get_sample_value("rmgrpc_nodes", {"state": "READY"}))
         assert metrics.registry.get_sample_value("rmgrpc_nodes", {"state": "READY"}) == 2
         text = generate_latest(metrics.registry).decode()
-        assert 'node="sim-node-0"' in text and 'node="sim-node-1"' in text
+        assert 'Hostname="sim-node-0"' in text and 'Hostname="sim-node-1"' in text
 
         # Removal at the state level: the loop notices the node is gone by itself.
         del engine.state.nodes["sim-node-1"]
-        await until(lambda: 'node="sim-node-1"' not in generate_latest(metrics.registry).decode())
-        assert 'node="sim-node-0"' in generate_latest(metrics.registry).decode()
+        await until(
+            lambda: 'Hostname="sim-node-1"' not in generate_latest(metrics.registry).decode()
+        )
+        assert 'Hostname="sim-node-0"' in generate_latest(metrics.registry).decode()
     finally:
         await cancelled_promptly(loop)
     failures = [r for r in caplog.records if "gauges failed" in r.getMessage()]

@@ -77,7 +77,7 @@ def test_unreadable_database_is_one_line(tmp_path: Path) -> None:
 def test_config_prints_every_default() -> None:
     out = run_cli("config").stdout
     assert "[server]" in out and 'listen = "127.0.0.1:50051"' in out
-    assert "simulated_nodes = 4" in out
+    assert "simulated_nodes = 0" in out
 
 
 async def test_simulated_inventory_is_sized_by_environment(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from tests.e2e.helpers import detail
 PROGRESS = pb.ALLOCATION_EVENT_TYPE_PROGRESS
 TENANTS = ("org/a", "org/b", "org/a/x", "other")
 NODES = ("sim-node-0", "sim-node-1")
+# Long enough that nothing expires mid-test; with a lease, a renewal writes an event.
+LEASE = 3600
 
 Stub = allocator_pb2_grpc.AllocatorServiceStub
 Key = tuple[int, int, pb.Allocation]
@@ -99,7 +101,10 @@ class Churn:
             tenant = self.rng.choice(TENANTS)
             resp = await self.stub.Allocate(
                 pb.AllocateRequest(
-                    tenant=tenant, count=1, shape=shape(self.rng.randint(1, self.max_gpus))
+                    tenant=tenant,
+                    count=1,
+                    shape=shape(self.rng.randint(1, self.max_gpus)),
+                    lease_seconds=LEASE,  # with a lease, each renewal is an event
                 )
             )
             self.held.append(resp.allocation.id)
@@ -237,7 +242,9 @@ async def test_every_filter_gets_its_events_in_order_exactly_once_under_churn(
         stub = Stub(ch)
         churn = Churn(stub, seed=1)
         await churn.run(40)
-        mine = await stub.Allocate(pb.AllocateRequest(tenant="org/b", count=1, shape=shape(1)))
+        mine = await stub.Allocate(
+            pb.AllocateRequest(tenant="org/b", count=1, shape=shape(1), lease_seconds=LEASE)
+        )
         mine_id = mine.allocation.id
         final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -819,12 +826,22 @@ async def test_a_thousand_idle_streams_are_cheap_and_cleaned_up(servers: Servers
     assert not hub._rest and not hub._by_tenant and not hub._by_node and not hub._by_object
 
 
-async def test_watch_from_a_future_revision_starts_there(servers: Servers) -> None:
+async def test_watch_from_the_next_revision_starts_there_and_past_it_is_refused(
+    servers: Servers,
+) -> None:
     server = await servers.start()
     async with grpc.aio.insecure_channel(target(server)) as ch:
         stub = Stub(ch)
         head = await settled(server)
-        call = stub.WatchAllocations(pb.WatchAllocationsRequest(start_revision=head + 3))
+        # Past the next revision: one this server never issued (another cluster, a lost
+        # database): refused, so the client lists again rather than waits for it.
+        err = await status_of(
+            stub.WatchAllocations(pb.WatchAllocationsRequest(start_revision=head + 3))
+        )
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        failure = detail(err, error_details_pb2.PreconditionFailure)
+        assert failure.violations[0].type == "REVISION_NOT_YET_ISSUED"
+        call = stub.WatchAllocations(pb.WatchAllocationsRequest(start_revision=head + 1))
         await call.initial_metadata()
         await asyncio.sleep(0.05)
         churn = Churn(stub, seed=9)
@@ -837,7 +854,7 @@ async def test_watch_from_a_future_revision_starts_there(servers: Servers) -> No
                 if ev.type != PROGRESS:
                     got.append(ev)
         call.cancel()
-    same(keys(got), await log_keys(server, after=head + 2))
+    same(keys(got), await log_keys(server, after=head))
 
 
 async def test_bad_watch_requests_are_invalid_argument(servers: Servers) -> None:

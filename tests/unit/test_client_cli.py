@@ -6,7 +6,12 @@ tests check what the CLI sends, what it prints, and how it reports errors.
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
+import subprocess
+import textwrap
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -16,6 +21,9 @@ import pytest
 from google.protobuf import any_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
 
 from rmgrpc.v1 import (
     allocator_pb2,
@@ -26,8 +34,19 @@ from rmgrpc.v1 import (
     quota_pb2_grpc,
     resources_pb2,
 )
-from rmgrpc_client import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from rmgrpc_client._format import format_bytes, parse_bytes
+from rmgrpc_client import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError, _top
+from rmgrpc_client._cliutil import value_actions
+from rmgrpc_client._format import (
+    TenantStatus,
+    allocation_block,
+    allocation_rows,
+    format_bytes,
+    human_duration,
+    parse_bytes,
+    queue_rows,
+    table,
+)
+from rmgrpc_client._yaml import dump as yaml_dump
 from rmgrpc_client.cli import build_parser, main
 
 A = allocator_pb2
@@ -107,6 +126,7 @@ class Fake(
             state=A.ALLOCATION_STATE_PENDING,
             shape=resources_pb2.Shape(gpus=8),
             pending_reason="2 nodes: 2 lack 8 free GPUs",
+            queue_position=3,
             revision=39,
         )
         return A.ListAllocationsResponse(allocations=[pending], revision=41)
@@ -342,7 +362,11 @@ def test_get_as_json(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(out)
     assert doc["id"] == "a-9"
     assert doc["state"] == "ALLOCATION_STATE_ALLOCATED"
-    assert doc["placements"][1] == {"nodeId": "n2", "gpuIndices": [4, 5, 6, 7]}
+    # grpcurl's field names: snake_case as in the .proto
+    assert doc["placements"][1] == {"node_id": "n2", "gpu_indices": [4, 5, 6, 7]}
+
+    code, again, _ = run(capsys, "get", "a-9", "-o", "json")  # the flag after the command
+    assert (code, again) == (0, out)
 
 
 def test_list_walks_all_pages_and_prints_a_table(
@@ -358,15 +382,19 @@ def test_list_walks_all_pages_and_prints_a_table(
     assert requests[0].tenant == "org"
     header, row1, row2 = out.rstrip("\n").split("\n")
     assert header.split() == [
-        "ID", "TENANT", "STATE", "REPLICAS", "SHAPE", "PLACEMENTS", "REV", "REASON",
+        "ID", "TENANT", "STATE", "POS", "REPLICAS", "SHAPE", "PLACEMENTS", "AGE", "REASON",
     ]  # fmt: skip
-    assert row1.split()[:4] == ["a-1", "org/team", "ALLOCATED", "2"]
+    assert row1.split()[:5] == ["a-1", "org/team", "ALLOCATED", "-", "2"]
     assert "n1:0,1,2,3 n2:4,5,6,7" in row1
-    assert row2.split()[:3] == ["a-2", "org", "PENDING"]
+    assert row2.split()[:4] == ["a-2", "org", "PENDING", "3"]
     assert row2.endswith("2 nodes: 2 lack 8 free GPUs")
     assert header.index("STATE") == row1.index("ALLOCATED")  # columns line up
 
     code, out, _ = run(capsys, "--json", "list")
+    # No --state and no --all: only what still holds or waits for capacity.
+    assert list(fake.last("ListAllocations").states) == [
+        A.ALLOCATION_STATE_PENDING, A.ALLOCATION_STATE_ALLOCATED, A.ALLOCATION_STATE_PREEMPTED,
+    ]  # fmt: skip
     doc = json.loads(out)
     assert [a["id"] for a in doc["allocations"]] == ["a-1", "a-2"]
     assert doc["revision"] == "40"  # the first page's: watching from 41 misses nothing
@@ -417,8 +445,10 @@ def test_node_commands(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:
     assert list(fake.last("ListNodes").states) == [G.NODE_STATE_READY]
     assert dict(fake.last("ListNodes").label_selector) == {"zone": "a"}
     header, n1, _ = out.splitlines()
-    assert header.split() == ["ID", "STATE", "GPUS", "MODELS", "CPU", "MEMORY", "LABELS"]
-    assert n1.split() == ["n1", "READY", "4/8", "H100", "8/64", "64Gi/512Gi", "zone=a"]
+    assert header.split() == [
+        "NODE", "STATE", "GPU-FREE", "GPU-TOTAL", "CPU-FREE", "MEM-FREE", "HEARTBEAT", "REASON",
+    ]  # fmt: skip
+    assert n1.split() == ["n1", "READY", "4", "8", "56", "448Gi", "-", "-"]
 
     code, out, _ = run(capsys, "node", "n2")
     assert "id:" in out and "n2" in out
@@ -554,11 +584,14 @@ def test_unreachable_server_is_one_line_not_a_traceback(
 ) -> None:
     with socket_closed_port() as target:
         code, out, err = run(capsys, "--server", target, "--timeout", "5", "list")
-    assert code == 1
+    assert code == 2
     assert out == ""
-    assert err.startswith("error: UNAVAILABLE: ")
-    assert err.count("\n") == 1
-    assert "Traceback" not in err
+    assert err == (
+        f"error: cannot reach {target} — is the server running? set --server or RMGRPC_SERVER\n"
+    )
+    # The same wherever the flag stands, and with the address from the environment.
+    with socket_closed_port() as target:
+        assert run(capsys, "nodes", "--server", target)[0] == 2
 
 
 class socket_closed_port:
@@ -618,3 +651,309 @@ def test_sync_client_calls_and_decodes_errors(fake: Fake) -> None:
             ("quota.weight", "must be > 0")
         ]
         assert not isinstance(bad.value, ResourceExhaustedError)
+
+
+# -- daily-work conveniences ------------------------------------------------------------
+
+
+def test_global_flags_are_accepted_in_any_position() -> None:
+    parser = build_parser()
+    for argv in (
+        ["--server", "h:1", "-o", "yaml", "--no-headers", "list", "--tenant", "t"],
+        ["list", "--server", "h:1", "-o", "yaml", "--tenant", "t", "--no-headers"],
+        ["list", "--tenant", "t", "--no-headers", "--output", "yaml", "--server", "h:1"],
+    ):
+        args = parser.parse_args(argv)
+        assert (args.server, args.output, args.no_headers, args.tenant) == (
+            "h:1",
+            "yaml",
+            True,
+            "t",
+        )
+    assert parser.parse_args(["quota", "list", "--token", "x"]).token == "x"  # nested action
+    assert parser.parse_args(["--token", "a", "nodes"]).token == "a"  # before: kept
+
+
+def test_every_flag_has_help_and_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    missing = [a.option_strings or a.dest for a in value_actions(build_parser()) if not a.help]
+    assert missing == []
+    code, out, _ = run(capsys, "allocate", "--help")
+    assert code == 0
+    assert re.search(r"--count COUNT\s+replicas \(a gang\) \(default: 1\)", out)
+    assert "global options" in out  # --server and friends are listed after the command too
+    code, out, _ = run(capsys, "--help")
+    assert "(default: table)" in out
+    assert "(default: False)" not in out  # a default that says nothing is left out
+
+
+def test_human_durations() -> None:
+    seconds = [0, 59, 119, 125, 600, 4000, 12000, 30 * 3600, 76 * 3600, 12 * 86400]
+    assert [human_duration(s) for s in seconds] == [
+        "0s", "59s", "119s", "2m5s", "10m", "66m", "3h20m", "30h", "3d4h", "12d",
+    ]  # fmt: skip
+
+
+def test_times_are_ages_not_utc_stamps() -> None:
+    now = 1_800_000_000.0
+    alloc = placed()
+    alloc.create_time.FromSeconds(int(now) - 300)
+    alloc.lease_expire_time.FromSeconds(int(now) + 120)
+    rows = allocation_rows([alloc], now, wide=True)
+    cells = dict(zip(rows.headers, rows.rows[0], strict=True))
+    assert (cells["AGE"], cells["LEASE"], cells["POS"]) == ("5m", "in 2m", "-")
+    text = allocation_block(alloc, now)
+    assert re.search(r"^created: +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(5m ago\)$", text, re.M)
+    assert re.search(r"^lease expires: +.* \(in 2m\)$", text, re.M)
+    assert "Z" not in text  # no RFC 3339 UTC stamps with nanoseconds
+
+
+def test_queue_is_in_admission_order() -> None:
+    def pending(alloc_id: str, position: int, created_at: int) -> A.Allocation:
+        return A.Allocation(
+            id=alloc_id,
+            tenant="t",
+            state=A.ALLOCATION_STATE_PENDING,
+            queue_position=position,
+            create_revision=created_at,
+        )
+
+    now = 1_800_000_000.0
+    rows = queue_rows(
+        [pending("c", 0, 5), pending("b", 2, 3), pending("a", 1, 4), pending("d", 0, 2)], now
+    )
+    assert rows.headers[:2] == ("POS", "ID")
+    # ranked ones by position, then the not-yet-ranked ones in arrival order
+    assert [(r[0], r[1]) for r in rows.rows] == [("1", "a"), ("2", "b"), ("-", "d"), ("-", "c")]
+
+
+def test_yaml_emitter() -> None:
+    doc = {
+        "allocations": [
+            {
+                "id": "a-1",
+                "count": 2,
+                "placements": [{"node_id": "n1", "gpu_indices": [0, 1]}],
+                "revision": "40",
+                "shape": {},
+            }
+        ],
+        "dry_run": False,
+        "pending_reason": "2 nodes: none fit",
+        "note": None,
+        "model": "yes",
+        "empty": "",
+        "ratio": 0.5,
+        "tags": [],
+    }
+    assert yaml_dump(doc) == textwrap.dedent(
+        """\
+        allocations:
+        - id: a-1
+          count: 2
+          placements:
+          - node_id: n1
+            gpu_indices:
+            - 0
+            - 1
+          revision: "40"
+          shape: {}
+        dry_run: false
+        pending_reason: "2 nodes: none fit"
+        note: null
+        model: "yes"
+        empty: ""
+        ratio: 0.5
+        tags: []
+        """
+    )
+
+
+def test_output_formats(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "get", "a-9", "-o", "yaml")
+    assert code == 0
+    lines = out.splitlines()
+    assert "id: a-9" in lines
+    assert "state: ALLOCATION_STATE_ALLOCATED" in lines
+    assert "- node_id: n1" in lines
+
+    code, out, _ = run(capsys, "nodes", "--no-headers")
+    assert [line.split()[0] for line in out.splitlines()] == ["n1", "n2"]
+
+    code, out, _ = run(capsys, "-o", "wide", "nodes")
+    header = out.splitlines()[0].split()
+    assert {"MODELS", "CPU-TOTAL", "MEM-TOTAL", "LABELS"} <= set(header)
+    assert out.splitlines()[1].split()[header.index("MODELS")] == "H100"
+
+
+def test_release_several_ids(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "release", "a-1", "a-2")
+    assert (code, err) == (0, "")
+    assert [r.id for n, r in fake.requests if n == "ReleaseAllocation"] == ["a-1", "a-2"]
+    _, *rows = out.splitlines()
+    assert [(r.split()[0], r.split()[2]) for r in rows] == [
+        ("a-1", "RELEASED"),
+        ("a-2", "RELEASED"),
+    ]
+
+    fake.errors["ReleaseAllocation"] = rich_status(code_pb2.NOT_FOUND, "no such allocation")
+    code, out, err = run(capsys, "release", "x-1", "x-2")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "error: x-1: NOT_FOUND: no such allocation",
+        "error: x-2: NOT_FOUND: no such allocation",
+        "error: 2 of 2 allocation(s) not released",
+    ]
+    assert run(capsys, "release")[0] == 2  # nothing named
+
+
+class Terminal(io.StringIO):
+    """Standard input that claims to be a terminal, with the operator's answer in it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_release_all_of_a_tenant_asks_first(
+    fake: Fake, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def released() -> list[str]:
+        return [r.id for n, r in fake.requests if n == "ReleaseAllocation"]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # a script: no one to ask
+    code, _, err = run(capsys, "release", "--tenant", "org", "--all")
+    assert code == 2 and "add --yes" in err
+    monkeypatch.setattr("sys.stdin", Terminal("n\n"))
+    code, out, err = run(capsys, "release", "--tenant", "org", "--all")
+    assert code == 1 and "release 2 allocation(s) of org and its subtree? [y/N]" in out
+    assert err == "error: aborted; nothing released\n"
+    assert released() == []
+
+    monkeypatch.setattr("sys.stdin", Terminal("y\n"))
+    assert run(capsys, "release", "--tenant", "org", "--all")[0] == 0
+    assert released() == ["a-1", "a-2"]
+    assert fake.last("ListAllocations").tenant == "org"
+    assert run(capsys, "release", "--tenant", "org", "--all", "-y")[0] == 0  # no question
+    assert released() == ["a-1", "a-2"] * 2
+    assert run(capsys, "release", "a-1", "--all", "--tenant", "org")[0] == 2  # ids and --all
+
+
+def test_tenants_table_and_json(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "tenants")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == [
+        "TENANT", "WEIGHT", "GUARANTEED", "LIMIT", "HELD", "PENDING", "FAIR-SHARE",
+        "RUNNING", "WAITING", "OLDEST-WAIT",
+    ]  # fmt: skip
+    # tenants with a quota or a live allocation, parents first
+    assert [r.split()[0] for r in rows] == ["org", "org/team"]
+    assert rows[1].split()[:7] == ["org/team", "2", "0", "none", "4", "0", "25%"]
+    code, out, _ = run(capsys, "tenants", "org/team", "-o", "json")
+    doc = json.loads(out)
+    assert [t["tenant"] for t in doc["tenants"]] == ["org/team"]
+    assert doc["tenants"][0]["usage"]["running_allocations"] == 1
+    assert doc["tenants"][0]["quota"]["weight"] == 2
+
+
+def test_top_renders_one_frame(fake: Fake, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "top", "--once")
+    assert code == 0
+    for title in ("Nodes", "Tenants", "Queue (admission order)"):
+        assert title in out
+    assert "a-2" in out  # the pending allocation is in the queue
+
+
+def test_top_frame_in_a_recording_terminal() -> None:
+    fake = Fake()
+    now = 1_800_000_000.0
+    waiting = A.Allocation(
+        id="a-7", tenant="org/team", state=A.ALLOCATION_STATE_PENDING, queue_position=1,
+        pending_reason="2 nodes: 2 lack 8 free GPUs",
+    )  # fmt: skip
+    waiting.create_time.FromSeconds(int(now) - 90)
+    snap = _top.Snapshot(
+        server="rm:50051",
+        read_at=now,
+        nodes=[fake._node("n1"), fake._node("n2", G.NODE_STATE_CORDONED)],
+        tenants=[
+            TenantStatus(
+                tenant="org/team",
+                usage=Q.TenantUsage(tenant="org/team", fair_share=0.5),
+                oldest_pending=now - 90,
+            )
+        ],
+        pending=[waiting],
+        running=2,
+    )
+    console = Console(record=True, width=160, color_system=None)
+    console.print(_top.render(snap))
+    text = console.export_text()
+    assert "GPUs 8 held, 8 free of 16" in text
+    assert "allocations 2 running, 1 pending" in text
+    assert re.search(r"n2\s+CORDONED\s+4\s+8", text)
+    assert re.search(r"org/team\s+1\s+0\s+none\s+0\s+0\s+50%\s+0\s+0\s+90s", text)
+    assert re.search(r"1\s+a-7\s+org/team.*2 nodes: 2 lack 8 free GPUs", text)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_bash_completion(capsys: pytest.CaptureFixture[str]) -> None:
+    code, script, _ = run(capsys, "completion", "bash")
+    assert code == 0
+
+    def complete(*words: str) -> list[str]:
+        probe = (
+            script
+            + f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+            + '_rmgrpcctl; printf "%s\\n" "${COMPREPLY[@]}"\n'
+        )
+        done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+        return done.stdout.split()
+
+    assert complete("rmgrpcctl", "qu") == ["queue", "quota"]
+    assert complete("rmgrpcctl", "quota", "") == ["delete", "get", "list", "set"]
+    assert complete("rmgrpcctl", "--server", "h:1", "list", "--st") == ["--state"]
+    assert "allocated" in complete("rmgrpcctl", "list", "--state", "")
+    assert "cordoned" in complete("rmgrpcctl", "nodes", "--state", "")
+    assert complete("rmgrpcctl", "nodes", "-o", "w") == ["wide"]
+    assert complete("rmgrpcctl", "completion", "")[:2] == ["bash", "zsh"]
+
+    code, zsh, _ = run(capsys, "completion", "zsh")
+    assert zsh.startswith("#compdef rmgrpcctl\n") and "bashcompinit" in zsh
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@given(st.integers(min_value=0, max_value=400 * 86400))
+def test_human_duration_never_overstates_and_loses_little(seconds: int) -> None:
+    text = human_duration(seconds)
+    parts = re.findall(r"(\d+)([smhd])", text)
+    assert "".join(n + u for n, u in parts) == text  # e.g. 3h20m, nothing else
+    shown = sum(int(n) * _UNITS[u] for n, u in parts)
+    last_unit = _UNITS[parts[-1][1]]
+    # Rounds down to its last unit: never more than the truth, never a unit less.
+    assert shown <= seconds < shown + last_unit
+    assert len(parts) <= 2
+
+
+_cell = st.text(alphabet="abcXYZ019-/:%.", min_size=1, max_size=12)
+
+
+@given(
+    st.integers(min_value=1, max_value=5).flatmap(
+        lambda n: st.tuples(
+            st.lists(_cell, min_size=n, max_size=n),
+            st.lists(st.lists(_cell, min_size=n, max_size=n), max_size=6),
+        )
+    )
+)
+def test_table_columns_line_up(headers_rows: tuple[list[str], list[list[str]]]) -> None:
+    headers, rows = headers_rows
+    lines = table(headers, rows).split("\n")
+    assert len(lines) == 1 + len(rows)
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    for line, cells in zip(lines[1:], rows, strict=True):
+        # every cell begins where its header does, and reads back unchanged
+        assert [line[s:].split(" ", 1)[0] for s in starts] == cells
+    bare = table(headers, rows, header=False)
+    assert [line.split() for line in bare.split("\n") if line] == rows  # --no-headers

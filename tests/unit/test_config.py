@@ -12,7 +12,19 @@ from rmgrpc.config import ConfigError, Settings, example_toml, load_settings
 def test_defaults() -> None:
     s = load_settings(env={})
     assert s == Settings()
-    assert s.listen == "127.0.0.1:50051" and s.simulated_nodes == 4
+    assert s.listen == "127.0.0.1:50051"
+    # Production defaults: only real nodes, and no lease unless a request asks for one.
+    assert s.simulated_nodes == 0 and s.default_lease_seconds == 0
+
+
+def test_dev_defaults_sit_below_file_and_environment(tmp_path: Path) -> None:
+    dev = {"simulated_nodes": 4}
+    assert load_settings(env={}, defaults=dev).simulated_nodes == 4
+    toml = tmp_path / "rm.toml"
+    toml.write_text("[inventory]\nsimulated_nodes = 1\n")
+    assert load_settings(str(toml), env={}, defaults=dev).simulated_nodes == 1
+    env = {"RMGRPC_SIMULATED_NODES": "0"}
+    assert load_settings(env=env, defaults=dev).simulated_nodes == 0
 
 
 def test_precedence(tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ class TestPreemption:
         )
         s = sim(2, quotas)
         for i in range(8):
-            place(s, "other", "n1", (i,))
+            place(s, "other", "n1", (i,), age=100)  # newest: preferred, up to its guarantee
         for i in range(8):
             place(s, "third", "n2", (i,))
         for _ in range(8):
@@ -369,7 +369,9 @@ class TestStarvation:
         d = s.step()
         assert gang.id in d.pending and d.held_nodes == {}
         s.advance(61)
-        small = [s.submit("u", ONE) for _ in range(3)]
+        # Lower priority, so they come after the gang: at equal shares the queue orders by
+        # the share each would have with its request admitted, where 1 GPU beats 16.
+        small = [s.submit("u", ONE, priority=-1) for _ in range(3)]
         d = s.step()
         assert d.held_nodes[gang.id] == ("n2", "n1")
         assert d.pending[gang.id].reason.startswith(

@@ -63,7 +63,10 @@ async def test_timers_hold_one_deadline_per_live_object(engine_factory: Any) -> 
         await asyncio.gather(*(cycle(i) for i in range(start, start + 100)))
     for _ in range(1_000):
         await engine.heartbeat(node.id, [GpuReport(0, None, None)])
-    keep = [(await engine.allocate(request(max_duration_seconds=3600), False))[0] for _ in range(3)]
+    keep = [
+        (await engine.allocate(request(max_duration_seconds=3600, lease_seconds=60), False))[0]
+        for _ in range(3)
+    ]
     assert all(a.state == AllocationState.ALLOCATED for a in keep)
     leased_nodes = sum(1 for n in engine.state.nodes.values() if n.lease_expire_time is not None)
     assert len(engine.timers) == 2 * len(keep) + leased_nodes

@@ -14,8 +14,9 @@ import pytest
 from rmgrpc.gpu import (
     HOSTNAME_LABEL,
     SIMULATED_LABEL,
+    HealthPolicy,
     NvmlInventory,
-    short_model_name,
+    model_name,
     simulated_metrics,
     simulated_nodes,
 )
@@ -345,18 +346,35 @@ def test_failed_name_and_lost_gpu(
     inventory.close()
 
 
-def test_hardware_xid_makes_gpu_unhealthy_application_xid_does_not(
+def test_xids_are_reported_once_with_their_sample_and_counted(
     install: Callable[[FakeNvml], FakeNvml],
 ) -> None:
+    """NVML reports facts: each XID code rides with the next sample only, the count
+    keeps growing; the verdict is the policy's (judged by the engine)."""
     fake = install(FakeNvml([h100(0), h100(1)]))
     inventory = probe()
     fake.events += [FakeEvent(fake.gpus[0], 13), FakeEvent(fake.gpus[1], 79)]
     metrics = inventory.sample()
-    assert (metrics[0].xid_errors, metrics[1].xid_errors) == (0, 1)
-    assert inventory.health() == {0: GpuHealth.HEALTHY, 1: GpuHealth.UNHEALTHY}
-    # A GPU that fell off the bus stays unhealthy: the count does not reset per sample.
-    assert inventory.sample()[1].xid_errors == 1
+    assert (metrics[0].recent_xids, metrics[1].recent_xids) == ((13,), (79,))
+    assert (metrics[0].xid_errors, metrics[1].xid_errors) == (1, 1)
+    # NVML's own health says only whether the device answers.
+    assert inventory.health() == {0: GpuHealth.HEALTHY, 1: GpuHealth.HEALTHY}
+    again = inventory.sample()
+    assert again[1].recent_xids == () and again[1].xid_errors == 1
     inventory.close()
+
+
+def test_discover_judges_the_first_sample_with_the_given_policy(
+    install: Callable[[FakeNvml], FakeNvml],
+) -> None:
+    install(FakeNvml([h100(0, temperature=85), h100(1, temperature=70)]))
+    inventory = NvmlInventory.probe(HealthPolicy(max_temperature_celsius=80))
+    assert inventory is not None
+    node = inventory.discover("n", now=1.0)
+    inventory.close()
+    assert [g.health for g in node.gpus] == [GpuHealth.UNHEALTHY, GpuHealth.HEALTHY]
+    assert node.gpus[0].health_reason == "temperature 85 °C above 80 °C"
+    assert node.gpus[1].health_reason == ""
 
 
 def test_close_is_idempotent_and_stops_sampling(install: Callable[[FakeNvml], FakeNvml]) -> None:
@@ -417,5 +435,5 @@ async def test_unexpected_sampling_error_raises_and_the_next_sample_works(
         ("NVIDIA", "NVIDIA"),
     ],
 )
-def test_short_model_name(full: str, short: str) -> None:
-    assert short_model_name(full) == short
+def test_model_name(full: str, short: str) -> None:
+    assert model_name(full) == short

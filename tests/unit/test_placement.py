@@ -61,9 +61,10 @@ class TestFilters:
             == "lack label zone=a"
         )
         assert feasible(n, ReplicaRequest(Shape.of(1, "H100"))) == "have no H100 GPUs"
+        # A node that is simply too small is not blamed on GPU health (issue 9).
         assert (
             feasible(n, ReplicaRequest(Shape.of(9, "A100")))
-            == "have fewer than 9 healthy A100 GPUs"
+            == "have fewer than 9 A100 GPUs in total"
         )
         assert feasible(n, ReplicaRequest(Shape.of(0, cpu_millis=100_000))) == (
             "have less than 100 CPU in total"

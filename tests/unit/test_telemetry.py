@@ -5,21 +5,29 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import json
 import logging
+import re
 import socket
+import sys
+import types
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client import REGISTRY, generate_latest
 
 from rmgrpc import telemetry
-from rmgrpc.model import GpuMetrics
+from rmgrpc.config import ConfigError, load_settings
+from rmgrpc.model import GpuMetrics, Resources
 from rmgrpc.telemetry import Metrics, MetricsInterceptor, setup_tracing, start_metrics_server
 
 HEALTH = "grpc.health.v1.Health"
@@ -50,10 +58,19 @@ def test_allocation_counts_drop_missing_states_to_zero() -> None:
 
 def test_gpu_counts_remove_vanished_models() -> None:
     m = Metrics()
-    m.set_gpu_counts({("H100", "total"): 8, ("A100", "total"): 4})
-    m.set_gpu_counts({("H100", "total"): 8, ("H100", "allocated"): 3})
-    assert sample(m, "rmgrpc_gpus", {"model": "A100", "status": "total"}) is None
+    m.set_gpu_counts({("H100", "free"): 8, ("A100", "free"): 4})
+    m.set_gpu_counts({("H100", "free"): 8, ("H100", "allocated"): 3})
+    assert sample(m, "rmgrpc_gpus", {"model": "A100", "status": "free"}) is None
     assert sample(m, "rmgrpc_gpus", {"model": "H100", "status": "allocated"}) == 3
+
+
+def gpu_key(node: str, index: int, tenant: str = "", allocation: str = "") -> tuple[str, ...]:
+    """A per-GPU label set in `telemetry.GPU_LABELS` order."""
+    return (str(index), f"GPU-{node}-{index}", "H100", node, tenant, allocation)
+
+
+def gpu_labels(node: str, index: int, tenant: str = "", allocation: str = "") -> dict[str, str]:
+    return dict(zip(telemetry.GPU_LABELS, gpu_key(node, index, tenant, allocation), strict=True))
 
 
 def test_gpu_metrics_per_node_and_forget() -> None:
@@ -61,17 +78,67 @@ def test_gpu_metrics_per_node_and_forget() -> None:
     m.set_gpu_metrics(
         "n1",
         {
-            0: GpuMetrics(utilization_percent=50, temperature_celsius=60, power_watts=300),
-            1: GpuMetrics(memory_used_bytes=1024),
+            gpu_key("n1", 0, "org/a", "a-1"): GpuMetrics(
+                utilization_percent=50, temperature_celsius=60, power_watts=300
+            ),
+            gpu_key("n1", 1): GpuMetrics(memory_used_bytes=1024),
         },
     )
-    assert sample(m, "rmgrpc_gpu_utilization_percent", {"node": "n1", "gpu": "0"}) == 50
-    assert sample(m, "rmgrpc_gpu_power_watts", {"node": "n1", "gpu": "0"}) == 300
-    assert sample(m, "rmgrpc_gpu_memory_used_bytes", {"node": "n1", "gpu": "1"}) == 1024
-    m.set_gpu_metrics("n1", {0: GpuMetrics(utilization_percent=10)})
-    assert sample(m, "rmgrpc_gpu_memory_used_bytes", {"node": "n1", "gpu": "1"}) is None
+    held = gpu_labels("n1", 0, "org/a", "a-1")
+    assert sample(m, "rmgrpc_gpu_utilization_percent", held) == 50
+    assert sample(m, "rmgrpc_gpu_power_watts", held) == 300
+    assert sample(m, "rmgrpc_gpu_memory_used_bytes", gpu_labels("n1", 1)) == 1024
+    # The holder changed (released): the old series goes, the idle one takes its place.
+    m.set_gpu_metrics("n1", {gpu_key("n1", 0): GpuMetrics(utilization_percent=10)})
+    assert sample(m, "rmgrpc_gpu_utilization_percent", held) is None
+    assert sample(m, "rmgrpc_gpu_utilization_percent", gpu_labels("n1", 0)) == 10
+    assert sample(m, "rmgrpc_gpu_memory_used_bytes", gpu_labels("n1", 1)) is None
     m.forget_node("n1")
-    assert sample(m, "rmgrpc_gpu_utilization_percent", {"node": "n1", "gpu": "0"}) is None
+    assert sample(m, "rmgrpc_gpu_utilization_percent", gpu_labels("n1", 0)) is None
+
+
+def test_no_created_series_and_no_budget_series() -> None:
+    m = Metrics()
+    m.observe_rpc(HEALTH, "Check", "OK", 0.01)
+    m.admitted("org/a", 3.0)
+    text = generate_latest(m.registry).decode()
+    assert "_created" not in text and "budget" not in text
+    assert 'rmgrpc_tenant_admitted_total{tenant="org/a"} 1.0' in text
+
+
+def test_tenant_series_follow_the_tenants_published() -> None:
+    m = Metrics()
+    fig = telemetry.TenantFigures(
+        guaranteed={"gpu": 4.0, "cpu": 0.0, "memory": 0.0},
+        limit={"gpu": 8.0},
+        held={"gpu": 2.0, "cpu": 1.0, "memory": 0.0},
+        pending_count=1,
+        oldest_pending_seconds=7.0,
+    )
+    m.set_tenants({("org/a", "org"): fig, ("org/b", "org"): telemetry.TenantFigures()})
+    a = {"tenant": "org/a", "parent": "org"}
+    assert sample(m, "rmgrpc_tenant_guaranteed", {**a, "resource": "gpu"}) == 4
+    assert sample(m, "rmgrpc_tenant_limit", {**a, "resource": "gpu"}) == 8
+    assert sample(m, "rmgrpc_tenant_limit", {**a, "resource": "cpu"}) is None
+    assert sample(m, "rmgrpc_tenant_oldest_pending_seconds", a) == 7
+    m.admitted("org/a", 1.0)
+    m.preempted("org/b", 12.5)
+    m.set_tenants({("org/a", "org"): fig})
+    b = {"tenant": "org/b", "parent": "org"}
+    assert sample(m, "rmgrpc_tenant_pending_allocations", b) is None
+    # Counters stay while the tenant is still known (retained allocations), then go.
+    m.forget_tenants({"org/a", "org/b"})
+    assert sample(m, "rmgrpc_tenant_preempted_gpu_seconds_total", {"tenant": "org/b"}) == 12.5
+    m.forget_tenants({"org/a"})
+    assert sample(m, "rmgrpc_tenant_preempted_gpu_seconds_total", {"tenant": "org/b"}) is None
+    assert sample(m, "rmgrpc_tenant_admitted_total", {"tenant": "org/a"}) == 1
+
+
+def test_resource_values_in_base_units() -> None:
+    r = Resources(gpus=2, cpu_millis=1500, memory_bytes=1 << 30)
+    assert telemetry.resource_values(r) == {"gpu": 2, "cpu": 1.5, "memory": 1 << 30}
+    assert telemetry.resource_values(Resources(gpus=1), all_dims=False) == {"gpu": 1}
+    assert telemetry.resource_values(Resources()) == {"gpu": 0, "cpu": 0, "memory": 0}
 
 
 # --- /metrics endpoint ----------------------------------------------------------------
@@ -109,6 +176,21 @@ def test_metrics_endpoint_serves_all_metric_names() -> None:
         "rmgrpc_gpu_temperature_celsius",
         "rmgrpc_gpu_power_watts",
         "rmgrpc_gpu_memory_used_bytes",
+        "rmgrpc_cluster_capacity",
+        "rmgrpc_cluster_allocated",
+        "rmgrpc_cluster_pending",
+        "rmgrpc_tenant_guaranteed",
+        "rmgrpc_tenant_limit",
+        "rmgrpc_tenant_fair_share",
+        "rmgrpc_tenant_fair_share_ratio",
+        "rmgrpc_tenant_held",
+        "rmgrpc_tenant_pending",
+        "rmgrpc_tenant_pending_allocations",
+        "rmgrpc_tenant_running_allocations",
+        "rmgrpc_tenant_oldest_pending_seconds",
+        "rmgrpc_tenant_admitted_total",
+        "rmgrpc_tenant_admission_wait_seconds",
+        "rmgrpc_tenant_preempted_gpu_seconds_total",
     ):
         assert f"# TYPE {name}" in body or f"# HELP {name}" in body, name
     assert "rmgrpc_event_revision 42.0" in body
@@ -126,18 +208,18 @@ def test_metrics_endpoint_on_busy_port_raises_oserror() -> None:
 def test_forget_node_removes_every_series_of_that_node_only() -> None:
     m = Metrics()
     full = GpuMetrics(utilization_percent=1, temperature_celsius=2, power_watts=3)
-    m.set_gpu_metrics("a", {0: full})
-    m.set_gpu_metrics("b", {0: full, 1: full})
-    m.gpu_memory_used.labels("b", "7").set(1)  # set directly, not through set_gpu_metrics
-    assert 'node="b"' in generate_latest(m.registry).decode()
+    m.set_gpu_metrics("a", {gpu_key("a", 0): full})
+    m.set_gpu_metrics("b", {gpu_key("b", 0): full, gpu_key("b", 1): full})
+    m.gpu_memory_used.labels(*gpu_key("b", 7)).set(1)  # set directly, not through set_*
+    assert 'Hostname="b"' in generate_latest(m.registry).decode()
     m.forget_node("b")
     text = generate_latest(m.registry).decode()
-    assert 'node="b"' not in text
-    assert 'rmgrpc_gpu_power_watts{gpu="0",node="a"} 3.0' in text
+    assert 'Hostname="b"' not in text
+    assert sample(m, "rmgrpc_gpu_power_watts", gpu_labels("a", 0)) == 3
     m.forget_node("b")  # twice, or for a node never seen: no error
     m.forget_node("never")
-    m.set_gpu_metrics("b", {0: full})  # a node that comes back is shown again
-    assert sample(m, "rmgrpc_gpu_utilization_percent", {"node": "b", "gpu": "0"}) == 1
+    m.set_gpu_metrics("b", {gpu_key("b", 0): full})  # a node that comes back is shown again
+    assert sample(m, "rmgrpc_gpu_utilization_percent", gpu_labels("b", 0)) == 1
 
 
 class Http:
@@ -380,13 +462,118 @@ def test_tracing_console_exports_spans_and_can_be_set_up_twice(no_tracing: None)
     assert '"name": "scheduling-cycle"' in out.getvalue()
 
 
-def test_tracing_otlp_without_exporter_package_is_off(
-    monkeypatch: pytest.MonkeyPatch, no_tracing: None, caplog: pytest.LogCaptureFixture
+def test_tracing_otlp_without_the_extra_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, no_tracing: None
 ) -> None:
-    # Whether or not the real exporter is installed, point at modules that do not exist.
-    monkeypatch.setattr(telemetry, "_OTLP_EXPORTERS", ("rmgrpc_no_such_otlp_exporter",))
-    assert setup_tracing("otlp") is None
-    assert "opentelemetry-exporter-otlp is not installed" in caplog.text
+    # Whether or not the real exporter is installed, point at a module that does not exist.
+    monkeypatch.setattr(telemetry, "_OTLP_EXPORTERS", {"grpc": "rmgrpc_no_such_otlp_exporter"})
+    with pytest.raises(telemetry.TracingError, match=r"pip install 'rmgrpc\[otlp\]'"):
+        setup_tracing("otlp")
+    assert telemetry.tracer() is not None  # nothing half set up
+
+
+class FakeOtlpModule(types.ModuleType):
+    """Stands in for an OTLP exporter module: records how its exporter was made."""
+
+    def __init__(self) -> None:
+        super().__init__("fake_otlp")
+        self.made: list[dict[str, str]] = []
+        module = self
+
+        class OTLPSpanExporter(SpanExporter):
+            def __init__(self, **kwargs: str) -> None:
+                module.made.append(kwargs)
+
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        self.OTLPSpanExporter = OTLPSpanExporter
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_tracing_otlp_uses_the_configured_endpoint_and_protocol(
+    monkeypatch: pytest.MonkeyPatch, no_tracing: None, protocol: str
+) -> None:
+    fake = FakeOtlpModule()
+    monkeypatch.setitem(sys.modules, f"fake_otlp_{protocol}", fake)
+    monkeypatch.setattr(
+        telemetry, "_OTLP_EXPORTERS", {p: f"fake_otlp_{p}" for p in ("grpc", "http/protobuf")}
+    )
+    provider = setup_tracing("otlp", endpoint="http://collector:4317", protocol=protocol)
+    assert isinstance(provider, TracerProvider)
+    assert fake.made == [{"endpoint": "http://collector:4317"}]
+    setup_tracing("otlp", protocol=protocol)  # no endpoint: the exporter's own default
+    assert fake.made[-1] == {}
+    with pytest.raises(telemetry.TracingError, match="otlp_protocol"):
+        setup_tracing("otlp", protocol="thrift")
+
+
+def test_tracing_console_writes_one_json_line_per_span_to_a_file(
+    tmp_path: Path, no_tracing: None
+) -> None:
+    path = tmp_path / "spans.jsonl"
+    provider = setup_tracing("console", file=str(path))
+    assert provider is not None
+    for name in ("first", "second"):
+        with telemetry.tracer().start_as_current_span(name):
+            pass
+    provider.force_flush()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["name"] for line in lines] == ["first", "second"]
+
+
+def test_tracing_samples_the_configured_share_of_traces(no_tracing: None) -> None:
+    out = io.StringIO()
+    provider = setup_tracing("console", out=out, sample_ratio=0.0)
+    assert provider is not None
+    with telemetry.tracer().start_as_current_span("dropped") as span:
+        assert not span.is_recording()
+    provider.force_flush()
+    assert out.getvalue() == ""
+    with pytest.raises(telemetry.TracingError, match="tracing_sample_ratio"):
+        setup_tracing("console", out=out, sample_ratio=1.5)
+
+
+def test_tracing_console_to_an_unwritable_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(telemetry.TracingError, match="cannot write spans to tracing_file"):
+        setup_tracing("console", file=str(tmp_path / "no-such-dir" / "spans.jsonl"))
+
+
+def test_settings_refuse_an_unknown_otlp_protocol() -> None:
+    with pytest.raises(ConfigError, match="otlp_protocol"):
+        load_settings(None, env={"RMGRPC_OTLP_PROTOCOL": "udp"})
+
+
+def test_log_lines_are_logfmt_with_the_trace_id_inside_a_span(no_tracing: None) -> None:
+    out = io.StringIO()
+    logger = logging.getLogger("rmgrpc.test_logfmt")
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(telemetry.LogfmtFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.warning("node %s DOWN", "n1")
+        provider = setup_tracing("console", out=io.StringIO())
+        assert provider is not None
+        with telemetry.tracer().start_as_current_span("rpc") as span:
+            logger.info("quota of tenant %s set", "org/a")
+            trace_id = format(span.get_span_context().trace_id, "032x")
+        try:
+            raise RuntimeError("boom\nsecond line")
+        except RuntimeError:
+            logger.exception("refresh failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    first, second, third = out.getvalue().splitlines()
+    assert re.fullmatch(
+        r'time=\S+Z level=warning logger=rmgrpc\.test_logfmt msg="node n1 DOWN"', first
+    )
+    assert 'msg="quota of tenant org/a set"' in second
+    assert f"trace_id={trace_id} span_id=" in second
+    assert "trace_id" not in first
+    # A traceback stays on its one line, escaped.
+    assert third.startswith("time=") and 'exc="Traceback' in third and "\\n" in third
 
 
 def test_tracing_unknown_exporter_is_an_error() -> None:

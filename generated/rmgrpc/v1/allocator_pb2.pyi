@@ -126,6 +126,10 @@ class Allocation(_message.Message):
     GRACE_END_TIME_FIELD_NUMBER: _builtins.int
     PREEMPTED_BY_FIELD_NUMBER: _builtins.int
     CREATE_REVISION_FIELD_NUMBER: _builtins.int
+    REQUEUED_FROM_FIELD_NUMBER: _builtins.int
+    REQUEUED_AS_FIELD_NUMBER: _builtins.int
+    NO_REQUEUE_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     request_id: _builtins.str
@@ -154,6 +158,21 @@ class Allocation(_message.Message):
     """For PREEMPTED: the allocation it made room for."""
     create_revision: _builtins.int
     """Revision of the event that created it: its place in arrival order."""
+    requeued_from: _builtins.str
+    """Set when this allocation was requeued by a drain: the allocation it replaces
+    (PREEMPTED, with `requeued_as` naming this one).
+    """
+    requeued_as: _builtins.str
+    """For an allocation a drain ended: the new PENDING allocation that replaces it
+    (same tenant, shape, priority and durations). Empty when it was not requeued.
+    """
+    no_requeue: _builtins.bool
+    """The request opted out of requeueing (`AllocateRequest.no_requeue`)."""
+    request_digest: _builtins.str
+    """Output only: a digest of the AllocateRequest that created it (`dry_run` aside).
+    A repeated `request_id` with a request of another digest is refused with
+    FAILED_PRECONDITION naming what differs, rather than answered with this allocation.
+    """
     @_builtins.property
     def shape(self) -> _resources_pb2.Shape: ...
     @_builtins.property
@@ -204,10 +223,14 @@ class Allocation(_message.Message):
         grace_end_time: _timestamp_pb2.Timestamp | None = ...,
         preempted_by: _builtins.str = ...,
         create_revision: _builtins.int = ...,
+        requeued_from: _builtins.str = ...,
+        requeued_as: _builtins.str = ...,
+        no_requeue: _builtins.bool = ...,
+        request_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "create_time", b"create_time", "end_time", b"end_time", "grace_end_time", b"grace_end_time", "lease_expire_time", b"lease_expire_time", "max_end_time", b"max_end_time", "shape", b"shape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "count", b"count", "create_revision", b"create_revision", "create_time", b"create_time", "end_time", b"end_time", "grace_end_time", b"grace_end_time", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_seconds", b"lease_seconds", "max_duration_seconds", b"max_duration_seconds", "max_end_time", b"max_end_time", "pending_reason", b"pending_reason", "placements", b"placements", "preempted_by", b"preempted_by", "priority", b"priority", "queue_position", b"queue_position", "request_id", b"request_id", "reservation_id", b"reservation_id", "revision", b"revision", "shape", b"shape", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "count", b"count", "create_revision", b"create_revision", "create_time", b"create_time", "end_time", b"end_time", "grace_end_time", b"grace_end_time", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_seconds", b"lease_seconds", "max_duration_seconds", b"max_duration_seconds", "max_end_time", b"max_end_time", "no_requeue", b"no_requeue", "pending_reason", b"pending_reason", "placements", b"placements", "preempted_by", b"preempted_by", "priority", b"priority", "queue_position", b"queue_position", "request_digest", b"request_digest", "request_id", b"request_id", "requeued_as", b"requeued_as", "requeued_from", b"requeued_from", "reservation_id", b"reservation_id", "revision", b"revision", "shape", b"shape", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +249,7 @@ class AllocateRequest(_message.Message):
     MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    NO_REQUEUE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Who asks; tenants form a tree with "/" ("org/team")."""
     request_id: _builtins.str
@@ -235,12 +259,19 @@ class AllocateRequest(_message.Message):
     priority: _builtins.int
     """Higher runs first and may preempt lower."""
     lease_seconds: _builtins.int
-    """The allocation expires unless renewed within this many seconds; 0 takes the server default."""
+    """The allocation expires unless renewed within this many seconds. 0 takes the server's
+    `default_lease_seconds`, which is 0 unless configured: no lease, the work runs until
+    released or past `max_duration_seconds`.
+    """
     max_duration_seconds: _builtins.int
     """Hard limit on runtime; 0 means none."""
     reservation_id: _builtins.str
     dry_run: _builtins.bool
     """Answer what would happen now and change nothing."""
+    no_requeue: _builtins.bool
+    """When a drain of its node ends it, do not requeue it (by default a new PENDING
+    allocation replaces it; see `Allocation.requeued_as`).
+    """
     @_builtins.property
     def shape(self) -> _resources_pb2.Shape: ...
     def __init__(
@@ -255,10 +286,11 @@ class AllocateRequest(_message.Message):
         max_duration_seconds: _builtins.int = ...,
         reservation_id: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
+        no_requeue: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shape", b"shape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dry_run", b"dry_run", "lease_seconds", b"lease_seconds", "max_duration_seconds", b"max_duration_seconds", "priority", b"priority", "request_id", b"request_id", "reservation_id", b"reservation_id", "shape", b"shape", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dry_run", b"dry_run", "lease_seconds", b"lease_seconds", "max_duration_seconds", b"max_duration_seconds", "no_requeue", b"no_requeue", "priority", b"priority", "request_id", b"request_id", "reservation_id", b"reservation_id", "shape", b"shape", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,7 +476,9 @@ class RenewAllocationRequest(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     lease_seconds: _builtins.int
-    """New lease length from now; 0 keeps the allocation's own `lease_seconds`."""
+    """New lease length from now; 0 keeps the allocation's own `lease_seconds` (an
+    allocation with no lease then has nothing to renew and is answered unchanged).
+    """
     def __init__(
         self,
         *,

@@ -35,6 +35,8 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     """No new work; existing work is asked to leave."""
     NODE_STATE_DOWN: _NodeState.ValueType  # 4
     """The agent's lease lapsed; its allocations are LOST."""
+    NODE_STATE_DRAINED: _NodeState.ValueType  # 5
+    """Was DRAINING and no work is left on it; stays so until uncordoned."""
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper): ...
 
@@ -46,6 +48,8 @@ NODE_STATE_DRAINING: NodeState.ValueType  # 3
 """No new work; existing work is asked to leave."""
 NODE_STATE_DOWN: NodeState.ValueType  # 4
 """The agent's lease lapsed; its allocations are LOST."""
+NODE_STATE_DRAINED: NodeState.ValueType  # 5
+"""Was DRAINING and no work is left on it; stays so until uncordoned."""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 class _GpuHealth:
@@ -78,6 +82,7 @@ class GpuMetrics(_message.Message):
     ECC_ERRORS_FIELD_NUMBER: _builtins.int
     XID_ERRORS_FIELD_NUMBER: _builtins.int
     SAMPLE_TIME_FIELD_NUMBER: _builtins.int
+    RECENT_XIDS_FIELD_NUMBER: _builtins.int
     utilization_percent: _builtins.float
     memory_used_bytes: _builtins.int
     temperature_celsius: _builtins.float
@@ -86,6 +91,12 @@ class GpuMetrics(_message.Message):
     xid_errors: _builtins.int
     @_builtins.property
     def sample_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def recent_xids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """XID codes the driver reported since the previous sample (at most 16). The server's
+        GPU health policy decides which quarantine the GPU and which only warn.
+        """
+
     def __init__(
         self,
         *,
@@ -96,10 +107,11 @@ class GpuMetrics(_message.Message):
         ecc_errors: _builtins.int = ...,
         xid_errors: _builtins.int = ...,
         sample_time: _timestamp_pb2.Timestamp | None = ...,
+        recent_xids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sample_time", b"sample_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ecc_errors", b"ecc_errors", "memory_used_bytes", b"memory_used_bytes", "power_watts", b"power_watts", "sample_time", b"sample_time", "temperature_celsius", b"temperature_celsius", "utilization_percent", b"utilization_percent", "xid_errors", b"xid_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ecc_errors", b"ecc_errors", "memory_used_bytes", b"memory_used_bytes", "power_watts", b"power_watts", "recent_xids", b"recent_xids", "sample_time", b"sample_time", "temperature_celsius", b"temperature_celsius", "utilization_percent", b"utilization_percent", "xid_errors", b"xid_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -118,6 +130,8 @@ class Gpu(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     ALLOCATION_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    HEALTH_REASON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index on its node (0-based)."""
     uuid: _builtins.str
@@ -128,6 +142,12 @@ class Gpu(_message.Message):
     allocation_id: _builtins.str
     """The live allocation holding this GPU; empty when free."""
     tenant: _builtins.str
+    cordoned: _builtins.bool
+    """Pinned out by an operator (CordonNode with `gpu_indices`): UNHEALTHY, gets no new
+    work, and the health policy never returns it; UncordonNode with its index does.
+    """
+    health_reason: _builtins.str
+    """Why the GPU is UNHEALTHY (the sample that quarantined it, or the operator's reason)."""
     @_builtins.property
     def metrics(self) -> Global___GpuMetrics: ...
     def __init__(
@@ -142,10 +162,12 @@ class Gpu(_message.Message):
         node_id: _builtins.str = ...,
         allocation_id: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        cordoned: _builtins.bool = ...,
+        health_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "health", b"health", "index", b"index", "memory_bytes", b"memory_bytes", "metrics", b"metrics", "model", b"model", "node_id", b"node_id", "tenant", b"tenant", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "cordoned", b"cordoned", "health", b"health", "health_reason", b"health_reason", "index", b"index", "memory_bytes", b"memory_bytes", "metrics", b"metrics", "model", b"model", "node_id", b"node_id", "tenant", b"tenant", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,7 +554,9 @@ class ListGpusRequest(_message.Message):
     node_id: _builtins.str
     model: _builtins.str
     free_only: _builtins.bool
-    """Only GPUs held by no live allocation."""
+    """Only GPUs that could take new work now: healthy, held by no live allocation, on a
+    READY node (not cordoned, draining, drained or down).
+    """
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
@@ -584,17 +608,25 @@ class CordonNodeRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     reason: _builtins.str
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """When set, only these GPUs of the node are cordoned (pinned out of service: no new
+        work, and no automatic return by the health policy); the node itself is unchanged.
+        """
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_indices", b"gpu_indices", "node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -625,15 +657,23 @@ class UncordonNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """When set, only these GPUs are uncordoned: back to HEALTHY (a later bad sample
+        quarantines them again); the node itself is unchanged.
+        """
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_indices", b"gpu_indices", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,21 +733,29 @@ class DrainNodeResponse(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     ALLOCATION_IDS_FIELD_NUMBER: _builtins.int
+    REQUEUED_ALLOCATION_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node(self) -> Global___Node: ...
     @_builtins.property
     def allocation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Allocations asked to leave."""
 
+    @_builtins.property
+    def requeued_allocation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The new PENDING allocations that replace them (those that did not opt out with
+        `AllocateRequest.no_requeue`), in the same order.
+        """
+
     def __init__(
         self,
         *,
         node: Global___Node | None = ...,
         allocation_ids: _abc.Iterable[_builtins.str] | None = ...,
+        requeued_allocation_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_ids", b"allocation_ids", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_ids", b"allocation_ids", "node", b"node", "requeued_allocation_ids", b"requeued_allocation_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

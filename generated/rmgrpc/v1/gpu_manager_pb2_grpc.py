@@ -127,7 +127,8 @@ class GpuManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainNode(self, request, context):
-        """DrainNode cordons the node and asks its running allocations to leave.
+        """DrainNode cordons the node and asks its running allocations to leave; they are
+        requeued unless they opted out. Once no work is left the node is DRAINED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

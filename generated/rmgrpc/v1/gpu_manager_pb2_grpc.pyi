@@ -44,7 +44,9 @@ class GpuManagerServiceStub:
     """CordonNode stops new work landing on the node; running work stays."""
     UncordonNode: _grpc.UnaryUnaryMultiCallable[_gpu_manager_pb2.UncordonNodeRequest, _gpu_manager_pb2.UncordonNodeResponse]
     DrainNode: _grpc.UnaryUnaryMultiCallable[_gpu_manager_pb2.DrainNodeRequest, _gpu_manager_pb2.DrainNodeResponse]
-    """DrainNode cordons the node and asks its running allocations to leave."""
+    """DrainNode cordons the node and asks its running allocations to leave; they are
+    requeued unless they opted out. Once no work is left the node is DRAINED.
+    """
 
 @_typing.type_check_only
 class GpuManagerServiceAsyncStub(GpuManagerServiceStub):
@@ -62,7 +64,9 @@ class GpuManagerServiceAsyncStub(GpuManagerServiceStub):
     """CordonNode stops new work landing on the node; running work stays."""
     UncordonNode: _aio.UnaryUnaryMultiCallable[_gpu_manager_pb2.UncordonNodeRequest, _gpu_manager_pb2.UncordonNodeResponse]  # type: ignore[assignment]
     DrainNode: _aio.UnaryUnaryMultiCallable[_gpu_manager_pb2.DrainNodeRequest, _gpu_manager_pb2.DrainNodeResponse]  # type: ignore[assignment]
-    """DrainNode cordons the node and asks its running allocations to leave."""
+    """DrainNode cordons the node and asks its running allocations to leave; they are
+    requeued unless they opted out. Once no work is left the node is DRAINED.
+    """
 
 class GpuManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """GpuManagerService keeps the inventory: nodes, their GPUs and their agents' leases."""
@@ -125,6 +129,8 @@ class GpuManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gpu_manager_pb2.DrainNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gpu_manager_pb2.DrainNodeResponse, _abc.Awaitable[_gpu_manager_pb2.DrainNodeResponse]]:
-        """DrainNode cordons the node and asks its running allocations to leave."""
+        """DrainNode cordons the node and asks its running allocations to leave; they are
+        requeued unless they opted out. Once no work is left the node is DRAINED.
+        """
 
 def add_GpuManagerServiceServicer_to_server(servicer: GpuManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

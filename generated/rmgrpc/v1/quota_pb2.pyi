@@ -5,9 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rmgrpc.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +21,82 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WithinTenantPreemption:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WithinTenantPreemptionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WithinTenantPreemption.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WITHIN_TENANT_PREEMPTION_UNSPECIFIED: _WithinTenantPreemption.ValueType  # 0
+    """The default: LOWER_PRIORITY."""
+    WITHIN_TENANT_PREEMPTION_NEVER: _WithinTenantPreemption.ValueType  # 1
+    WITHIN_TENANT_PREEMPTION_LOWER_PRIORITY: _WithinTenantPreemption.ValueType  # 2
+    """Strictly lower priority."""
+    WITHIN_TENANT_PREEMPTION_LOWER_OR_NEWER_EQUAL_PRIORITY: _WithinTenantPreemption.ValueType  # 3
+    """Lower priority, or equal priority and arrived after the request."""
+
+class WithinTenantPreemption(_WithinTenantPreemption, metaclass=_WithinTenantPreemptionEnumTypeWrapper):
+    """Which of its own tenant's allocations a pending request may preempt."""
+
+WITHIN_TENANT_PREEMPTION_UNSPECIFIED: WithinTenantPreemption.ValueType  # 0
+"""The default: LOWER_PRIORITY."""
+WITHIN_TENANT_PREEMPTION_NEVER: WithinTenantPreemption.ValueType  # 1
+WITHIN_TENANT_PREEMPTION_LOWER_PRIORITY: WithinTenantPreemption.ValueType  # 2
+"""Strictly lower priority."""
+WITHIN_TENANT_PREEMPTION_LOWER_OR_NEWER_EQUAL_PRIORITY: WithinTenantPreemption.ValueType  # 3
+"""Lower priority, or equal priority and arrived after the request."""
+Global___WithinTenantPreemption: _TypeAlias = WithinTenantPreemption  # noqa: Y015
+
+class _ReclaimPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReclaimPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReclaimPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECLAIM_POLICY_UNSPECIFIED: _ReclaimPolicy.ValueType  # 0
+    """The default: ANY, so a guarantee is always reachable."""
+    RECLAIM_POLICY_NEVER: _ReclaimPolicy.ValueType  # 1
+    RECLAIM_POLICY_LOWER_PRIORITY: _ReclaimPolicy.ValueType  # 2
+    """Strictly lower priority only."""
+    RECLAIM_POLICY_ANY: _ReclaimPolicy.ValueType  # 3
+    """Borrowers at any priority when reclaiming the guarantee; by priority, strictly lower."""
+
+class ReclaimPolicy(_ReclaimPolicy, metaclass=_ReclaimPolicyEnumTypeWrapper):
+    """Which other tenants' allocations a pending request may preempt."""
+
+RECLAIM_POLICY_UNSPECIFIED: ReclaimPolicy.ValueType  # 0
+"""The default: ANY, so a guarantee is always reachable."""
+RECLAIM_POLICY_NEVER: ReclaimPolicy.ValueType  # 1
+RECLAIM_POLICY_LOWER_PRIORITY: ReclaimPolicy.ValueType  # 2
+"""Strictly lower priority only."""
+RECLAIM_POLICY_ANY: ReclaimPolicy.ValueType  # 3
+"""Borrowers at any priority when reclaiming the guarantee; by priority, strictly lower."""
+Global___ReclaimPolicy: _TypeAlias = ReclaimPolicy  # noqa: Y015
+
+class _BorrowingPreemption:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BorrowingPreemptionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BorrowingPreemption.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BORROWING_PREEMPTION_UNSPECIFIED: _BorrowingPreemption.ValueType  # 0
+    """The default: ALWAYS."""
+    BORROWING_PREEMPTION_NEVER: _BorrowingPreemption.ValueType  # 1
+    BORROWING_PREEMPTION_UP_TO_PRIORITY: _BorrowingPreemption.ValueType  # 2
+    """Only victims of priority at most `borrowing_max_priority`."""
+    BORROWING_PREEMPTION_ALWAYS: _BorrowingPreemption.ValueType  # 3
+
+class BorrowingPreemption(_BorrowingPreemption, metaclass=_BorrowingPreemptionEnumTypeWrapper):
+    """May a request that would leave its tenant above its guarantee preempt other tenants?"""
+
+BORROWING_PREEMPTION_UNSPECIFIED: BorrowingPreemption.ValueType  # 0
+"""The default: ALWAYS."""
+BORROWING_PREEMPTION_NEVER: BorrowingPreemption.ValueType  # 1
+BORROWING_PREEMPTION_UP_TO_PRIORITY: BorrowingPreemption.ValueType  # 2
+"""Only victims of priority at most `borrowing_max_priority`."""
+BORROWING_PREEMPTION_ALWAYS: BorrowingPreemption.ValueType  # 3
+Global___BorrowingPreemption: _TypeAlias = BorrowingPreemption  # noqa: Y015
 
 @_typing.final
 class Budget(_message.Message):
@@ -56,14 +134,36 @@ class Quota(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    WITHIN_TENANT_PREEMPTION_FIELD_NUMBER: _builtins.int
+    RECLAIM_FROM_OTHERS_FIELD_NUMBER: _builtins.int
+    PREEMPTION_WHILE_BORROWING_FIELD_NUMBER: _builtins.int
+    BORROWING_MAX_PRIORITY_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    LENDING_LIMIT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     parent: _builtins.str
     """Parent tenant in the tree; empty for a root. Defaults to the tenant's path
     prefix ("org" for "org/team").
     """
     weight: _builtins.float
-    """Fair-share weight (default 1)."""
+    """Fair-share weight; unset means 1. 0 is allowed: the tenant gets only capacity its
+    weighted siblings leave (it never comes before one of them).
+    """
     revision: _builtins.int
+    within_tenant_preemption: Global___WithinTenantPreemption.ValueType
+    """Preemption policies for this tenant's pending requests; unset means the default
+    named on each enum.
+    """
+    reclaim_from_others: Global___ReclaimPolicy.ValueType
+    preemption_while_borrowing: Global___BorrowingPreemption.ValueType
+    borrowing_max_priority: _builtins.int
+    """With BORROWING_PREEMPTION_UP_TO_PRIORITY: the highest priority a borrowing request
+    may preempt in other tenants.
+    """
+    etag: _builtins.str
+    """Computed by the server from the revision the quota was last written at; send it
+    back in SetQuotaRequest/DeleteQuotaRequest to change only what you read.
+    """
     @_builtins.property
     def guaranteed(self) -> _resources_pb2.Resources:
         """Always available to the tenant."""
@@ -76,6 +176,13 @@ class Quota(_message.Message):
     def budget(self) -> Global___Budget: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def lending_limit(self) -> _resources_pb2.Resources:
+        """How much of `guaranteed` others may borrow while the tenant leaves it idle (Kueue's
+        lendingLimit). Unset fields lend all of it; the rest of an idle guarantee stays free
+        for the tenant's subtree. Each field at most the matching `guaranteed` one.
+        """
+
     def __init__(
         self,
         *,
@@ -83,16 +190,24 @@ class Quota(_message.Message):
         parent: _builtins.str = ...,
         guaranteed: _resources_pb2.Resources | None = ...,
         limit: _resources_pb2.Resources | None = ...,
-        weight: _builtins.float = ...,
+        weight: _builtins.float | None = ...,
         budget: Global___Budget | None = ...,
         revision: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        within_tenant_preemption: Global___WithinTenantPreemption.ValueType = ...,
+        reclaim_from_others: Global___ReclaimPolicy.ValueType = ...,
+        preemption_while_borrowing: Global___BorrowingPreemption.ValueType = ...,
+        borrowing_max_priority: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        lending_limit: _resources_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "guaranteed", b"guaranteed", "limit", b"limit", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "budget", b"budget", "guaranteed", b"guaranteed", "lending_limit", b"lending_limit", "limit", b"limit", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "guaranteed", b"guaranteed", "limit", b"limit", "parent", b"parent", "revision", b"revision", "tenant", b"tenant", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "borrowing_max_priority", b"borrowing_max_priority", "budget", b"budget", "etag", b"etag", "guaranteed", b"guaranteed", "lending_limit", b"lending_limit", "limit", b"limit", "parent", b"parent", "preemption_while_borrowing", b"preemption_while_borrowing", "reclaim_from_others", b"reclaim_from_others", "revision", b"revision", "tenant", b"tenant", "update_time", b"update_time", "weight", b"weight", "within_tenant_preemption", b"within_tenant_preemption"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
 
 Global___Quota: _TypeAlias = Quota  # noqa: Y015
 
@@ -101,16 +216,32 @@ class SetQuotaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUOTA_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The `etag` of the quota as read: a different (stale) one is refused with
+    FAILED_PRECONDITION and a PreconditionFailure. Empty: no precondition.
+    """
     @_builtins.property
     def quota(self) -> Global___Quota: ...
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The quota fields to change, by name: `parent`, `guaranteed`, `limit`, `weight`,
+        `budget`, or a sub-field such as `limit.gpus` or `guaranteed.gpus_by_model`.
+        Fields not named keep their value. Empty: replace the whole quota (what is unset
+        takes its default). On a tenant with no quota yet, unnamed fields take defaults.
+        """
+
     def __init__(
         self,
         *,
         quota: Global___Quota | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,15 +363,19 @@ class DeleteQuotaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    etag: _builtins.str
+    """The `etag` of the quota as read; a stale one gets FAILED_PRECONDITION. Empty: none."""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,11 +432,18 @@ class TenantUsage(_message.Message):
     PENDING_ALLOCATIONS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     BUDGET_USED_FRACTION_FIELD_NUMBER: _builtins.int
+    RECENT_USAGE_FIELD_NUMBER: _builtins.int
+    USAGE_HALF_LIFE_SECONDS_FIELD_NUMBER: _builtins.int
+    ORDER_SCORE_FIELD_NUMBER: _builtins.int
+    ORDER_EXPLANATION_FIELD_NUMBER: _builtins.int
+    FAIR_SHARE_RESOURCES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     dominant_share: _builtins.float
     """Largest share of any cluster resource the tenant holds (0..1)."""
     weighted_dominant_share: _builtins.float
-    """Dominant share divided by weight: the number fair share orders by."""
+    """Dominant share of what is held now divided by weight (see `order_score` for the
+    number the queue orders by).
+    """
     fair_share: _builtins.float
     """The share of the cluster's GPUs the tenant is entitled to now (0..1)."""
     running_allocations: _builtins.int
@@ -310,6 +452,18 @@ class TenantUsage(_message.Message):
     """Cost accrued in the current budget period."""
     budget_used_fraction: _builtins.float
     """cost / budget amount; 0 without a budget."""
+    usage_half_life_seconds: _builtins.float
+    """The half-life `recent_usage` decays with, in seconds; 0 when decay is off."""
+    order_score: _builtins.float
+    """The score the queue orders the tenant by among its siblings, level by level from
+    the root (lower goes first): the dominant share of max(held, recent usage) above the
+    guarantee, over the weight. For weight 0 the share alone (after every weighted
+    sibling).
+    """
+    order_explanation: _builtins.str
+    """`order_score` worked out in words, e.g. "ordered among the children of org by
+    6 GPUs held / 32 GPUs in the cluster / weight 1 = 0.1875 (lower goes first)".
+    """
     @_builtins.property
     def held(self) -> _resources_pb2.Resources:
         """Held by the tenant's live allocations (its subtree's, for a parent)."""
@@ -325,6 +479,16 @@ class TenantUsage(_message.Message):
     @_builtins.property
     def borrowed(self) -> _resources_pb2.Resources:
         """Held beyond the guarantee, on capacity others leave idle."""
+
+    @_builtins.property
+    def recent_usage(self) -> _resources_pb2.Resources:
+        """Recent usage: what the subtree held, averaged over time with the server's fair-share
+        half-life (recent time weighs more). Equal to `held` when decay is off.
+        """
+
+    @_builtins.property
+    def fair_share_resources(self) -> _resources_pb2.Resources:
+        """The fair share in resources (GPUs, CPU, memory) the tenant is entitled to now."""
 
     def __init__(
         self,
@@ -342,10 +506,15 @@ class TenantUsage(_message.Message):
         pending_allocations: _builtins.int = ...,
         cost: _builtins.float = ...,
         budget_used_fraction: _builtins.float = ...,
+        recent_usage: _resources_pb2.Resources | None = ...,
+        usage_half_life_seconds: _builtins.float = ...,
+        order_score: _builtins.float = ...,
+        order_explanation: _builtins.str = ...,
+        fair_share_resources: _resources_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "pending", b"pending"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "pending", b"pending", "recent_usage", b"recent_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "budget_used_fraction", b"budget_used_fraction", "cost", b"cost", "dominant_share", b"dominant_share", "fair_share", b"fair_share", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "pending", b"pending", "pending_allocations", b"pending_allocations", "running_allocations", b"running_allocations", "tenant", b"tenant", "weighted_dominant_share", b"weighted_dominant_share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "budget_used_fraction", b"budget_used_fraction", "cost", b"cost", "dominant_share", b"dominant_share", "fair_share", b"fair_share", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "order_explanation", b"order_explanation", "order_score", b"order_score", "pending", b"pending", "pending_allocations", b"pending_allocations", "recent_usage", b"recent_usage", "running_allocations", b"running_allocations", "tenant", b"tenant", "usage_half_life_seconds", b"usage_half_life_seconds", "weighted_dominant_share", b"weighted_dominant_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

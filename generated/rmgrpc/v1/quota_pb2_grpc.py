@@ -67,7 +67,9 @@ class QuotaServiceServicer:
     """
 
     def SetQuota(self, request, context):
-        """SetQuota creates or replaces a tenant's quota.
+        """SetQuota creates a tenant's quota, or changes the fields named in `update_mask`
+        (all of them when the mask is empty). With `etag`, only if the quota is unchanged
+        since it was read; otherwise FAILED_PRECONDITION and nothing changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +88,7 @@ class QuotaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteQuota(self, request, context):
-        """DeleteQuota returns the tenant to the default quota.
+        """DeleteQuota returns the tenant to the default quota (with `etag`: only if unchanged).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,11 +34,14 @@ class QuotaServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> QuotaServiceAsyncStub: ...
     SetQuota: _grpc.UnaryUnaryMultiCallable[_quota_pb2.SetQuotaRequest, _quota_pb2.SetQuotaResponse]
-    """SetQuota creates or replaces a tenant's quota."""
+    """SetQuota creates a tenant's quota, or changes the fields named in `update_mask`
+    (all of them when the mask is empty). With `etag`, only if the quota is unchanged
+    since it was read; otherwise FAILED_PRECONDITION and nothing changes.
+    """
     GetQuota: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetQuotaRequest, _quota_pb2.GetQuotaResponse]
     ListQuotas: _grpc.UnaryUnaryMultiCallable[_quota_pb2.ListQuotasRequest, _quota_pb2.ListQuotasResponse]
     DeleteQuota: _grpc.UnaryUnaryMultiCallable[_quota_pb2.DeleteQuotaRequest, _quota_pb2.DeleteQuotaResponse]
-    """DeleteQuota returns the tenant to the default quota."""
+    """DeleteQuota returns the tenant to the default quota (with `etag`: only if unchanged)."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]
     """GetUsage reports what a tenant holds, waits for, borrows and is entitled to."""
 
@@ -48,11 +51,14 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetQuota: _aio.UnaryUnaryMultiCallable[_quota_pb2.SetQuotaRequest, _quota_pb2.SetQuotaResponse]  # type: ignore[assignment]
-    """SetQuota creates or replaces a tenant's quota."""
+    """SetQuota creates a tenant's quota, or changes the fields named in `update_mask`
+    (all of them when the mask is empty). With `etag`, only if the quota is unchanged
+    since it was read; otherwise FAILED_PRECONDITION and nothing changes.
+    """
     GetQuota: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetQuotaRequest, _quota_pb2.GetQuotaResponse]  # type: ignore[assignment]
     ListQuotas: _aio.UnaryUnaryMultiCallable[_quota_pb2.ListQuotasRequest, _quota_pb2.ListQuotasResponse]  # type: ignore[assignment]
     DeleteQuota: _aio.UnaryUnaryMultiCallable[_quota_pb2.DeleteQuotaRequest, _quota_pb2.DeleteQuotaResponse]  # type: ignore[assignment]
-    """DeleteQuota returns the tenant to the default quota."""
+    """DeleteQuota returns the tenant to the default quota (with `etag`: only if unchanged)."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reports what a tenant holds, waits for, borrows and is entitled to."""
 
@@ -65,7 +71,10 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _quota_pb2.SetQuotaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_quota_pb2.SetQuotaResponse, _abc.Awaitable[_quota_pb2.SetQuotaResponse]]:
-        """SetQuota creates or replaces a tenant's quota."""
+        """SetQuota creates a tenant's quota, or changes the fields named in `update_mask`
+        (all of them when the mask is empty). With `etag`, only if the quota is unchanged
+        since it was read; otherwise FAILED_PRECONDITION and nothing changes.
+        """
 
     @_abc_1.abstractmethod
     def GetQuota(
@@ -87,7 +96,7 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _quota_pb2.DeleteQuotaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_quota_pb2.DeleteQuotaResponse, _abc.Awaitable[_quota_pb2.DeleteQuotaResponse]]:
-        """DeleteQuota returns the tenant to the default quota."""
+        """DeleteQuota returns the tenant to the default quota (with `etag`: only if unchanged)."""
 
     @_abc_1.abstractmethod
     def GetUsage(

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from rmgrpc.v1 import gpu_manager_pb2 as _gpu_manager_pb2
 from rmgrpc.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -22,16 +23,36 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ModelSummary(_message.Message):
+    """ModelSummary is the GPUs of one model across every node."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     TOTAL_GPUS_FIELD_NUMBER: _builtins.int
     ALLOCATED_GPUS_FIELD_NUMBER: _builtins.int
     HEALTHY_GPUS_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_GPUS_FIELD_NUMBER: _builtins.int
+    PENDING_GPUS_FIELD_NUMBER: _builtins.int
+    ALLOCATED_FRACTION_FIELD_NUMBER: _builtins.int
+    MEAN_UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     total_gpus: _builtins.int
     allocated_gpus: _builtins.int
+    """Held by live allocations."""
     healthy_gpus: _builtins.int
+    unhealthy_gpus: _builtins.int
+    pending_gpus: _builtins.int
+    """GPUs pending allocations ask for by this model name (requests naming no model are
+    counted in `ClusterSummary.pending` only).
+    """
+    allocated_fraction: _builtins.float
+    """allocated_gpus / total_gpus (0..1)."""
+    mean_utilization_percent: _builtins.float
+    """Mean measured utilization over the GPUs of this model that report metrics (0..100)."""
+    memory_total_bytes: _builtins.int
+    memory_used_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -39,14 +60,144 @@ class ModelSummary(_message.Message):
         total_gpus: _builtins.int = ...,
         allocated_gpus: _builtins.int = ...,
         healthy_gpus: _builtins.int = ...,
+        unhealthy_gpus: _builtins.int = ...,
+        pending_gpus: _builtins.int = ...,
+        allocated_fraction: _builtins.float = ...,
+        mean_utilization_percent: _builtins.float = ...,
+        memory_total_bytes: _builtins.int = ...,
+        memory_used_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_gpus", b"allocated_gpus", "healthy_gpus", b"healthy_gpus", "model", b"model", "total_gpus", b"total_gpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_fraction", b"allocated_fraction", "allocated_gpus", b"allocated_gpus", "healthy_gpus", b"healthy_gpus", "mean_utilization_percent", b"mean_utilization_percent", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "model", b"model", "pending_gpus", b"pending_gpus", "total_gpus", b"total_gpus", "unhealthy_gpus", b"unhealthy_gpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelSummary: _TypeAlias = ModelSummary  # noqa: Y015
+
+@_typing.final
+class ResourceUtilization(_message.Message):
+    """ResourceUtilization is, per resource, the fraction of the capacity held (0..1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPUS_FIELD_NUMBER: _builtins.int
+    CPU_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    gpus: _builtins.float
+    cpu: _builtins.float
+    memory: _builtins.float
+    def __init__(
+        self,
+        *,
+        gpus: _builtins.float = ...,
+        cpu: _builtins.float = ...,
+        memory: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpus", b"gpus", "memory", b"memory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceUtilization: _TypeAlias = ResourceUtilization  # noqa: Y015
+
+@_typing.final
+class NodeStateCount(_message.Message):
+    """NodeStateCount is how many nodes are in one state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: _gpu_manager_pb2.NodeState.ValueType
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        state: _gpu_manager_pb2.NodeState.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeStateCount: _TypeAlias = NodeStateCount  # noqa: Y015
+
+@_typing.final
+class TenantSummary(_message.Message):
+    """TenantSummary is one tenant with its subtree, counted as GetUsage counts it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    GUARANTEED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    FAIR_SHARE_FIELD_NUMBER: _builtins.int
+    FAIR_SHARE_RESOURCES_FIELD_NUMBER: _builtins.int
+    DOMINANT_SHARE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    RUNNING_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    PENDING_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    OLDEST_PENDING_CREATE_TIME_FIELD_NUMBER: _builtins.int
+    OLDEST_PENDING_SECONDS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    parent: _builtins.str
+    """Empty for a top-level tenant: summing the top-level tenants counts everything once."""
+    fair_share: _builtins.float
+    """Fraction of the cluster (in its dominant resource) the tenant deserves now."""
+    dominant_share: _builtins.float
+    weight: _builtins.float
+    running_allocations: _builtins.int
+    pending_allocations: _builtins.int
+    oldest_pending_seconds: _builtins.float
+    """How long that one has waited, at `ClusterSummary.read_time`."""
+    @_builtins.property
+    def held(self) -> _resources_pb2.Resources: ...
+    @_builtins.property
+    def pending(self) -> _resources_pb2.Resources: ...
+    @_builtins.property
+    def guaranteed(self) -> _resources_pb2.Resources: ...
+    @_builtins.property
+    def limit(self) -> _resources_pb2.Resources:
+        """Unset fields mean "no limit"."""
+
+    @_builtins.property
+    def fair_share_resources(self) -> _resources_pb2.Resources: ...
+    @_builtins.property
+    def oldest_pending_create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest pending allocation of the subtree was created; unset when none waits."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        held: _resources_pb2.Resources | None = ...,
+        pending: _resources_pb2.Resources | None = ...,
+        guaranteed: _resources_pb2.Resources | None = ...,
+        limit: _resources_pb2.Resources | None = ...,
+        fair_share: _builtins.float = ...,
+        fair_share_resources: _resources_pb2.Resources | None = ...,
+        dominant_share: _builtins.float = ...,
+        weight: _builtins.float = ...,
+        running_allocations: _builtins.int = ...,
+        pending_allocations: _builtins.int = ...,
+        oldest_pending_create_time: _timestamp_pb2.Timestamp | None = ...,
+        oldest_pending_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "oldest_pending_create_time", b"oldest_pending_create_time", "pending", b"pending"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dominant_share", b"dominant_share", "fair_share", b"fair_share", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "oldest_pending_create_time", b"oldest_pending_create_time", "oldest_pending_seconds", b"oldest_pending_seconds", "parent", b"parent", "pending", b"pending", "pending_allocations", b"pending_allocations", "running_allocations", b"running_allocations", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantSummary: _TypeAlias = TenantSummary  # noqa: Y015
 
 @_typing.final
 class ClusterSummary(_message.Message):
@@ -65,6 +216,11 @@ class ClusterSummary(_message.Message):
     MEAN_GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    UTILIZATION_FIELD_NUMBER: _builtins.int
+    NODES_BY_STATE_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    SCHEDULABLE_FIELD_NUMBER: _builtins.int
     nodes_total: _builtins.int
     nodes_ready: _builtins.int
     nodes_cordoned: _builtins.int
@@ -75,14 +231,39 @@ class ClusterSummary(_message.Message):
     mean_gpu_utilization_percent: _builtins.float
     """Mean GPU utilization across GPUs that report metrics (0..100)."""
     revision: _builtins.int
+    """The (durable) revision the summary was read at; GPU metrics are status, not part of it."""
     @_builtins.property
-    def capacity(self) -> _resources_pb2.Resources: ...
+    def capacity(self) -> _resources_pb2.Resources:
+        """Everything every registered node has, whatever its state."""
+
     @_builtins.property
-    def allocated(self) -> _resources_pb2.Resources: ...
+    def allocated(self) -> _resources_pb2.Resources:
+        """Held by live allocations."""
+
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSummary]: ...
     @_builtins.property
     def read_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def pending(self) -> _resources_pb2.Resources:
+        """Asked for by pending allocations (count x shape)."""
+
+    @_builtins.property
+    def utilization(self) -> Global___ResourceUtilization:
+        """allocated / capacity, per resource."""
+
+    @_builtins.property
+    def nodes_by_state(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStateCount]:
+        """Every node state, zeros included."""
+
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantSummary]:
+        """Every tenant with a quota or a retained allocation, and their ancestors, by name."""
+
+    @_builtins.property
+    def schedulable(self) -> _resources_pb2.Resources:
+        """What new work can use: READY nodes, healthy GPUs only."""
+
     def __init__(
         self,
         *,
@@ -99,10 +280,15 @@ class ClusterSummary(_message.Message):
         mean_gpu_utilization_percent: _builtins.float = ...,
         revision: _builtins.int = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
+        pending: _resources_pb2.Resources | None = ...,
+        utilization: Global___ResourceUtilization | None = ...,
+        nodes_by_state: _abc.Iterable[Global___NodeStateCount] | None = ...,
+        tenants: _abc.Iterable[Global___TenantSummary] | None = ...,
+        schedulable: _resources_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "read_time", b"read_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "pending", b"pending", "read_time", b"read_time", "schedulable", b"schedulable", "utilization", b"utilization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "allocations_pending", b"allocations_pending", "allocations_running", b"allocations_running", "capacity", b"capacity", "mean_gpu_utilization_percent", b"mean_gpu_utilization_percent", "models", b"models", "nodes_cordoned", b"nodes_cordoned", "nodes_down", b"nodes_down", "nodes_draining", b"nodes_draining", "nodes_ready", b"nodes_ready", "nodes_total", b"nodes_total", "read_time", b"read_time", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "allocations_pending", b"allocations_pending", "allocations_running", b"allocations_running", "capacity", b"capacity", "mean_gpu_utilization_percent", b"mean_gpu_utilization_percent", "models", b"models", "nodes_by_state", b"nodes_by_state", "nodes_cordoned", b"nodes_cordoned", "nodes_down", b"nodes_down", "nodes_draining", b"nodes_draining", "nodes_ready", b"nodes_ready", "nodes_total", b"nodes_total", "pending", b"pending", "read_time", b"read_time", "revision", b"revision", "schedulable", b"schedulable", "tenants", b"tenants", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,16 +334,27 @@ class StreamClusterMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    MIN_REVISION_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
-    """Seconds between messages (default 5)."""
+    """Seconds between messages: 1 to 3600; 0 means the default, 5."""
+    min_revision: _builtins.int
+    """Resuming: no summary is sent below this revision (pass the last revision seen, so a
+    reconnect never shows the cluster going back); the first waits for it, up to the
+    interval, then the stream ends with OUT_OF_RANGE if the server is still behind it.
+    """
+    max_messages: _builtins.int
+    """Stop after this many messages (0: until the client cancels)."""
     def __init__(
         self,
         *,
         interval_seconds: _builtins.int = ...,
+        min_revision: _builtins.int = ...,
+        max_messages: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds", "max_messages", b"max_messages", "min_revision", b"min_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,20 +57,22 @@ class TelemetryServiceServicer:
     """
 
     def GetClusterSummary(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GetClusterSummary reads the whole cluster at one durable revision.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamClusterMetrics(self, request, context):
-        """StreamClusterMetrics sends a summary every `interval_seconds`.
+        """StreamClusterMetrics sends a summary now and then every `interval_seconds`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetCostReport(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

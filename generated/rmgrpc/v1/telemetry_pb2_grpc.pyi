@@ -34,9 +34,11 @@ class TelemetryServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TelemetryServiceAsyncStub: ...
     GetClusterSummary: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.GetClusterSummaryRequest, _telemetry_pb2.GetClusterSummaryResponse]
+    """GetClusterSummary reads the whole cluster at one durable revision."""
     StreamClusterMetrics: _grpc.UnaryStreamMultiCallable[_telemetry_pb2.StreamClusterMetricsRequest, _telemetry_pb2.StreamClusterMetricsResponse]
-    """StreamClusterMetrics sends a summary every `interval_seconds`."""
+    """StreamClusterMetrics sends a summary now and then every `interval_seconds`."""
     GetCostReport: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.GetCostReportRequest, _telemetry_pb2.GetCostReportResponse]
+    """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README)."""
 
 @_typing.type_check_only
 class TelemetryServiceAsyncStub(TelemetryServiceStub):
@@ -44,9 +46,11 @@ class TelemetryServiceAsyncStub(TelemetryServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetClusterSummary: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.GetClusterSummaryRequest, _telemetry_pb2.GetClusterSummaryResponse]  # type: ignore[assignment]
+    """GetClusterSummary reads the whole cluster at one durable revision."""
     StreamClusterMetrics: _aio.UnaryStreamMultiCallable[_telemetry_pb2.StreamClusterMetricsRequest, _telemetry_pb2.StreamClusterMetricsResponse]  # type: ignore[assignment]
-    """StreamClusterMetrics sends a summary every `interval_seconds`."""
+    """StreamClusterMetrics sends a summary now and then every `interval_seconds`."""
     GetCostReport: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.GetCostReportRequest, _telemetry_pb2.GetCostReportResponse]  # type: ignore[assignment]
+    """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README)."""
 
 class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
     """TelemetryService reports on the cluster as a whole: capacity, use and cost."""
@@ -56,7 +60,8 @@ class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _telemetry_pb2.GetClusterSummaryRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_telemetry_pb2.GetClusterSummaryResponse, _abc.Awaitable[_telemetry_pb2.GetClusterSummaryResponse]]: ...
+    ) -> _typing.Union[_telemetry_pb2.GetClusterSummaryResponse, _abc.Awaitable[_telemetry_pb2.GetClusterSummaryResponse]]:
+        """GetClusterSummary reads the whole cluster at one durable revision."""
 
     @_abc_1.abstractmethod
     def StreamClusterMetrics(
@@ -64,13 +69,14 @@ class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _telemetry_pb2.StreamClusterMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_telemetry_pb2.StreamClusterMetricsResponse], _abc.AsyncIterator[_telemetry_pb2.StreamClusterMetricsResponse]]:
-        """StreamClusterMetrics sends a summary every `interval_seconds`."""
+        """StreamClusterMetrics sends a summary now and then every `interval_seconds`."""
 
     @_abc_1.abstractmethod
     def GetCostReport(
         self,
         request: _telemetry_pb2.GetCostReportRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_telemetry_pb2.GetCostReportResponse, _abc.Awaitable[_telemetry_pb2.GetCostReportResponse]]: ...
+    ) -> _typing.Union[_telemetry_pb2.GetCostReportResponse, _abc.Awaitable[_telemetry_pb2.GetCostReportResponse]]:
+        """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README)."""
 
 def add_TelemetryServiceServicer_to_server(servicer: TelemetryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -43,6 +43,7 @@ class EngineCore:
             store.read_events,
             last_revision=store.last_revision,
             oldest_revision=store.oldest_revision,
+            ring_max_bytes=settings.event_ring_max_bytes,
             buffer_limit=settings.watch_buffer_events,
             max_lag_events=settings.watch_max_lag_events,
             max_lag_seconds=settings.watch_max_lag_seconds,
@@ -194,7 +195,7 @@ class EngineCore:
                 elif kind == "grace" and a.state == AllocationState.PREEMPTED:
                     # The victim stays in the next snapshot (holding nothing) so the pass
                     # hands what it freed to its preemptor first.
-                    tr.grace_over(a)
+                    tr.grace_over(txn, a)
                     self.scheduling.graced.append(a.id)
                     changed = True
         return changed

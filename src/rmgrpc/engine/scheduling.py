@@ -40,7 +40,7 @@ from rmgrpc.errors import Unavailable
 from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Placement
 from rmgrpc.scheduler import apply
 from rmgrpc.scheduler import cycle as scheduler_cycle
-from rmgrpc.scheduler.fairshare import Amount, Ledger
+from rmgrpc.scheduler.fairshare import Amount, Ledger, UsageHistory
 from rmgrpc.scheduler.placement import CapacityView, gpus_text
 from rmgrpc.scheduler.snapshot import Decisions, DryRun, PendingStatus, Snapshot
 
@@ -77,6 +77,9 @@ class Scheduling:
         self._settled_epoch = 0
         # Every PENDING allocation, and those no pass or quick decision has looked at yet.
         self._pending: set[str] = set()
+        # PENDING allocations per tenant, for the limits on what one tenant may queue.
+        self._pending_tenant: dict[str, str] = {}
+        self.pending_of: dict[str, int] = {}
         self._unconsidered: set[str] = set()
         self._last: Decisions = Decisions()
         self._quick: tuple[CapacityView, Ledger] | None = None
@@ -99,6 +102,9 @@ class Scheduling:
         self._min_priority: int | None = None
         self._first_start: float | None = None
         self._dry_runs: dict[tuple[int, object], asyncio.Future[DryRun]] = {}
+        # Recent usage of ended work, for fair share; derived from the retained
+        # allocations on first use (so a restart rebuilds it), then followed as work ends.
+        self._history: UsageHistory | None = None
 
     # -- asking for passes -----------------------------------------------------------
 
@@ -143,8 +149,32 @@ class Scheduling:
             ledger.add_leaving(a.tenant, amt, -1)
         self._explained.clear()
 
+    def usage_history(self) -> UsageHistory:
+        """Recent usage of every ended allocation still retained (built once)."""
+        if self._history is None:
+            history = UsageHistory(self.engine.config.fair_share_half_life_seconds)
+            if history.decay:
+                ended = []
+                for a in self.state.allocations.values():
+                    if a.allocate_time is None or not a.state.terminal or self.state.holds(a):
+                        continue
+                    end = a.end_time
+                    if a.state == AllocationState.PREEMPTED and a.grace_end_time is not None:
+                        end = a.grace_end_time  # it held its GPUs through the grace
+                    if end is not None:
+                        ended.append((end, a))
+                for end, a in sorted(ended, key=lambda e: (e[0], e[1].id)):
+                    vec = Amount.of_placed(a, {}).vector()
+                    history.ended(a.tenant, vec, a.allocate_time or end, end)
+            self._history = history
+        return self._history
+
     def freed(self, a: Allocation) -> None:
         """`a` gives its capacity back (before its state says so)."""
+        history = self.usage_history()
+        if history.decay and a.allocate_time is not None:
+            vec = Amount.of_placed(a, {}).vector()
+            history.ended(a.tenant, vec, a.allocate_time, self.engine.clock.now())
         self._follow(a, -1)
         self._leaving_ids.discard(a.id)
         self._unsettle()
@@ -176,6 +206,11 @@ class Scheduling:
 
     def pending(self, allocation_id: str, *, considered: bool) -> None:
         """A new PENDING allocation; not `considered`: the next pass must see it first."""
+        if allocation_id not in self._pending_tenant:
+            a = self.state.allocations.get(allocation_id)
+            tenant = a.tenant if a is not None else ""
+            self._pending_tenant[allocation_id] = tenant
+            self.pending_of[tenant] = self.pending_of.get(tenant, 0) + 1
         self._pending.add(allocation_id)
         if not considered:
             self._unconsidered.add(allocation_id)
@@ -199,11 +234,22 @@ class Scheduling:
         await self.wait(self.request())
 
     @property
+    def pending_total(self) -> int:
+        return len(self._pending_tenant)
+
+    @property
     def settled(self) -> bool:
         return self.epoch == self._settled_epoch and not self._unconsidered
 
     def forget(self, allocation_id: str) -> None:
         """`allocation_id` is no longer pending."""
+        tenant = self._pending_tenant.pop(allocation_id, None)
+        if tenant is not None:
+            left = self.pending_of[tenant] - 1
+            if left:
+                self.pending_of[tenant] = left
+            else:
+                del self.pending_of[tenant]
         self._pending.discard(allocation_id)
         self._unconsidered.discard(allocation_id)
         self._reason_at.pop(allocation_id, None)
@@ -265,12 +311,14 @@ class Scheduling:
 
     def snapshot(self) -> Snapshot:
         """The read model's private copies at this moment: safe to read from a thread."""
+        now = self.engine.clock.now()
         return Snapshot(
-            now=self.engine.clock.now(),
+            now=now,
             nodes=dict(self.state.frozen_nodes),
             allocations=dict(self.state.frozen),
             quotas=dict(self.state.quotas),
             config=self.engine.config,
+            ended_usage=self.usage_history().values(now),
         )
 
     async def _pass(self) -> Txn:
@@ -441,6 +489,9 @@ class Scheduling:
             if self._min_priority is not None and a.priority > self._min_priority:
                 return None  # a pass may preempt lower-priority work within the quota
             return block.text()
+        lent = ledger.lending_block(a.tenant, amt)
+        if lent is not None:
+            return lent
         models: tuple[str, ...] | None = None
         if a.shape.gpus > 0 and not a.shape.gpu_model:
             models = ledger.allowed_models(a.tenant, amt.gpus, view.models)
@@ -469,6 +520,10 @@ class Scheduling:
         placed = dataclasses.replace(a, placements=placements)
         ledger.add_held(a.tenant, Amount.of_placed(placed, ledger.gpu_models))
         return placements
+
+    def never_fits(self, a: Allocation) -> str | None:
+        """Why no registered node could ever host `a` (the filter chain's static part)."""
+        return self._structures()[0].never_fits(a.shape, a.count)
 
     # -- dry runs --------------------------------------------------------------------
 

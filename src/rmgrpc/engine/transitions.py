@@ -9,7 +9,8 @@ the scheduling loop all use these, so "what ending an allocation means" is writt
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterable
 
 from rmgrpc import codec
 from rmgrpc.clock import Clock
@@ -116,6 +117,8 @@ class Transitions:
         self.allocation(txn, a, AllocationEventType.ENDED)
         if state in (AllocationState.EXPIRED, AllocationState.LOST):
             log.info("allocation %s of tenant %s %s: %s", a.id, a.tenant, state.name, reason)
+        if held:
+            self.settle_drains(txn, (p.node_id for p in a.placements))
 
     def preempt(
         self, txn: Txn, victim: Allocation, grace: float, reason: str, preemptor: str = ""
@@ -139,11 +142,13 @@ class Transitions:
             victim.state_reason,
         )
 
-    def grace_over(self, a: Allocation) -> None:
-        """A victim's grace ended: its capacity goes back (no event: the PREEMPTED event
-        already named `grace_end_time`, when this was to happen)."""
+    def grace_over(self, txn: Txn, a: Allocation) -> None:
+        """A victim's grace ended: its capacity goes back (no event for it: the PREEMPTED
+        event already named `grace_end_time`, when this was to happen). A draining node
+        it was the last on is DRAINED now."""
         self.on_freed(a)
         self.state.free(a, keep_live=True)
+        self.settle_drains(txn, (p.node_id for p in a.placements))
 
     def arm(self, a: Allocation) -> None:
         """Arms the deadlines `a` carries in its current state."""
@@ -158,6 +163,65 @@ class Transitions:
             and self.state.holds(a)
         ):
             self.timers.arm("grace", a.id, a.grace_end_time)
+
+    # -- drains ----------------------------------------------------------------------
+
+    def drain_victim(
+        self, txn: Txn, a: Allocation, grace: float, reason: str, pending_reason: str
+    ) -> Allocation | None:
+        """Preempts `a`, which a drain asks to leave, and (unless its request opted out)
+        queues its replacement: a new PENDING allocation with the same tenant, shape,
+        priority and durations, linked both ways. Both events are in `txn`; the caller
+        tells the scheduler about the new one, returned."""
+        apply.preempt(self.state, a, self.clock.now(), grace, reason)
+        again = None
+        if not a.no_requeue:
+            now = self.clock.now()
+            again = Allocation(
+                id="a-" + secrets.token_hex(8),
+                tenant=a.tenant,
+                count=a.count,
+                shape=a.shape,
+                priority=a.priority,
+                lease_seconds=a.lease_seconds,
+                max_duration_seconds=a.max_duration_seconds,
+                reservation_id=a.reservation_id,
+                create_time=now,
+                pending_reason=pending_reason,
+                requeued_from=a.id,
+            )
+            a.requeued_as = again.id
+        self.preempted(txn, a)
+        if again is not None:
+            # Its revision is the next one: arrival order is revision order.
+            again.seq = self.committer.revision + 1
+            self.state.add(again, self.clock.now())
+            self.allocation(txn, again, AllocationEventType.CREATED)
+            log.info("allocation %s of tenant %s requeued as %s", a.id, a.tenant, again.id)
+        return again
+
+    def node_empty(self, node_id: str) -> bool:
+        """No allocation holds capacity on the node (victims in grace still do)."""
+        return not any(self.state.holds(a) for a in self.state.on_node(node_id))
+
+    def mark_drained(self, node: Node) -> bool:
+        """DRAINING with no work left: DRAINED, until uncordoned. No event: the caller
+        writes the node's."""
+        if node.state != NodeState.DRAINING or not self.node_empty(node.id):
+            return False
+        node.state = NodeState.DRAINED
+        # The operator's own reason ("decommission") still says why; generic ones go.
+        if node.state_reason in ("", "draining") or node.state_reason.startswith("agent is"):
+            node.state_reason = "drained"
+        log.info("node %s DRAINED: no work left", node.id)
+        return True
+
+    def settle_drains(self, txn: Txn, node_ids: Iterable[str]) -> None:
+        """Draining nodes among `node_ids` that are empty now become DRAINED (an event)."""
+        for node_id in dict.fromkeys(node_ids):
+            node = self.state.nodes.get(node_id)
+            if node is not None and self.mark_drained(node):
+                self.node(txn, node)
 
     # -- nodes -----------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
-"""GPU inventories: real GPUs through NVML, and a simulated inventory for GPU-less machines."""
+"""GPU inventories: real GPUs through NVML, and a simulated inventory for GPU-less machines;
+the health policy and model names shared with the agent live in `health`."""
 
-from rmgrpc.gpu.nvml import HOSTNAME_LABEL, NvmlInventory, gpu_health, short_model_name
+from rmgrpc.gpu.health import HealthPolicy, model_name
+from rmgrpc.gpu.nvml import HOSTNAME_LABEL, NvmlInventory
 from rmgrpc.gpu.simulated import (
     SIMULATED_LABEL,
     simulated_gpu_uuid,
@@ -11,9 +13,9 @@ from rmgrpc.gpu.simulated import (
 __all__ = [
     "HOSTNAME_LABEL",
     "SIMULATED_LABEL",
+    "HealthPolicy",
     "NvmlInventory",
-    "gpu_health",
-    "short_model_name",
+    "model_name",
     "simulated_gpu_uuid",
     "simulated_metrics",
     "simulated_nodes",

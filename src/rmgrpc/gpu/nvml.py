@@ -5,6 +5,10 @@ methods serialise on a lock, and its async methods hand the same work to one ded
 worker thread so the event loop never blocks on the driver. `pynvml` is imported only in
 `probe()`, so a machine without it (or without a GPU driver) still runs: probe logs one
 line and returns None.
+
+What it reports are facts (metrics, the XID codes since the last sample, a lost device);
+the verdict is the shared health policy's (`rmgrpc.gpu.health`), which the engine applies
+to every report. Only `discover` judges, with the server's policy, for the first sample.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from rmgrpc.gpu.health import HealthPolicy, Sample, model_name, xid_text
 from rmgrpc.model import Gpu, GpuHealth, GpuMetrics, Node, NodeState
 
 log = logging.getLogger(__name__)
@@ -36,45 +40,10 @@ _NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
 _NVML_VOLATILE_ECC = 0
 _XID_CRITICAL_EVENT = 0x8
 
-# XIDs that an application causes (bad kernel, page fault, its own cleanup) rather than the
-# hardware; the same set the Kubernetes NVIDIA device plugin ignores. They are logged but
-# neither counted in xid_errors nor make the GPU unhealthy.
-APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
-
 # How many XID events one sample drains at most, so a storm cannot stall sampling.
 _MAX_EVENTS_PER_SAMPLE = 256
-
-# Words in NVML product names that say nothing about the GPU model.
-_VENDOR_WORDS = frozenset({"NVIDIA", "TESLA", "GEFORCE", "QUADRO"})
-_FAMILY_WORDS = frozenset({"RTX", "GTX", "TITAN"})
-_SUFFIX_WORDS = frozenset({"TI", "SUPER"})
-# Memory sizes, memory kinds and form factors: "80GB", "HBM3", "SXM4", "PCIe", "NVL", …
-_NOISE = re.compile(r"^(\d+GB|HBM\d*E?|SXM\d*|PCIE|NVL\d*|MIG|MAX-Q|LAPTOP|GPU)$")
-
-
-def short_model_name(full_name: str) -> str:
-    """The model a scheduler matches on, from NVML's product name.
-
-    "NVIDIA H100 80GB HBM3" → "H100", "NVIDIA A100-SXM4-80GB" → "A100",
-    "Tesla T4" → "T4", "NVIDIA GeForce RTX 4090" → "RTX-4090", "NVIDIA RTX A6000" →
-    "RTX-A6000". Names it cannot parse come back whole, spaces turned into dashes.
-    """
-    tokens = [t for t in re.split(r"[\s\-_]+", full_name.strip()) if t]
-    kept = [t for t in tokens if t.upper() not in _VENDOR_WORDS and not _NOISE.match(t.upper())]
-    if not kept:
-        return "-".join(tokens) or "unknown"
-    model = [kept[0]]
-    if kept[0].upper() in _FAMILY_WORDS and len(kept) > 1:
-        model.append(kept[1])
-        model.extend(t for t in kept[2:3] if t.upper() in _SUFFIX_WORDS)
-    return "-".join(model)
-
-
-def gpu_health(metrics: GpuMetrics, *, lost: bool = False) -> GpuHealth:
-    """UNHEALTHY after uncorrected ECC errors, a hardware XID, or losing the device."""
-    if lost or metrics.ecc_errors > 0 or metrics.xid_errors > 0:
-        return GpuHealth.UNHEALTHY
-    return GpuHealth.HEALTHY
+# How many XID codes one sample carries to the server (the count covers them all).
+_MAX_XIDS_PER_SAMPLE = 16
 
 
 def _text(value: object) -> str:
@@ -92,8 +61,9 @@ def _host_memory_bytes() -> int:
 class NvmlInventory:
     """The local machine's GPUs as NVML sees them. Create with `probe()`."""
 
-    def __init__(self, nvml: Any) -> None:
+    def __init__(self, nvml: Any, policy: HealthPolicy | None = None) -> None:
         self._nvml = nvml
+        self._policy = policy or HealthPolicy()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._closed = False
@@ -101,9 +71,10 @@ class NvmlInventory:
         self._uuids: dict[int, str] = {}
         self._names: dict[int, str] = {}
         self._memory_total: dict[int, int] = {}
-        # Hardware XIDs seen since start, per GPU index: they stay until restart, as the
-        # GPU usually needs a reset to recover.
-        self._hardware_xids: dict[int, int] = {}
+        # XIDs seen since start per GPU index (the `xid_errors` counter), and the codes
+        # not yet handed out with a sample.
+        self._xid_counts: dict[int, int] = {}
+        self._recent_xids: dict[int, list[int]] = {}
         self._lost: set[int] = set()
         self._event_set: Any = None
         # (index, metric) pairs whose failure was already logged, to log each once.
@@ -112,7 +83,7 @@ class NvmlInventory:
     # --- life cycle -----------------------------------------------------------------
 
     @classmethod
-    def probe(cls) -> NvmlInventory | None:
+    def probe(cls, policy: HealthPolicy | None = None) -> NvmlInventory | None:
         """Start NVML and list the local GPUs; None (after one log line) if that fails."""
         try:
             with warnings.catch_warnings():
@@ -127,7 +98,7 @@ class NvmlInventory:
         except Exception as exc:  # NVMLError, or OSError from ctypes on odd systems
             log.info("NVML not available (%s): no local GPUs discovered", exc)
             return None
-        inventory = cls(pynvml)
+        inventory = cls(pynvml, policy)
         try:
             inventory._open()
         except Exception as exc:
@@ -141,8 +112,8 @@ class NvmlInventory:
         return inventory
 
     @classmethod
-    async def probe_async(cls) -> NvmlInventory | None:
-        return await asyncio.to_thread(cls.probe)
+    async def probe_async(cls, policy: HealthPolicy | None = None) -> NvmlInventory | None:
+        return await asyncio.to_thread(cls.probe, policy)
 
     def _open(self) -> None:
         nvml = self._nvml
@@ -166,7 +137,7 @@ class NvmlInventory:
         try:
             self._event_set = nvml.nvmlEventSetCreate()
         except (nvml.NVMLError, AttributeError) as exc:
-            log.info("NVML: XID events unavailable (%s); GPU health uses ECC only", exc)
+            log.info("NVML: XID events unavailable (%s); GPU health goes without them", exc)
             return
         for index, handle in self._handles.items():
             try:
@@ -209,19 +180,31 @@ class NvmlInventory:
         return self._names[index]
 
     def discover(self, node_id: str, *, now: float | None = None) -> Node:
-        """The local node: host CPU and memory, and each GPU with its first sample."""
+        """The local node: host CPU and memory, and each GPU with its first sample,
+        judged by the policy (a GPU that starts out bad starts quarantined)."""
         metrics = self.sample(now=now)
-        gpus = [
-            Gpu(
-                index=index,
-                uuid=self._uuids[index],
-                model=short_model_name(self._names[index]),
-                memory_bytes=self._memory_total[index],
-                health=gpu_health(metrics[index], lost=index in self._lost),
-                metrics=metrics[index],
+        gpus = []
+        for index in self.gpu_indices:
+            m = metrics[index]
+            verdict = self._policy.judge(
+                Sample(
+                    temperature_celsius=m.temperature_celsius,
+                    uncorrectable_ecc=m.ecc_errors,
+                    xids=m.recent_xids,
+                    failed=index in self._lost,
+                )
             )
-            for index in self.gpu_indices
-        ]
+            gpus.append(
+                Gpu(
+                    index=index,
+                    uuid=self._uuids[index],
+                    model=model_name(self._names[index]),
+                    memory_bytes=self._memory_total[index],
+                    health=GpuHealth.HEALTHY if verdict.healthy else GpuHealth.UNHEALTHY,
+                    metrics=m,
+                    health_reason=verdict.reason,
+                )
+            )
         return Node(
             id=node_id,
             cpu_millis=(os.cpu_count() or 1) * 1000,
@@ -242,10 +225,13 @@ class NvmlInventory:
             return {index: self._sample_one(index, sample_time) for index in self.gpu_indices}
 
     def health(self) -> dict[int, GpuHealth]:
-        """Health per GPU index from a fresh sample."""
-        return {
-            index: gpu_health(m, lost=index in self._lost) for index, m in self.sample().items()
-        }
+        """What NVML itself says per GPU index: UNHEALTHY once the device is lost (the
+        metrics of `sample` carry the rest, for the policy to judge)."""
+        with self._lock:
+            return {
+                index: GpuHealth.UNHEALTHY if index in self._lost else GpuHealth.HEALTHY
+                for index in self.gpu_indices
+            }
 
     async def discover_async(self, node_id: str, *, now: float | None = None) -> Node:
         return await self._run(lambda: self.discover(node_id, now=now))
@@ -284,8 +270,9 @@ class NvmlInventory:
             temperature_celsius=float(temperature),
             power_watts=float(power_mw) / 1000.0,
             ecc_errors=int(ecc),
-            xid_errors=self._hardware_xids.get(index, 0),
+            xid_errors=self._xid_counts.get(index, 0),
             sample_time=sample_time,
+            recent_xids=tuple(self._recent_xids.pop(index, ())),
         )
 
     def _read(self, index: int, what: str, query: Any, default: Any, *args: Any) -> Any:
@@ -319,8 +306,9 @@ class NvmlInventory:
             if index is None:
                 continue
             xid = int(event.eventData)
-            if xid in APPLICATION_XIDS:
-                log.info("NVML: GPU %d reported application XID %d", index, xid)
-                continue
-            self._hardware_xids[index] = self._hardware_xids.get(index, 0) + 1
-            log.warning("NVML: GPU %d reported XID %d; marking it unhealthy", index, xid)
+            self._xid_counts[index] = self._xid_counts.get(index, 0) + 1
+            recent = self._recent_xids.setdefault(index, [])
+            if len(recent) < _MAX_XIDS_PER_SAMPLE:
+                recent.append(xid)
+            # The engine judges it and logs what it does; this is the raw trail.
+            log.debug("NVML: GPU %d reported %s", index, xid_text(xid))

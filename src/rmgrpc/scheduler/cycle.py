@@ -7,10 +7,12 @@ The pass, in order (KAI's session running its actions over one snapshot):
    it will need beyond their capacity is set aside so nobody takes it; once they are
    gone, it is placed first.
 2. The queue. Pending allocations are taken in order: priority (higher first), then
-   requests inside their tenant's guarantee before borrowers, then the tenant's weighted
-   dominant share (recomputed as the pass admits work), then arrival. Each is checked
-   against quota, placed if it fits (smaller requests pass a blocked larger one), or
-   else may preempt (see `preemption`), or waits with a reason.
+   requests inside their tenant's guarantee before borrowers, then the tenant's
+   hierarchical order key (`Ledger.order_key`: siblings compared by weighted dominant
+   share of recent usage, level by level from the root; recomputed as the pass admits
+   work), then arrival. Each is checked against quota, placed if it fits (smaller
+   requests pass a blocked larger one), or else may preempt (see `preemption`), or waits
+   with a reason. A request no registered node could ever host says so.
 3. Starving gangs, at their turn. A multi-GPU request pending longer than
    `starvation_seconds` that does not fit when its turn comes gets nodes held for it
    (up to `max_held_gangs`): those that would host it soonest and most cheaply. Nothing
@@ -24,18 +26,17 @@ snapshot always gives the same decisions.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-from collections import deque
 from collections.abc import Sequence
 
-from rmgrpc.model import Allocation, AllocationState, Placement, Shape
-from rmgrpc.scheduler.fairshare import Amount, Ledger, check_admissible
+from rmgrpc.model import Allocation, AllocationState, Placement, Shape, WithinTenantPreemption
+from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, QuotaBlock, check_admissible
 from rmgrpc.scheduler.placement import CapacityView, gpus_text, nodes_to_hold
 from rmgrpc.scheduler.preemption import (
     Mode,
+    Policy,
     Victim,
     VictimPool,
-    quota_victims,
+    borrowers,
     reason_for,
     select_victims,
 )
@@ -100,10 +101,8 @@ class _Cycle:
         self._initial: CapacityView | None = None
         self._initial_fits: dict[_FailKey, bool] = {}
         self._sharing: bool | None = None
-        # The queue: one deque per tenant, a heap of tenant heads.
-        self.queues: dict[str, deque[Allocation]] = {}
-        self.versions: dict[str, int] = {}
-        self.heap: list[tuple[tuple[int, int, float, int, float, str], int, str]] = []
+        # The queue, in the hierarchical fair order (built when the queue is served).
+        self.fair_queue: FairQueue | None = None
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -132,24 +131,8 @@ class _Cycle:
 
     def _touch(self, tenant: str) -> None:
         """A tenant's usage changed: re-key it and its ancestors in the queue."""
-        for t in self.ledger.tree.chain(tenant):
-            q = self.queues.get(t)
-            if q:
-                self.versions[t] = self.versions.get(t, 0) + 1
-                self._push(t)
-
-    def _push(self, t: str) -> None:
-        head = self.queues[t][0]
-        inside = self.ledger.within_guarantee(t, self.amount(head))
-        key = (
-            -head.priority,
-            0 if inside else 1,
-            self.ledger.weighted_dominant_share(t),
-            head.seq,
-            head.create_time,
-            head.id,
-        )
-        heapq.heappush(self.heap, (key, self.versions.get(t, 0), t))
+        if self.fair_queue is not None:
+            self.fair_queue.touch(tenant)
 
     def _wait(self, a: Allocation) -> None:
         self.order.append(a.id)
@@ -178,17 +161,22 @@ class _Cycle:
             if waiting:
                 if self._reserve(p, waiting):
                     self._wait(p)
-                    self.reasons[p.id] = self._waiting_text(waiting)
+                    reclaim = [v for v in waiting if "reclaims its guaranteed" in v.state_reason]
+                    self.reasons[p.id] = self._waiting_text(waiting, bool(reclaim))
             else:
                 outcome = self._attempt(p, allow_preempt=False)
                 if outcome == _ADMITTED:
                     self.handled.add(p.id)
 
-    def _waiting_text(self, victims: Sequence[Allocation]) -> str:
+    def _waiting_text(self, victims: Sequence[Allocation], reclaim: bool = False) -> str:
         ends = [v.grace_end_time for v in victims if v.grace_end_time is not None]
         n = len(victims)
         what = "allocation to release its" if n == 1 else "allocations to release their"
         text = f"waiting for {n} preempted {what} GPUs"
+        if reclaim:
+            # Say whom the guarantee is being reclaimed from: the operator's next question.
+            owners = ", ".join(sorted({v.tenant for v in victims}))
+            text = f"reclaiming its guaranteed quota from {owners}: " + text
         if ends:
             text += f" (grace ends in {_seconds(max(ends) - self.now)})"
         return text
@@ -261,30 +249,18 @@ class _Cycle:
         )
 
     def _queue(self) -> None:
-        for a in self.pending:
-            if a.id in self.handled:
-                continue
-            self.queues.setdefault(a.tenant, deque()).append(a)
-        for t in sorted(self.queues):
-            q = self.queues[t]
-            self.queues[t] = deque(sorted(q, key=queue_key))
-            self._push(t)
-        while self.heap:
-            _, ver, t = heapq.heappop(self.heap)
-            if ver != self.versions.get(t, 0):
-                continue
-            q = self.queues[t]
-            if not q:
-                continue
-            a = q.popleft()
+        self.fair_queue = FairQueue(
+            self.ledger,
+            (a for a in self.pending if a.id not in self.handled),
+            self.amount,
+            queue_key,
+        )
+        while (a := self.fair_queue.pop()) is not None:
             outcome = self._attempt(a)
             if outcome != _ADMITTED:
                 if outcome == _CAPACITY and self._starving(a):
                     self._hold_for(a)
                 self._wait(a)
-            if q:
-                self.versions[t] = self.versions.get(t, 0) + 1
-                self._push(t)
 
     # -- one request ----------------------------------------------------------------------
 
@@ -300,22 +276,17 @@ class _Cycle:
         amt = self.amount(a)
         block = self.ledger.limit_block(a.tenant, amt)
         if block is not None:
-            if allow_preempt and self.budget > 0 and a.priority > self.pool.min_priority:
-                pre = quota_victims(self.ledger, self.pool, a, block, self.budget)
-                if pre:
-                    victims = select_victims(
-                        self.view,
-                        self.ledger,
-                        self.pool,
-                        a,
-                        Mode.PRIORITY,
-                        models=None,
-                        budget=self.budget,
-                        prechosen=pre,
-                    )
-                    if victims:
-                        return self._preempt(a, victims, Mode.PRIORITY, None)
+            if allow_preempt:
+                # Quota-bound: the victims must free quota inside the blocking subtree
+                # (and capacity, where it is short too); one search weighs both.
+                outcome = self._try_preempt(a, None, block)
+                if outcome is not None:
+                    return outcome
             self.reasons[a.id] = block.text()
+            return _QUOTA
+        lent = self.ledger.lending_block(a.tenant, amt)
+        if lent is not None:
+            self.reasons[a.id] = lent
             return _QUOTA
         models = self._models(a)
         if models == ():
@@ -344,17 +315,26 @@ class _Cycle:
         self.fail_keys.pop(a.id, None)
         self._touch(a.tenant)
 
-    def _try_preempt(self, a: Allocation, models: tuple[str, ...] | None) -> str | None:
+    def _try_preempt(
+        self, a: Allocation, models: tuple[str, ...] | None, block: QuotaBlock | None = None
+    ) -> str | None:
+        """Preempt for `a` if some mode finds victims. Reclaiming a guarantee comes first:
+        borrowed capacity goes back before the tenant's own lower-priority work."""
         amt = self.amount(a)
         modes = []
         pool = self.pool
+        inside = self.ledger.within_guarantee(a.tenant, amt)
         if not len(pool):
+            if inside:
+                self.reasons[a.id] = self._reclaim_text(a)
             return None
-        if a.priority > pool.min_priority:
-            modes.append(Mode.PRIORITY)
-        if self.ledger.within_guarantee(a.tenant, amt):
+        policy = Policy.of(self.snapshot.quotas.get(a.tenant))
+        if inside:
             modes.append(Mode.GUARANTEE)
-        if self.ledger.below_fair_share(a.tenant, amt):
+        equal_ok = policy.within == WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY
+        if a.priority > pool.min_priority or (equal_ok and a.priority >= pool.min_priority):
+            modes.append(Mode.PRIORITY)
+        if block is None and self.ledger.below_fair_share(a.tenant, amt):
             modes.append(Mode.FAIR_SHARE)
         if not modes:
             return None
@@ -363,16 +343,46 @@ class _Cycle:
             return None
         owner = a.id if a.id in self.view.holders else ""
         for mode in modes:
-            key = (a.tenant, a.priority, a.shape, a.count, models, mode, owner)
+            # Requests alike share a failed search (the arrival order matters only
+            # when equal priorities may be preempted).
+            seq = a.seq if equal_ok else 0
+            key = (a.tenant, a.priority, a.shape, a.count, models, mode, owner, block, seq)
             if key in self._preempt_failed:
                 continue
             victims = select_victims(
-                self.view, self.ledger, pool, a, mode, models=models, budget=self.budget
+                self.view,
+                self.ledger,
+                pool,
+                a,
+                mode,
+                models=models,
+                budget=self.budget,
+                block=block,
+                policy=policy,
             )
             if victims:
                 return self._preempt(a, victims, mode, models)
             self._preempt_failed.add(key)
+        if inside:
+            self.reasons[a.id] = self._reclaim_text(a)
         return None
+
+    def _reclaim_text(self, a: Allocation) -> str:
+        """What a tenant under its guarantee is waiting to reclaim, and from whom."""
+        g = self.ledger.tree.guaranteed(a.tenant).gpus
+        held = self.ledger.effective(a.tenant).gpus
+        head = f"tenant {a.tenant} is under its guarantee"
+        if g is not None:
+            head += f" (holds {held} of {gpus_text(g)})"
+        found = borrowers(self.ledger, a.tenant)
+        if not found:
+            return head + "; no other tenant borrows capacity to reclaim"
+        names = ", ".join(f"{t} ({gpus_text(n)})" for t, n in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        return (
+            f"{head}; waiting to reclaim from borrowers {names}{more}: none can be "
+            "preempted now (too young, the per-cycle limit, or a preemption policy)"
+        )
 
     def _preempt(
         self, a: Allocation, victims: list[Victim], mode: Mode, models: tuple[str, ...] | None
@@ -410,7 +420,8 @@ class _Cycle:
         self._reserve(a, [v.alloc for v in victims])
         grace_end = self.now + self.config.preemption_grace_seconds
         self.reasons[a.id] = self._waiting_text(
-            [dataclasses.replace(v.alloc, grace_end_time=grace_end) for v in victims]
+            [dataclasses.replace(v.alloc, grace_end_time=grace_end) for v in victims],
+            mode == Mode.GUARANTEE,
         )
         return _WAITING
 

@@ -9,12 +9,33 @@ recomputed as the pass goes.
 Fair share is computed top-down over the tree, KAI-style: at each level the capacity the
 parent got is split among the children with demand, first up to each child's guarantee,
 then the rest by weight (water-filling), never above a child's demand or limit. A
-tenant's own allocations beside its children count as one more child of weight 1.
+tenant's own allocations beside its children count as one more child of weight 1. A
+child of weight 0 gets only what its weighted siblings leave (their demand met).
+
+The queue is ordered the same way, level by level (Kueue's hierarchical tournament):
+a tenant's *order key* is the score of each of its ancestors from the root down, then
+its own (and, for a parent with children, its own work's, as that extra child).
+Comparing keys compares two tenants at the first level where their ancestors differ,
+that is between siblings, so siblings divide their parent's entitlement by weight
+whatever happens below them. A level's score is its dominant share (DRF) of
+max(held now, recent usage) above its guarantee, over its weight; weight 0 sorts after
+every weighted sibling. The queue itself (`FairQueue`) runs this as a tournament and
+scores each level with the candidate request admitted, as Kueue does.
+
+*Recent usage* is what the subtree held, averaged with an exponential half-life (Slurm's
+PriorityDecayHalfLife): a tenant that just burst keeps its place at the back for a while
+after its work ends, and an idle one gets its turn.
+
+A quota's `lending_limit` caps how much of its idle guarantee others may borrow: the
+rest of the guarantee stays free for the tenant's subtree even while it is idle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rmgrpc.model import Allocation, AllocationState, Node, Quota, Resources, parent_of
@@ -102,6 +123,56 @@ def _limit_dims(r: Resources) -> tuple[int | None, int | None, int | None]:
     return (r.gpus, r.cpu_millis, r.memory_bytes)
 
 
+def _any_bound(r: Resources) -> bool:
+    return r.gpus is not None or r.cpu_millis is not None or r.memory_bytes is not None
+
+
+def running_weight(held_for: float, decay: float) -> float:
+    """How much of an allocation's amount counts in recent usage after holding it for
+    `held_for` seconds (`decay` = ln 2 / half-life): 1 - e^(-decay * held_for)."""
+    return -math.expm1(-decay * max(0.0, held_for))
+
+
+class UsageHistory:
+    """Recent usage of work that already ended, per tenant; kept by the engine.
+
+    Recent usage is Slurm's decayed usage as an average rate: what a tenant held at time
+    u counts at time t with weight k·e^(-k(t-u)), k = ln 2 / half-life. An interval
+    [start, end] of holding `amount` thus counts amount·(e^(-k(t-end)) - e^(-k(t-start))),
+    which only decays once it ended: one number per tenant and resource, scaled as time
+    passes. It is derived from durable data (the allocations' placed and end times), so
+    a restart rebuilds it by replaying the retained ended allocations; nothing is
+    written for it. Pure: the caller passes the times.
+    """
+
+    def __init__(self, half_life_seconds: float) -> None:
+        self.decay = math.log(2) / half_life_seconds if half_life_seconds > 0 else 0.0
+        # Tenant -> (time of the value, value per resource).
+        self._acc: dict[str, tuple[float, list[float]]] = {}
+
+    def ended(self, tenant: str, amount: Sequence[float], start: float, end: float) -> None:
+        """`tenant` held `amount` (GPUs, CPU millis, memory bytes) from `start` to `end`."""
+        if not self.decay or end <= start:
+            return
+        part = running_weight(end - start, self.decay)
+        at, cur = self._acc.get(tenant, (end, [0.0, 0.0, 0.0]))
+        if end < at:  # an interval that ended before the last one: decay it, not the sum
+            part *= math.exp(-self.decay * (at - end))
+            end = at
+        scale = math.exp(-self.decay * (end - at))
+        self._acc[tenant] = (end, [c * scale + a * part for c, a in zip(cur, amount, strict=True)])
+
+    def values(self, now: float) -> dict[str, tuple[float, float, float]]:
+        """Every tenant's recent usage of ended work as of `now` (negligible ones dropped)."""
+        out: dict[str, tuple[float, float, float]] = {}
+        for t, (at, cur) in self._acc.items():
+            f = math.exp(-self.decay * max(0.0, now - at))
+            v = (cur[0] * f, cur[1] * f, cur[2] * f)
+            if v[0] > 1e-6 or v[1] > 1e-3 or v[2] > 1.0:
+                out[t] = v
+        return out
+
+
 def _amount_text(dim: str, v: float, model: str = "") -> str:
     if dim == "gpus":
         return gpus_text(int(v), model)
@@ -174,6 +245,10 @@ class TenantTree:
     def has_explicit_guarantee(self, t: str) -> bool:
         return t in self.quotas
 
+    def lending_limit(self, t: str) -> Resources:
+        q = self.quotas.get(t)
+        return q.lending_limit if q is not None else Resources()
+
     def weight(self, t: str) -> float:
         q = self.quotas.get(t)
         w = q.weight if q is not None else self.config.default_weight
@@ -234,6 +309,22 @@ class Ledger:
         self.own_pending: dict[str, Amount] = {}
         self.running: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
+        # Scores by tenant (and by tenant's own work), dropped when its usage changes.
+        self._scores: dict[str, tuple[int, float]] = {}
+        self._own_scores: dict[str, tuple[int, float]] = {}
+        self._vecs: dict[str, tuple[int, int, int]] = {}
+        self._own_vecs: dict[str, tuple[int, int, int]] = {}
+        # Everything held, whoever holds it (tenants may join the tree later).
+        self.held_total = Amount()
+        # (tenant, own) -> (recent usage, guarantee, weight): fixed for the pass.
+        self._static: dict[
+            tuple[str, bool], tuple[tuple[float, float, float], tuple[int, int, int], float]
+        ] = {}
+        # Recent (decayed) usage, of the subtree and of a tenant's own work.
+        self.half_life = self.config.fair_share_half_life_seconds
+        self.recent: dict[str, list[float]] = {}
+        self.own_recent: dict[str, list[float]] = {}
+        decay = math.log(2) / self.half_life if self.half_life > 0 else 0.0
         for a in sorted(allocs, key=lambda a: a.id):
             if a.holds_capacity(now):
                 amt = Amount.of_placed(a, self.gpu_models)
@@ -242,13 +333,24 @@ class Ledger:
                     self.add_leaving(a.tenant, amt)
                 for t in self.tree.chain(a.tenant):
                     self.running[t] = self.running.get(t, 0) + 1
+                if decay:
+                    start = a.allocate_time if a.allocate_time is not None else a.create_time
+                    self._add_recent(a.tenant, amt.vector(), running_weight(now - start, decay))
             elif a.state == AllocationState.PENDING:
                 amt = Amount.of_request(a)
                 self._bump(self.own_pending, a.tenant, amt)
                 for t in self.tree.chain(a.tenant):
                     self._bump(self.pending, t, amt)
                     self.waiting[t] = self.waiting.get(t, 0) + 1
+        if decay:
+            for t, vec in sorted(snapshot.ended_usage.items()):
+                self._add_recent(t, vec, 1.0)
+        self.lenders = sorted(t for t, q in snapshot.quotas.items() if _any_bound(q.lending_limit))
         self.total = total if total is not None else cluster_total(snapshot)
+        # (index, capacity) of the resources the cluster has any of.
+        self._dims = [(i, c) for i, c in enumerate(self.total.vector()) if c > 0]
+        # A parent's own work's share beside its children (filled by `fair_shares`).
+        self.own_fair: dict[str, Vec] = {}
         self.fair = fair_shares(self)
         # Resources the tenants together ask more of than the cluster has: fair share
         # only arbitrates those (where everyone can have what it asks, nobody reclaims).
@@ -270,14 +372,30 @@ class Ledger:
             cur = table[t] = Amount()
         cur.add(amt, sign)
 
+    def _add_recent(self, tenant: str, vec: Sequence[float], factor: float) -> None:
+        for table, who in ((self.own_recent, (tenant,)), (self.recent, self.tree.chain(tenant))):
+            for t in who:
+                cur = table.get(t)
+                if cur is None:
+                    cur = table[t] = [0.0, 0.0, 0.0]
+                for i in range(3):
+                    cur[i] += vec[i] * factor
+
     def add_held(self, tenant: str, amt: Amount, sign: int = 1) -> None:
+        self.held_total.add(amt, sign)
         self._bump(self.own_held, tenant, amt, sign)
+        self._own_scores.pop(tenant, None)
+        self._own_vecs.pop(tenant, None)
         for t in self.tree.chain(tenant):
             self._bump(self.held, t, amt, sign)
+            self._scores.pop(t, None)
+            self._vecs.pop(t, None)
 
     def add_leaving(self, tenant: str, amt: Amount, sign: int = 1) -> None:
         for t in self.tree.chain(tenant):
             self._bump(self.leaving, t, amt, sign)
+            self._scores.pop(t, None)
+            self._vecs.pop(t, None)
 
     def held_of(self, t: str) -> Amount:
         return self.held.get(t) or Amount()
@@ -300,6 +418,106 @@ class Ledger:
             return float("inf") if ds > 0 else 0.0
         return ds / w
 
+    def recent_of(self, t: str, *, own: bool = False) -> tuple[float, float, float]:
+        """Recent (decayed) usage: (GPUs, CPU millis, memory bytes) averaged over time."""
+        r = (self.own_recent if own else self.recent).get(t)
+        return (r[0], r[1], r[2]) if r else (0.0, 0.0, 0.0)
+
+    def order_usage(self, t: str, *, own: bool = False) -> tuple[float, float, float]:
+        """What a level is ordered by: per resource, the larger of held now (minus what
+        is leaving) and recent usage."""
+        eff = (self.own_held.get(t) or Amount()).vector() if own else self.effective(t).vector()
+        r = self.recent_of(t, own=own)
+        return (max(eff[0], r[0]), max(eff[1], r[1]), max(eff[2], r[2]))
+
+    def _shares(self, t: str, own: bool, ask: tuple[int, int, int]) -> tuple[int, float, float]:
+        """(weight-0 tier, share now, share with `ask` admitted) of one level, over its
+        weight. Hot (every queue pop re-scores a chain): written out per resource."""
+        cache = self._own_vecs if own else self._vecs
+        held = cache.get(t)
+        if held is None:
+            h = (self.own_held if own else self.held).get(t)
+            x = None if own else self.leaving.get(t)
+            if h is None:
+                held = (0, 0, 0)
+            elif x is None:
+                held = (h.gpus, h.cpu, h.mem)
+            else:
+                held = (h.gpus - x.gpus, h.cpu - x.cpu, h.mem - x.mem)
+            cache[t] = held
+        st = self._static.get((t, own))
+        if st is None:
+            r = self.recent_of(t, own=own)
+            g = (0, 0, 0) if own else _limit_dims(self.tree.guaranteed(t))
+            w = 1.0 if own else self.tree.weight(t)
+            st = self._static[(t, own)] = (r, (g[0] or 0, g[1] or 0, g[2] or 0), w)
+        r, g, w = st
+        now = after = -math.inf
+        # Over the resources the level uses, asks or is guaranteed: one it neither uses
+        # nor is promised says nothing about it (and would pin every share at 0).
+        for i, c in self._dims:
+            have = held[i]
+            use = have if have > r[i] else r[i]
+            if use > 0 or g[i]:
+                v = (use - g[i]) / c
+                if v > now:
+                    now = v
+            have += ask[i]
+            use = have if have > r[i] else r[i]
+            if use > 0 or g[i]:
+                v = (use - g[i]) / c
+                if v > after:
+                    after = v
+        if now == -math.inf:
+            now = 0.0
+        if after == -math.inf:
+            after = 0.0
+        if w <= 0:
+            return (1, now, after)  # weight 0: after every weighted sibling
+        return (0, now / w, after / w)
+
+    def _level_score(self, t: str, own: bool) -> tuple[int, float]:
+        tier, now, _ = self._shares(t, own, (0, 0, 0))
+        return (tier, now)
+
+    def queue_score(
+        self, t: str, own: bool, ask: tuple[int, int, int]
+    ) -> tuple[int, int, float, float]:
+        """How the queue compares one level: (weight-0 tier, 0 while below its fair share
+        in what `ask` asks for, else 1; share with `ask` admitted, share now), the shares
+        over the weight. Serving levels below their fair share first (Balinski and Young's
+        quota rule) keeps each within one allocation of it as a parent's capacity fills."""
+        tier, now, after = self._shares(t, own, ask)
+        fs = self.own_fair.get(t) if own else self.fair.get(t)
+        below = 1
+        if fs is not None:
+            held = self._own_vecs[t] if own else self._vecs[t]
+            below = 0
+            for i in range(3):
+                if ask[i] > 0 and held[i] >= fs[i] - EPS:
+                    below = 1
+                    break
+        return (tier, below, after, now)
+
+    def order_score(self, t: str, *, own: bool = False) -> tuple[int, float]:
+        """One level's score: (0, dominant share above the guarantee / weight), or
+        (1, share) for weight 0. Lower goes first among siblings."""
+        cache = self._own_scores if own else self._scores
+        got = cache.get(t)
+        if got is None:
+            got = cache[t] = self._level_score(t, own)
+        return got
+
+    def order_key(self, t: str) -> tuple[tuple[int, float], ...]:
+        """Each level's score from the root down to `t` (then its own work's when it also
+        has children): comparing two keys compares the tenants where their ancestors
+        part, as the queue's tournament (`FairQueue`) does. Lower goes first."""
+        chain = self.tree.chain(t)
+        key = [self.order_score(x) for x in reversed(chain)]
+        if t in self.tree.children:
+            key.append(self.order_score(t, own=True))
+        return tuple(key)
+
     # -- quota ----------------------------------------------------------------------------
 
     def limit_block(
@@ -321,6 +539,51 @@ class Ledger:
                 have = held.models.get(m, 0)
                 if cap is not None and ask > 0 and have + ask > cap:
                     return QuotaBlock(t, tenant, "gpus", m, have, cap, ask)
+        return None
+
+    def kept_idle(self, t: str) -> tuple[int, int, int]:
+        """Guarantee `t` does not lend while idle: guaranteed minus lending limit minus
+        what its subtree holds, per resource (0 where no lending limit is set)."""
+        g = _limit_dims(self.tree.guaranteed(t))
+        lend = _limit_dims(self.tree.lending_limit(t))
+        held = self.held_of(t).vector()
+        out = [0, 0, 0]
+        for i in range(3):
+            if g[i] is not None and lend[i] is not None:
+                out[i] = max(0, (g[i] or 0) - (lend[i] or 0) - held[i])
+        return (out[0], out[1], out[2])
+
+    def lending_block(self, tenant: str, amt: Amount) -> str | None:
+        """Why admitting `amt` for `tenant` would take capacity another tenant's lending
+        limit keeps for it, or None. Capacity kept for an ancestor (or the tenant
+        itself) is the tenant's to use."""
+        if not self.lenders:
+            return None
+        mine = set(self.tree.chain(tenant))
+        kept = [0, 0, 0]
+        keepers: list[list[str]] = [[], [], []]
+        for y in self.lenders:
+            if y in mine:
+                continue
+            k = self.kept_idle(y)
+            for i in range(3):
+                if k[i] > 0:
+                    kept[i] += k[i]
+                    keepers[i].append(y)
+        if not any(kept):
+            return None
+        held = self.held_total.vector()
+        tot = self.total.vector()
+        ask = amt.vector()
+        for i, dim in enumerate(DIMS):
+            free = tot[i] - held[i]
+            if ask[i] > 0 and kept[i] > 0 and free - ask[i] < kept[i]:
+                who = ", ".join(keepers[i])
+                return (
+                    f"capacity kept idle for the guarantee of {who} (beyond its lending "
+                    f"limit): {_amount_text(dim, kept[i])} of {_amount_text(dim, max(free, 0))} "
+                    f"free is kept, tenant {tenant} asks {_amount_text(dim, ask[i])}"
+                )
         return None
 
     def allowed_models(
@@ -374,7 +637,13 @@ class Ledger:
         self, tenant: str, dims: tuple[bool, bool, bool], *, fair: bool
     ) -> tuple[float, float, float]:
         """How much may leave `tenant` per resource and leave it at or above its guarantee
-        (and, when `fair`, its fair share in the contended resources among `dims`)."""
+        (and, when `fair`, its fair share in the contended resources among `dims`).
+
+        GPUs are whole: a fair share of 1.33 GPUs is kept as 1. Otherwise a subtree over
+        its share by several GPUs, spread one above a fractional share per child (three
+        children at 2 against 1.33 each), could give nothing back: no child's excess is a
+        whole allocation. The requester must stay at or under its own share, so what
+        leaves a victim at its rounded-down share never comes back to it by fair share."""
         eff = self.effective(tenant).vector()
         g = _limit_dims(self.tree.guaranteed(tenant))
         fs = self.fair.get(tenant, (0.0, 0.0, 0.0))
@@ -384,7 +653,8 @@ class Ledger:
             if cap is not None:
                 out[i] = eff[i] - cap
             if fair and dims[i] and self.contended[i]:
-                out[i] = min(out[i], eff[i] - fs[i] + EPS)
+                due = math.floor(fs[i] + EPS) if i == 0 else fs[i]
+                out[i] = min(out[i], eff[i] - due + EPS)
         return (out[0], out[1], out[2])
 
     def below_fair_share(self, tenant: str, amt: Amount) -> bool:
@@ -473,6 +743,11 @@ def water_fill(
         if not capped:
             break
         active = [(k, cap, w) for k, cap, w in active if k not in capped]
+    idle = [(k, 0.0, cap - share[k], 1.0) for k, _, cap, w in members if w <= 0]
+    if remaining > EPS and not active and idle:
+        # Weight 0: only what the weighted members leave, split evenly among them.
+        for k, extra in water_fill(remaining, idle).items():
+            share[k] += extra
     return share
 
 
@@ -514,10 +789,128 @@ def fair_shares(ledger: Ledger) -> dict[str, Vec]:
             out[t] = v
             if t in tree.children:
                 split(t, v)
+        if "" in shares[0]:
+            ledger.own_fair[parent] = (shares[0][""], shares[1][""], shares[2][""])
 
     total = ledger.total.vector()
-    split("", (float(total[0]), float(total[1]), float(total[2])))
+    # What lending limits keep idle is nobody else's to share.
+    kept = [0, 0, 0]
+    for y in ledger.lenders:
+        k = ledger.kept_idle(y)
+        for i in range(3):
+            kept[i] += k[i]
+    split("", (float(total[0] - kept[0]), float(total[1] - kept[1]), float(total[2] - kept[2])))
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The queue: a tournament down the tenant tree.
+
+
+# (-priority, 0 if inside its guarantee else 1, level score, arrival seq, time, id)
+QueueKey = tuple[int, int, tuple[int, int, float, float], int, float, str]
+
+
+class FairQueue:
+    """Pending requests in the hierarchical fair order (Kueue's fair-sharing tournament).
+
+    Every tenant node keeps a heap of its members: its children's subtrees and its own
+    requests. A member's key is its best request's priority and guarantee standing, then
+    members still below their fair share (GetUsage's) before the others, then the
+    member's weighted dominant share *with that request admitted* (Kueue's rule, a
+    weighted fair queue's finish tag: a weight-3 tenant gets three 1-GPU requests in
+    before a weight-1 sibling's second, where comparing shares before admission would
+    alternate them while both start at 0), on a tie the share now (the one further below
+    its due first), then arrival. So at each node siblings compete by their own shares,
+    and what is best in a subtree climbs to the root. A change of one tenant's queue or
+    usage re-keys only its chain (siblings' scores do not depend on it): a pop costs
+    O(depth · log width).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        pending: Iterable[Allocation],
+        amount: Callable[[Allocation], Amount],
+        order: Callable[[Allocation], tuple[int, int, float, str]],
+    ) -> None:
+        self.ledger = ledger
+        self.tree = ledger.tree
+        self.amount = amount
+        self.queues: dict[str, deque[Allocation]] = {}
+        for a in pending:
+            self.queues.setdefault(a.tenant, deque()).append(a)
+        for t in self.queues:
+            self.queues[t] = deque(sorted(self.queues[t], key=order))
+        # Node -> heap of (key, version, member, tenant whose request it is); "" is the
+        # root above every top-level tenant, and the member "" a tenant's own requests.
+        self.heaps: dict[str, list[tuple[QueueKey, int, str, str]]] = {}
+        self.versions: dict[tuple[str, str], int] = {}
+        # Tenants whose head was taken and who were not re-keyed since (the caller
+        # usually re-keys them itself as it admits; otherwise the next pop does).
+        self._dirty: list[str] = []
+        for t in sorted(self.queues):
+            self.touch(t)
+
+    def _set(self, node: str, member: str, key: QueueKey | None, tenant: str) -> None:
+        v = self.versions.get((node, member), 0) + 1
+        self.versions[(node, member)] = v
+        if key is not None:
+            heapq.heappush(self.heaps.setdefault(node, []), (key, v, member, tenant))
+
+    def _top(self, node: str) -> tuple[QueueKey, int, str, str] | None:
+        heap = self.heaps.get(node)
+        while heap:
+            top = heap[0]
+            if self.versions.get((node, top[2])) == top[1]:
+                return top
+            heapq.heappop(heap)
+        return None
+
+    def touch(self, tenant: str) -> None:
+        """`tenant`'s queue or usage changed: re-key it and its ancestors."""
+        if tenant in self._dirty:
+            self._dirty.remove(tenant)
+        led = self.ledger
+        q = self.queues.get(tenant)
+        if q:
+            head = q[0]
+            ask = self.amount(head)
+            inside = 0 if led.within_guarantee(tenant, ask) else 1
+            own = (
+                led.queue_score(tenant, True, ask.vector())
+                if tenant in self.tree.children
+                else (0, 0, 0.0, 0.0)
+            )
+            key = (-head.priority, inside, own, head.seq, head.create_time, head.id)
+            self._set(tenant, "", key, tenant)
+        else:
+            self._set(tenant, "", None, tenant)
+        for x in self.tree.chain(tenant):
+            parent = self.tree.parent.get(x, "")
+            top = self._top(x)
+            if top is None:
+                self._set(parent, x, None, "")
+                continue
+            k, _, _, who = top
+            ask_v = self.amount(self.queues[who][0]).vector()
+            self._set(parent, x, (k[0], k[1], led.queue_score(x, False, ask_v), *k[3:]), who)
+
+    def pop(self) -> Allocation | None:
+        """The next request in the fair order (taken out of the queue), or None."""
+        while self._dirty:
+            self.touch(self._dirty[0])
+        top = self._top("")
+        if top is None:
+            return None
+        tenant = top[3]
+        q = self.queues[tenant]
+        a = q.popleft()
+        if q:
+            self._dirty.append(tenant)
+        else:
+            self.touch(tenant)  # no entry may name an empty queue, even for a moment
+        return a
 
 
 # ---------------------------------------------------------------------------------------
@@ -546,6 +939,14 @@ class TenantUsage:
     # Allocations holding capacity, and allocations pending.
     running: int = 0
     pending_count: int = 0
+    # Recent usage (decayed with the configured half-life; zero when decay is off).
+    recent: Resources = field(default_factory=Resources)
+    half_life_seconds: float = 0.0
+    # The score the queue orders the tenant by among its siblings (lower first), and
+    # the same in words an operator can check.
+    order_score: float = 0.0
+    order_text: str = ""
+    lending_limit: Resources = field(default_factory=Resources)
 
 
 def _usage(ledger: Ledger, tenant: str) -> TenantUsage:
@@ -563,6 +964,8 @@ def _usage(ledger: Ledger, tenant: str) -> TenantUsage:
         },
     )
     fs = ledger.fair.get(tenant, (0.0, 0.0, 0.0))
+    recent = ledger.recent_of(tenant)
+    score = ledger.order_score(tenant)[1]
     tot = ledger.total.vector()
     fair_frac = max((f / c for f, c in zip(fs, tot, strict=True) if c > 0), default=0.0)
     return TenantUsage(
@@ -581,7 +984,44 @@ def _usage(ledger: Ledger, tenant: str) -> TenantUsage:
         weight=tree.weight(tenant),
         running=ledger.running.get(tenant, 0),
         pending_count=ledger.waiting.get(tenant, 0),
+        recent=Resources(
+            gpus=round(recent[0]), cpu_millis=round(recent[1]), memory_bytes=round(recent[2])
+        ),
+        half_life_seconds=ledger.half_life,
+        order_score=score,
+        order_text=order_text(ledger, tenant),
+        lending_limit=tree.lending_limit(tenant),
     )
+
+
+def order_text(ledger: Ledger, tenant: str) -> str:
+    """The tenant's order score spelled out, e.g. "ordered among the children of org by
+    (6 GPUs held - 4 guaranteed) / 32 GPUs / weight 1 = 0.0625 (lower goes first)"."""
+    tree = ledger.tree
+    parent = tree.parent.get(tenant, "")
+    among = f"the children of {parent}" if parent else "the top-level tenants"
+    use = ledger.order_usage(tenant)
+    eff = ledger.effective(tenant).vector()
+    g = _limit_dims(tree.guaranteed(tenant))
+    tot = ledger.total.vector()
+    best, dim = -math.inf, -1
+    for i in range(3):
+        if tot[i] > 0 and (use[i] > 0 or g[i]) and (use[i] - (g[i] or 0)) / tot[i] > best:
+            best, dim = (use[i] - (g[i] or 0)) / tot[i], i
+    if dim < 0:
+        return f"ordered among {among} by nothing used or guaranteed = 0 (lower goes first)"
+    name = DIMS[dim]
+    amount = f"{use[dim]:.3g} GPUs" if name == "gpus" else _amount_text(name, use[dim])
+    recent = use[dim] > eff[dim] + EPS
+    what = f"{amount} {'of recent usage' if recent else 'held'}"
+    if g[dim]:
+        what = f"({what} - {_amount_text(name, g[dim] or 0)} guaranteed)"
+    w = tree.weight(tenant)
+    tier, score = ledger.order_score(tenant)
+    text = f"ordered among {among} by {what} / {_amount_text(name, tot[dim])} in the cluster"
+    if tier:
+        return text + f" = {score:.4g}, after every weighted sibling (weight 0)"
+    return text + f" / weight {w:g} = {score:.4g} (lower goes first)"
 
 
 def tenant_usage(snapshot: Snapshot, tenant: str) -> TenantUsage:

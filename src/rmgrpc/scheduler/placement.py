@@ -108,6 +108,7 @@ class NodeCapacity:
         "mem_total",
         "schedulable",
         "state",
+        "total_by_model",
     )
 
     def __init__(self, node: Node) -> None:
@@ -124,6 +125,10 @@ class NodeCapacity:
             g.index for g in node.gpus if g.health == GpuHealth.HEALTHY
         )
         self.healthy_by_model: dict[str, int] = {}
+        # Every GPU by model, healthy or not: what the node could offer once all heal.
+        self.total_by_model: dict[str, int] = {}
+        for g in node.gpus:
+            self.total_by_model[g.model] = self.total_by_model.get(g.model, 0) + 1
         # Model -> sorted indices of healthy GPUs nobody holds.
         self.free: dict[str, list[int]] = {}
         for g in sorted(node.gpus, key=lambda g: g.index):
@@ -150,6 +155,28 @@ class NodeCapacity:
     def blocks(self, owner: str, priority: int) -> bool:
         """Whether a hold for a starving gang keeps this request off the node."""
         return bool(self.held_for) and self.held_for != owner and priority <= self.held_priority
+
+    def trial(self, released: Iterable[tuple[Sequence[int], int, int]]) -> NodeCapacity:
+        """A detached copy with `released` (GPU indices, CPU, memory) given back: what the
+        node would have free if those holders left. The filters judge it as they judge the
+        node (victim search asks "would it fit here without these?" thousands of times, and
+        a copy is cheaper than a journaled change to the view)."""
+        t = NodeCapacity.__new__(NodeCapacity)
+        for name in NodeCapacity.__slots__:
+            setattr(t, name, getattr(self, name))
+        t.free = {m: list(v) for m, v in self.free.items()}
+        t.indexes = []
+        for gpus, cpu, mem in released:
+            t.cpu_free += cpu
+            t.mem_free += mem
+            for i in gpus:
+                if i not in self.healthy:
+                    continue  # an unhealthy GPU frees nothing usable (as in `_change`)
+                lst = t.free.setdefault(self.gpu_models[i], [])
+                pos = bisect.bisect_left(lst, i)
+                if pos == len(lst) or lst[pos] != i:
+                    lst.insert(pos, i)
+        return t
 
     def replicas_fit(self, shape: Shape, models: Sequence[str] | None, *, empty: bool) -> int:
         """How many replicas of `shape` fit on this node now (or once `empty`).
@@ -231,13 +258,69 @@ def gpu_model_present(node: NodeCapacity, req: ReplicaRequest) -> str | None:
     models = _models_for(req.shape, req.models, node.healthy_by_model)
     if any(node.healthy_by_model.get(m, 0) >= g for m in models):
         return None
+    # A node that is simply too small says so: "healthy" only where health is the cause.
+    why = gpus_ever(node, req)
+    if why is not None:
+        return why
     if req.shape.gpu_model:
-        if req.shape.gpu_model not in set(node.gpu_models.values()):
-            return f"have no {req.shape.gpu_model} GPUs"
         return f"have fewer than {gpus_text(g, req.shape.gpu_model, 'healthy')}"
     if req.models is not None and not models and node.healthy_by_model:
         return "have only GPU models the tenant's quota excludes"
     return f"have fewer than {gpus_text(g, '', 'healthy')}"
+
+
+# Static filters: what a node could never offer, whatever frees, heals or changes state.
+# A request every registered node rejects with one of these never fits (`never_fits`).
+
+
+def gpus_ever(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    g = req.shape.gpus
+    if g <= 0:
+        return None
+    model = req.shape.gpu_model
+    if model:
+        have = node.total_by_model.get(model, 0)
+        if have == 0:
+            return f"have no {model} GPUs"
+        if have < g:
+            return f"have fewer than {gpus_text(g, model)} in total"
+        return None
+    if max(node.total_by_model.values(), default=0) < g:
+        return f"have fewer than {gpus_text(g)} of one model in total"
+    return None
+
+
+def cpu_ever(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    if node.cpu_total < req.shape.cpu_millis:
+        return f"have less than {cpu_text(req.shape.cpu_millis)} in total"
+    return None
+
+
+def memory_ever(node: NodeCapacity, req: ReplicaRequest) -> str | None:
+    if node.mem_total < req.shape.memory_bytes:
+        return f"have less than {memory_text(req.shape.memory_bytes)} in total"
+    return None
+
+
+STATIC_FILTERS: tuple[tuple[str, Filter], ...] = (
+    ("selector", selector_matches),
+    ("gpus", gpus_ever),
+    ("cpu", cpu_ever),
+    ("memory", memory_ever),
+)
+
+
+def replicas_ever(node: NodeCapacity, shape: Shape) -> int:
+    """Replicas of `shape` the node could take empty with every GPU healthy."""
+    room = math.inf
+    if shape.cpu_millis > 0:
+        room = min(room, node.cpu_total // shape.cpu_millis)
+    if shape.memory_bytes > 0:
+        room = min(room, node.mem_total // shape.memory_bytes)
+    if shape.gpus > 0:
+        models = [shape.gpu_model] if shape.gpu_model else list(node.total_by_model)
+        room = min(room, sum(node.total_by_model.get(m, 0) // shape.gpus for m in models))
+    return sys.maxsize if room == math.inf else int(room)
 
 
 # The filters on free capacity each rest on a yes/no predicate the placer calls directly:
@@ -327,7 +410,7 @@ def _class_key(n: NodeCapacity) -> tuple[object, ...]:
         n.held_priority,
         tuple(sorted(n.labels.items())),
         tuple(sorted(n.healthy_by_model.items())),
-        tuple(sorted(set(n.gpu_models.values()))),
+        tuple(sorted(n.total_by_model.items())),
     )
 
 
@@ -392,6 +475,8 @@ class Explanation:
     # Nodes passing every filter, and how many replicas they could take together.
     fitting_nodes: int = 0
     replica_room: int = 0
+    # Set when no registered node could ever host the gang: the whole explanation.
+    never: str = ""
 
     def counters_text(self) -> str:
         parts = [
@@ -404,6 +489,8 @@ class Explanation:
         return f"{self.nodes} {noun}: " + ", ".join(parts)
 
     def text(self) -> str:
+        if self.never:
+            return self.never
         if self.nodes == 0:
             return "no nodes are registered"
         need = shape_text(self.shape)
@@ -505,6 +592,8 @@ class CapacityView:
             self._classify(n)
         # Request key -> CLASS_FILTERS verdict per class id; holds change classes and clear it.
         self._verdicts: dict[tuple[object, ...], list[str | None]] = {}
+        # (shape, count) -> why it never fits, or None.
+        self._never: dict[tuple[Shape, int], str | None] = {}
 
     # -- building -------------------------------------------------------------------
 
@@ -587,6 +676,16 @@ class CapacityView:
         why = verdicts[cid] = rejection(CLASS_FILTERS, self._class_nodes[cid][0], req)
         return why
 
+    def class_rejection(self, node_id: str, req: ReplicaRequest) -> str | None:
+        """CLASS_FILTERS' verdict on one node (cached per class of alike nodes): could the
+        node ever take a replica, whatever it has free (state, hold, labels, GPU models)?"""
+        n = self.nodes[node_id]
+        verdicts = self._class_verdicts(req)
+        why = verdicts[n.cls]
+        if why is _UNJUDGED:
+            why = self._judge(verdicts, n.cls, req)
+        return why
+
     # -- changes ----------------------------------------------------------------------
 
     def _change(self, n: NodeCapacity, indices: Sequence[int], take: bool) -> None:
@@ -667,6 +766,16 @@ class CapacityView:
             self._classify(n)
         self.holders[owner] = tuple(node_ids)
         self._verdicts.clear()
+
+    def never_fits(self, shape: Shape, count: int) -> str | None:
+        """`never_fits_text` over every node of the view, remembered per request shape
+        (nodes come and go only with a new view)."""
+        key = (shape, count)
+        if key not in self._never:
+            if len(self._never) >= _VERDICTS_KEPT:
+                self._never.clear()
+            self._never[key] = never_fits_text(self.nodes.values(), shape, count)
+        return self._never[key]
 
     # -- placing --------------------------------------------------------------------------
 
@@ -827,7 +936,9 @@ class CapacityView:
         fitting is one the placer may choose.
         """
         req = ReplicaRequest(shape, owner, priority, models)
-        ex = Explanation(shape, count, nodes=len(self.nodes))
+        ex = Explanation(
+            shape, count, nodes=len(self.nodes), never=self.never_fits(shape, count) or ""
+        )
         counters = ex.counters
         verdicts = self._class_verdicts(req)
         for cid, members in enumerate(self._class_nodes):
@@ -853,6 +964,37 @@ class CapacityView:
                     else:
                         counters[why] = counters.get(why, 0) + 1
         return ex
+
+
+def never_fits_text(nodes: Iterable[NodeCapacity], shape: Shape, count: int) -> str | None:
+    """Why no registered node, in any state, could ever host the gang (every GPU healthy,
+    nothing else running), or None. With no node registered at all nothing is decided:
+    the first agent to register may bring the right one."""
+    req = ReplicaRequest(shape)
+    ex = Explanation(shape, count)
+    room = 0
+    for n in nodes:
+        ex.nodes += 1
+        why = rejection(STATIC_FILTERS, n, req)
+        if why is not None:
+            ex.counters[why] = ex.counters.get(why, 0) + 1
+            continue
+        r = replicas_ever(n, shape)
+        if r > 0:
+            ex.fitting_nodes += 1
+            ex.replica_room += r
+        room += r
+    if ex.nodes == 0 or room >= count:
+        return None
+    need = shape_text(shape)
+    if ex.fitting_nodes:
+        head = (
+            f"never fits: the registered nodes could host only {ex.replica_room} of "
+            f"{count} replicas of {need} even if empty"
+        )
+    else:
+        head = f"never fits: no registered node could ever host one replica of {need}"
+    return f"{head}; " + ex.counters_text()
 
 
 class Statement:

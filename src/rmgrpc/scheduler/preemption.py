@@ -1,43 +1,102 @@
 """Victim selection: whom to preempt so that one pending gang can run.
 
-Three ways a pending request may take capacity from placed work (KAI's preempt and
-reclaim actions, in our words):
+Three ways a pending request may take capacity from placed work (KAI's reclaim and
+preempt actions, in our words), tried in this order:
 
+- `GUARANTEE`: the requester stays within its guaranteed quota with the request. It
+  reclaims from other tenants that borrow (hold above their own guarantee), at any
+  priority. A victim's tenant (and each ancestor below the common one) must still be
+  borrowing *before* that victim is taken, so one indivisible allocation may take its
+  owner below its guarantee when it is what makes it borrow (a 9-GPU job against a
+  guarantee of 3), but no more than that. Tried first: borrowed capacity is reclaimed
+  before the tenant's own lower-priority work.
 - `PRIORITY`: from strictly lower-priority allocations. Its own tenant's go freely;
   another tenant's only while that tenant stays at or above its guarantee.
-- `GUARANTEE`: the requester is under its guaranteed quota; it takes back from
-  borrowers (any priority), never taking a victim tenant below its own guarantee.
 - `FAIR_SHARE`: the requester stays at or under its fair share with the request; it takes
-  from tenants of equal or lower priority that stay at or above their fair share after
-  (who is more saturated never inverts, so equal borrowers do not trade GPUs back and forth).
+  from tenants of equal or lower priority that stay at or above their fair share after.
 
-Victims are the fewest, lowest-priority, most recently started allocations that make the
-gang fit, chosen node by node, and checked by a trial placement with the victims removed
-(a `Statement`, discarded afterwards). Allocations younger than the minimum runtime are
-never victims.
+The requester's quota may narrow each (`Policy`): its own work (never / lower priority /
+lower or newer at equal priority), other tenants' (never / lower priority / any), and
+whether it may preempt other tenants when it would end up borrowing (up to a priority).
+
+The search is global and bounded. Each replica needs a node where it fits once some
+victims leave, and the request as a whole must fit under its tenant's and ancestors'
+`limit` (victims inside the blocking subtree free quota). For every candidate node (the
+placement filters that read only the node's class pass it: ready, not held, labels, GPU
+model) the victims on it, plus, when quota binds, up to `QUOTA_CANDIDATES` victims
+elsewhere in the subtree, are searched exactly by increasing size (`COMBINATIONS`
+subsets per node at most, else greedily in victim order): the cheapest sufficient set
+there. Nodes are visited by a lower bound on how many victims they need, then by their
+best victim; once a solution is found, only nodes whose bound does not exceed it are
+visited, at most `SEARCH_NODES` more. Sets compare by the fewest victims, then the lowest
+(highest, then total) priority, then the newest (the oldest victim of the set started
+last). A gang places its replicas one by one this way; finally every victim whose
+removal still lets the whole request fit is dropped, most valuable first (minimality).
+Fitting is always decided by `placement` itself: the filter chain on a trial copy of a
+node, and a trial `place_gang` in a discarded `Statement` for the whole gang.
+Allocations younger than the minimum runtime are never victims.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from rmgrpc.model import Allocation, AllocationState
+from rmgrpc.model import (
+    Allocation,
+    AllocationState,
+    BorrowingPreemption,
+    Quota,
+    ReclaimPolicy,
+    WithinTenantPreemption,
+)
 from rmgrpc.scheduler.fairshare import Amount, Ledger, QuotaBlock
-from rmgrpc.scheduler.placement import CapacityView, NodeCapacity, labels_match
+from rmgrpc.scheduler.placement import (
+    CapacityView,
+    NodeCapacity,
+    ReplicaRequest,
+    feasible,
+)
 from rmgrpc.scheduler.snapshot import Snapshot
 
-# Nodes whose victim sets are compared per replica before the cheapest is taken: exact on
-# small clusters, bounded work on large ones (Nomad likewise scores a limited sample).
-SOLUTION_LIMIT = 64
+# After the first solution, how many more candidate nodes are searched per replica.
+SEARCH_NODES = 32
+# Subsets of one node's candidates tried before falling back to the greedy order.
+COMBINATIONS = 256
+# Victims off the node considered for freeing quota (first in victim order, then largest).
+QUOTA_CANDIDATES = 12
+# Feasibility checks one search may spend before it settles for the best found.
+CHECK_BUDGET = 20_000
 
 
 class Mode(enum.Enum):
-    PRIORITY = "higher priority"
     GUARANTEE = "guaranteed quota"
+    PRIORITY = "higher priority"
     FAIR_SHARE = "fair share"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The requester's preemption policies (its own quota's, or the safe defaults)."""
+
+    within: WithinTenantPreemption = WithinTenantPreemption.LOWER_PRIORITY
+    reclaim: ReclaimPolicy = ReclaimPolicy.ANY
+    borrowing: BorrowingPreemption = BorrowingPreemption.ALWAYS
+    borrowing_max_priority: int = 0
+
+    @staticmethod
+    def of(quota: Quota | None) -> Policy:
+        if quota is None:
+            return Policy()
+        return Policy(
+            quota.within_tenant_preemption,
+            quota.reclaim_from_others,
+            quota.preemption_while_borrowing,
+            quota.borrowing_max_priority,
+        )
 
 
 @dataclass(slots=True)
@@ -49,10 +108,11 @@ class Victim:
     on_node: dict[str, tuple[list[int], int, int]] = field(default_factory=dict)
     # (GPUs, CPU millis, memory bytes) it frees in all.
     vec: tuple[int, int, int] = (0, 0, 0)
+    # The allocation's id, read in hot loops (a plain field, not a property).
+    id: str = field(init=False)
 
-    @property
-    def id(self) -> str:
-        return self.alloc.id
+    def __post_init__(self) -> None:
+        self.id = self.alloc.id
 
     @property
     def tenant(self) -> str:
@@ -72,6 +132,20 @@ def victim_order(a: Allocation) -> tuple[int, float, int, str]:
     """Lowest priority first, then the most recently started (least work lost)."""
     start = a.allocate_time if a.allocate_time is not None else a.create_time
     return (a.priority, -start, -a.seq, a.id)
+
+
+def set_cost(vs: Sequence[Victim]) -> tuple[int, int, int, float, int, tuple[str, ...]]:
+    """Fewest, then lowest priority (highest, then in total), then newest (the set whose
+    oldest victim started last, then arrived last); ids break ties. Only non-empty sets
+    are ever compared."""
+    return (
+        len(vs),
+        max(v.priority for v in vs),
+        sum(v.priority for v in vs),
+        -min(v.start for v in vs),
+        -min(v.alloc.seq for v in vs),
+        tuple(sorted(v.id for v in vs)),
+    )
 
 
 class VictimPool:
@@ -107,169 +181,374 @@ class VictimPool:
         self.node_ids = sorted(self.by_node)
         # Chosen this cycle: never chosen twice.
         self.taken: set[str] = set()
-        # (shape, models) -> nodes that could ever take one replica (state, labels, size).
-        self._static: dict[tuple[object, ...], list[str]] = {}
         self.min_priority = min((v.priority for v in self.ordered), default=math.inf)
 
     def __len__(self) -> int:
         return len(self.ordered) - len(self.taken)
 
-    def candidate_nodes(
-        self, view: CapacityView, request: Allocation, models: tuple[str, ...] | None
-    ) -> list[str]:
-        """Nodes with victims on them that could host a replica if emptied (holds aside)."""
-        key = (request.shape, models)
-        got = self._static.get(key)
-        if got is None:
-            got = []
-            for nid in self.node_ids:
-                n = view.nodes.get(nid)
-                if n is not None and _statically_fits(n, request, models):
-                    got.append(nid)
-            self._static[key] = got
-        return got
+    def candidate_nodes(self, view: CapacityView, req: ReplicaRequest) -> list[str]:
+        """Nodes with victims whose class passes the placement filters (ready, not held
+        for another gang, labels, enough healthy GPUs of an allowed model)."""
+        return [
+            nid
+            for nid in self.node_ids
+            if nid in view.nodes and view.class_rejection(nid, req) is None
+        ]
 
 
-class Tally:
-    """What the victims chosen so far free, per tenant subtree: (GPUs, CPU, memory)."""
+class _Search:
+    """One request, one mode: the cheapest victim set, or None."""
 
-    def __init__(self) -> None:
-        self.freed: dict[str, list[int]] = {}
+    def __init__(
+        self,
+        view: CapacityView,
+        ledger: Ledger,
+        pool: VictimPool,
+        request: Allocation,
+        mode: Mode,
+        models: tuple[str, ...] | None,
+        block: QuotaBlock | None,
+        policy: Policy,
+    ) -> None:
+        self.view = view
+        self.ledger = ledger
+        self.pool = pool
+        self.request = request
+        self.mode = mode
+        self.models = models
+        self.block = block
+        self.policy = policy
+        self.req = ReplicaRequest(request.shape, request.id, request.priority, models)
+        self.ask = Amount.of_request(request)
+        self.tchain = ledger.tree.chain(request.tenant)
+        self.tset = set(self.tchain)
+        # Would the requester end above its guarantee? Then the borrowing policy applies.
+        self.borrowing = not ledger.within_guarantee(request.tenant, self.ask)
+        dims = (self.ask.gpus > 0, self.ask.cpu > 0, self.ask.mem > 0)
+        fair = mode == Mode.FAIR_SHARE
+        self._dims = dims
+        self._fair = fair
+        self._slack: dict[str, tuple[float, float, float]] = {}
+        self._alone: dict[tuple[str, tuple[int, int, int]], bool] = {}
+        # The pool is in victim order (lowest priority first): stop at the first victim
+        # no rule of this mode could accept by priority.
+        top = self._max_victim_priority()
+        self.allowed: list[Victim] = []
+        for v in pool.ordered:
+            if v.priority > top:
+                break
+            if self._admissible(v):
+                self.allowed.append(v)
+        self.allowed_ids = {v.id for v in self.allowed}
+        self.chosen: list[Victim] = []
+        self.checks = 0
 
-    def add(self, v: Victim, sign: int = 1) -> None:
-        g, c, m = v.vec
-        for t in v.chain:
-            cur = self.freed.get(t)
-            if cur is None:
-                cur = self.freed[t] = [0, 0, 0]
-            cur[0] += sign * g
-            cur[1] += sign * c
-            cur[2] += sign * m
+    # -- who may be a victim ------------------------------------------------------------
 
+    def _max_victim_priority(self) -> float:
+        p = self.request.priority
+        if self.mode == Mode.GUARANTEE:
+            return p - 1 if self.policy.reclaim == ReclaimPolicy.LOWER_PRIORITY else math.inf
+        return p  # priority mode: lower (or equal and newer, own work); fair share: equal
 
-Accept = Callable[[Victim, Tally], bool]
-
-
-def acceptor(ledger: Ledger, pool: VictimPool, request: Allocation, mode: Mode) -> Accept:
-    """The mode's rule for whether `v` may be a victim, given those chosen so far."""
-    tenant = request.tenant
-    tchain = ledger.tree.chain(tenant)
-    tset = set(tchain)
-    ask = Amount.of_request(request)
-    dims = (ask.gpus > 0, ask.cpu > 0, ask.mem > 0)
-    fair = mode == Mode.FAIR_SHARE
-    slacks: dict[str, tuple[float, float, float]] = {}
-    under: dict[str, bool] = {}
-
-    def accept(v: Victim, tally: Tally) -> bool:
-        if v.id in pool.taken:
+    def _admissible(self, v: Victim) -> bool:
+        """The mode's and the policies' rule for one victim on its own."""
+        if v.id in self.pool.taken:
             return False
-        if mode == Mode.PRIORITY:
-            if v.priority >= request.priority:
+        r = self.request
+        pol = self.policy
+        if v.tenant == r.tenant:
+            if self.mode != Mode.PRIORITY:
+                return False  # reclaim and fair share take from other tenants only
+            if pol.within == WithinTenantPreemption.NEVER:
                 return False
-            if v.tenant == tenant:
+            if v.priority < r.priority:
                 return True
-        elif mode == Mode.GUARANTEE:
-            if v.tenant in tset:
-                return False
-        elif v.priority > request.priority or v.tenant in tset:
+            return (
+                pol.within == WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY
+                and v.priority == r.priority
+                and (v.alloc.seq, v.alloc.create_time) > (r.seq, r.create_time)
+            )
+        if self.mode == Mode.GUARANTEE and (v.tenant in self.tset or r.tenant in v.chain):
+            return False  # its own subtree's work is not "borrowed from others"
+        if pol.reclaim == ReclaimPolicy.NEVER:
             return False
-        vec = v.vec
-        for y in v.chain:
-            if y in tset:
-                break  # common ancestors: their totals do not change
-            sl = slacks.get(y)
-            if sl is None:
-                sl = slacks[y] = ledger.slack(y, dims, fair=fair)
-            fr = tally.freed.get(y)
+        if pol.reclaim == ReclaimPolicy.LOWER_PRIORITY and v.priority >= r.priority:
+            return False
+        if self.mode == Mode.PRIORITY and v.priority >= r.priority:
+            return False
+        if self.mode == Mode.FAIR_SHARE and v.priority > r.priority:
+            return False
+        if self.borrowing and not self._inside_own_tree(v):
+            if pol.borrowing == BorrowingPreemption.NEVER:
+                return False
+            if (
+                pol.borrowing == BorrowingPreemption.UP_TO_PRIORITY
+                and v.priority > pol.borrowing_max_priority
+            ):
+                return False
+        # Alone it must already respect its tenants' guarantees (alike victims of one
+        # tenant get the same answer: remember it).
+        key = (v.tenant, v.vec)
+        ok = self._alone.get(key)
+        if ok is None:
+            ok = self._alone[key] = self._tenants_ok([v])
+        return ok
+
+    def _inside_own_tree(self, v: Victim) -> bool:
+        return v.tenant in self.tset or self.request.tenant in v.chain
+
+    def _slack_of(self, y: str) -> tuple[float, float, float]:
+        sl = self._slack.get(y)
+        if sl is None:
+            sl = self._slack[y] = self.ledger.slack(y, self._dims, fair=self._fair)
+        return sl
+
+    def _tenants_ok(self, vs: Iterable[Victim]) -> bool:
+        """What the set takes from each victim tenant subtree (below the common ancestor
+        with the requester) respects its guarantee, or, reclaiming, its borrowing."""
+        sums: dict[str, list[int]] = {}
+        tops: dict[str, list[int]] = {}
+        for v in vs:
+            if v.tenant == self.request.tenant:
+                continue
+            for y in v.chain:
+                if y in self.tset:
+                    break  # common ancestors: their totals do not change
+                s = sums.setdefault(y, [0, 0, 0])
+                m = tops.setdefault(y, [0, 0, 0])
+                for i in range(3):
+                    s[i] += v.vec[i]
+                    m[i] = max(m[i], v.vec[i])
+        reclaim = self.mode == Mode.GUARANTEE
+        for y, s in sums.items():
+            sl = self._slack_of(y)
+            m = tops[y]
             for i in range(3):
-                if vec[i] > 0 and vec[i] + (fr[i] if fr else 0) > sl[i]:
-                    return False
-        if fair:
-            vset = v.chain
-            for x in tchain:
-                if x in vset:
-                    break
-                ok = under.get(x)
-                if ok is None:
-                    ok = under[x] = ledger.below_fair_share(x, ask)
-                if not ok:
+                if s[i] <= 0:
+                    continue
+                if reclaim:
+                    # Still borrowing before the last (largest) victim is taken.
+                    if s[i] - m[i] >= sl[i]:
+                        return False
+                elif s[i] > sl[i]:
                     return False
         return True
 
-    return accept
+    # -- what fits ------------------------------------------------------------------------
 
+    def _quota_ok(self, vs: Iterable[Victim]) -> bool:
+        """The whole request fits its tenant's and ancestors' limits with `vs` gone (the
+        first replica carries this, before anything is chosen)."""
+        freed: dict[str, Amount] = {}
+        for v in vs:
+            for t in v.chain:
+                cur = freed.get(t)
+                if cur is None:
+                    cur = freed[t] = Amount()
+                cur.add(v.amount)
+        return self.ledger.limit_block(self.request.tenant, self.ask, freed) is None
 
-def _statically_fits(n: NodeCapacity, request: Allocation, models: Sequence[str] | None) -> bool:
-    s = request.shape
-    if not n.schedulable:
-        return False
-    if not labels_match(n.labels, s.node_selector):
-        return False
-    if n.cpu_total < s.cpu_millis or n.mem_total < s.memory_bytes:
-        return False
-    if s.gpus > 0:
-        ms = _models(n, request, models)
-        if not any(n.healthy_by_model.get(m, 0) >= s.gpus for m in ms):
+    def _ok(self, vs: Sequence[Victim], node: NodeCapacity | None, quota: bool) -> bool:
+        self.checks += 1
+        if node is not None:
+            released = [v.on_node[node.id] for v in vs if node.id in v.on_node]
+            if feasible(node.trial(released), self.req) is not None:
+                return False
+        if quota and not self._quota_ok(vs):
             return False
-    return True
+        return self._tenants_ok(itertools.chain(self.chosen, vs))
 
-
-def _models(n: NodeCapacity, request: Allocation, models: Sequence[str] | None) -> list[str]:
-    s = request.shape
-    if s.gpu_model:
-        return [s.gpu_model] if models is None or s.gpu_model in models else []
-    present = sorted(n.healthy_by_model)
-    return present if models is None else [m for m in present if m in models]
-
-
-def _cheapest_on_node(
-    n: NodeCapacity,
-    request: Allocation,
-    models: Sequence[str] | None,
-    candidates: Sequence[Victim],
-    skip: set[str],
-    accept: Accept,
-    tally: Tally,
-    room: int,
-) -> list[Victim] | None:
-    """The first victims (in victim order) on `n` that make one replica fit there."""
-    s = request.shape
-    ms = _models(n, request, models)
-    counts = {m: n.free_count(m) for m in ms}
-    cpu = n.cpu_free
-    mem = n.mem_free
-
-    def fits() -> bool:
-        if cpu < s.cpu_millis or mem < s.memory_bytes:
+    def _whole_ok(self, vs: Sequence[Victim]) -> bool:
+        """The whole gang places with `vs` gone, within quota and guarantees."""
+        st = self.view.statement()
+        try:
+            for v in vs:
+                self.view.release(v.alloc)
+            placed = self.view.place_gang(
+                self.request.shape,
+                self.request.count,
+                owner=self.request.id,
+                priority=self.request.priority,
+                models=self.models,
+            )
+        finally:
+            st.discard()
+        if placed is None:
             return False
-        return s.gpus <= 0 or any(c >= s.gpus for c in counts.values())
+        return (self.block is None or self._quota_ok(vs)) and self._tenants_ok(vs)
 
-    acc: list[Victim] = []
-    ok = fits()
-    for v in candidates:
-        if ok or len(acc) >= room:
-            break
-        if v.id in skip or not accept(v, tally):
-            continue
-        tally.add(v)
-        acc.append(v)
-        gpus, c, m = v.on_node[n.id]
-        cpu += c
-        mem += m
-        for i in gpus:
-            if i in n.healthy:
-                model = n.gpu_models[i]
-                if model in counts:
-                    counts[model] += 1
-        ok = fits()
-    for v in acc:
-        tally.add(v, -1)
-    return acc if ok and acc else None
+    # -- the search -----------------------------------------------------------------------
 
+    def _cheapest(
+        self, cands: Sequence[Victim], node: NodeCapacity | None, quota: bool, lower: int
+    ) -> list[Victim] | None:
+        """The cheapest sufficient subset of `cands`: exact by increasing size, bounded."""
+        tried = 0
+        for k in range(max(lower, 1), len(cands) + 1):
+            best: tuple[Victim, ...] | None = None
+            for combo in itertools.combinations(cands, k):
+                tried += 1
+                if tried > COMBINATIONS or self.checks > CHECK_BUDGET:
+                    break
+                if self._ok(combo, node, quota) and (
+                    best is None or set_cost(combo) < set_cost(best)
+                ):
+                    best = combo
+            if best is not None:
+                return list(best)
+            if tried > COMBINATIONS or self.checks > CHECK_BUDGET:
+                break
+        # Too many to try them all: take them in victim order, skipping any that would
+        # break a guarantee, then drop those not needed.
+        acc: list[Victim] = []
+        for v in cands:
+            if not self._tenants_ok(itertools.chain(self.chosen, acc, [v])):
+                continue
+            acc.append(v)
+            if self._ok(acc, node, quota):
+                for x in sorted(acc, key=lambda x: victim_order(x.alloc), reverse=True):
+                    trial = [y for y in acc if y is not x]
+                    if trial and self._ok(trial, node, quota):
+                        acc = trial
+                return acc
+        return None
 
-def _cost(vs: Sequence[Victim], nid: str) -> tuple[int, int, float, str]:
-    return (len(vs), max(v.priority for v in vs), -min(v.start for v in vs), nid)
+    def _lower_bound(self, n: NodeCapacity, cands: Sequence[Victim]) -> float:
+        """Fewest of `cands` that could cover what one replica lacks on `n` (counting
+        free GPUs of every model together, so never more than truly needed)."""
+        s = self.request.shape
+        lack = (s.gpus - n.total_free, s.cpu_millis - n.cpu_free, s.memory_bytes - n.mem_free)
+        need = 0
+        nid = n.id
+        for i, x in enumerate(lack):
+            if x <= 0:
+                continue  # most nodes lack only GPUs: sort only what is lacking
+            if i == 0:
+                vals = sorted((len(v.on_node[nid][0]) for v in cands), reverse=True)
+            elif i == 1:
+                vals = sorted((v.on_node[nid][1] for v in cands), reverse=True)
+            else:
+                vals = sorted((v.on_node[nid][2] for v in cands), reverse=True)
+            got, k = 0, 0
+            for val in vals:
+                if got >= x:
+                    break
+                got += val
+                k += 1
+            if got < x:
+                return math.inf
+            need = max(need, k)
+        return need
+
+    def _quota_candidates(self, exclude: set[str]) -> list[Victim]:
+        assert self.block is not None
+        # The topmost tenant on the chain whose limit binds: victims anywhere in its
+        # subtree free quota there (the nearest one's subtree alone may not be enough).
+        top = self.block.tenant
+        above = self.ledger.tree.parent.get(top, "")
+        while above:
+            b = self.ledger.limit_block(above, self.ask)
+            if b is None:
+                break
+            top = b.tenant
+            above = self.ledger.tree.parent.get(top, "")
+        inside = [v for v in self.allowed if top in v.chain and v.id not in exclude]
+        if not inside:
+            inside = [v for v in self.allowed if self.tset & set(v.chain) and v.id not in exclude]
+        first = inside[:QUOTA_CANDIDATES]
+        largest = sorted(inside, key=lambda v: (-v.vec[0], -v.vec[1], -v.vec[2]))
+        seen = {v.id for v in first}
+        out = list(first)
+        for v in largest[: QUOTA_CANDIDATES // 3]:
+            if v.id not in seen:
+                out.append(v)
+                seen.add(v.id)
+        out.sort(key=lambda v: victim_order(v.alloc))
+        return out
+
+    def _replica(self, first: bool) -> list[Victim] | None:
+        """Victims (beyond those chosen) that let one more replica be placed."""
+        view = self.view
+        quota = first and self.block is not None
+        taken = {v.id for v in self.chosen}
+        best: list[Victim] | None = None
+
+        def consider(got: list[Victim] | None) -> None:
+            nonlocal best
+            if got is not None and (best is None or set_cost(got) < set_cost(best)):
+                best = got
+
+        if view.fits(
+            self.request.shape,
+            1,
+            owner=self.request.id,
+            priority=self.request.priority,
+            models=self.models,
+        ):
+            if not quota:
+                return []
+            consider(self._cheapest(self._quota_candidates(taken), None, True, 1))
+        qc = self._quota_candidates(taken) if quota else []
+        ranked: list[tuple[float, tuple[int, float, int, str], str, list[Victim]]] = []
+        for nid in self.pool.candidate_nodes(view, self.req):
+            on = [v for v in self.pool.by_node[nid] if v.id in self.allowed_ids]
+            on = [v for v in on if v.id not in taken]
+            if not on:
+                continue
+            lb = self._lower_bound(view.nodes[nid], on)
+            if lb == math.inf:
+                continue
+            ranked.append((lb, victim_order(on[0].alloc), nid, on))
+        ranked.sort(key=lambda r: (r[0], r[1], r[2]))
+        after = 0
+        for lb, _, nid, on in ranked:
+            if best is not None:
+                if lb > len(best) or after >= SEARCH_NODES:
+                    break
+                after += 1
+            if self.checks > CHECK_BUDGET:
+                break
+            cands = on
+            if quota:
+                ids = {v.id for v in on}
+                cands = sorted(
+                    on + [v for v in qc if v.id not in ids], key=lambda v: victim_order(v.alloc)
+                )
+            consider(self._cheapest(cands, view.nodes[nid], quota, int(lb)))
+        return best
+
+    def run(self, budget: int) -> list[Victim] | None:
+        r = self.request
+        view = self.view
+        st = view.statement()
+        try:
+            for i in range(max(r.count, 0)):
+                got = self._replica(i == 0)
+                if got is None:
+                    return None
+                for v in got:
+                    self.chosen.append(v)
+                    view.release(v.alloc)
+                if (
+                    view.place_gang(r.shape, 1, owner=r.id, priority=r.priority, models=self.models)
+                    is None
+                ):
+                    return None
+        finally:
+            st.discard()
+        out = list(self.chosen)
+        self.chosen = []
+        if not out:
+            return None
+        # Minimality: drop each victim the whole request turns out not to need.
+        for v in sorted(out, key=lambda v: victim_order(v.alloc), reverse=True):
+            trial = [x for x in out if x is not v]
+            if trial and self._whole_ok(trial):
+                out = trial
+        if len(out) > budget or not self._whole_ok(out):
+            return None
+        return out
 
 
 def select_victims(
@@ -281,134 +560,33 @@ def select_victims(
     *,
     models: tuple[str, ...] | None,
     budget: int,
-    prechosen: Sequence[Victim] = (),
+    block: QuotaBlock | None = None,
+    policy: Policy | None = None,
 ) -> list[Victim] | None:
-    """Victims that let `request` be placed whole, or None. Leaves `view` as it was."""
+    """Victims that let `request` be placed whole (and, when `block` says its quota binds,
+    fit under its limits), or None. Leaves `view` as it was."""
     if budget <= 0:
         return None
-    accept = acceptor(ledger, pool, request, mode)
-    tally = Tally()
-    chosen: list[Victim] = []
-    ids: set[str] = set()
-    st = view.statement()
-    try:
-        for v in prechosen:
-            tally.add(v)
-            chosen.append(v)
-            ids.add(v.id)
-            view.release(v.alloc)
-        for _ in range(max(request.count, 0)):
-            if view.place_gang(
-                request.shape, 1, owner=request.id, priority=request.priority, models=models
-            ):
-                continue
-            best: list[Victim] | None = None
-            best_cost: tuple[int, int, float, str] | None = None
-            room = budget - len(chosen)
-            solutions = 0
-            for nid in pool.candidate_nodes(view, request, models):
-                n = view.nodes[nid]
-                if n.held_for and n.blocks(request.id, request.priority):
-                    continue
-                acc = _cheapest_on_node(
-                    n, request, models, pool.by_node[nid], ids, accept, tally, room
-                )
-                if acc is None:
-                    continue
-                cost = _cost(acc, nid)
-                if best_cost is None or cost < best_cost:
-                    best, best_cost = acc, cost
-                    if cost[0] == 1 and cost[1] == pool.min_priority:
-                        break  # one victim of the lowest priority: cannot do better
-                solutions += 1
-                if solutions >= SOLUTION_LIMIT:
-                    break
-            if best is None:
-                return None
-            for v in best:
-                tally.add(v)
-                chosen.append(v)
-                ids.add(v.id)
-                view.release(v.alloc)
-            if not view.place_gang(
-                request.shape, 1, owner=request.id, priority=request.priority, models=models
-            ):
-                return None
-        if not chosen:
-            return None
-    finally:
-        st.discard()
-    return _minimize(view, request, models, chosen, len(prechosen))
-
-
-def _minimize(
-    view: CapacityView,
-    request: Allocation,
-    models: tuple[str, ...] | None,
-    chosen: list[Victim],
-    keep: int,
-) -> list[Victim] | None:
-    """Drop victims the gang turns out not to need (the most valuable first)."""
-    out = list(chosen)
-    optional = sorted(out[keep:], key=lambda v: victim_order(v.alloc), reverse=True)
-    for v in optional:
-        trial = [x for x in out if x is not v]
-        if _fits_without(view, request, models, trial):
-            out = trial
-    if not _fits_without(view, request, models, out):
+    if policy is None:
+        policy = Policy.of(ledger.snapshot.quotas.get(request.tenant))
+    search = _Search(view, ledger, pool, request, mode, models, block, policy)
+    if not search.allowed:
         return None
-    return out
+    return search.run(budget)
 
 
-def _fits_without(
-    view: CapacityView,
-    request: Allocation,
-    models: tuple[str, ...] | None,
-    victims: Sequence[Victim],
-) -> bool:
-    st = view.statement()
-    try:
-        for v in victims:
-            view.release(v.alloc)
-        return (
-            view.place_gang(
-                request.shape,
-                request.count,
-                owner=request.id,
-                priority=request.priority,
-                models=models,
-            )
-            is not None
-        )
-    finally:
-        st.discard()
-
-
-def quota_victims(
-    ledger: Ledger,
-    pool: VictimPool,
-    request: Allocation,
-    block: QuotaBlock,
-    budget: int,
-) -> list[Victim] | None:
-    """Lower-priority allocations inside the full subtree that bring the request under its limit."""
-    accept = acceptor(ledger, pool, request, Mode.PRIORITY)
-    ask = Amount.of_request(request)
-    tally = Tally()
-    freed: dict[str, Amount] = {}
-    out: list[Victim] = []
-    for v in pool.ordered:
-        if len(out) >= budget:
-            return None
-        if block.tenant not in v.chain or not accept(v, tally):
+def borrowers(ledger: Ledger, tenant: str) -> list[tuple[str, int]]:
+    """Other tenants holding GPUs above their own guarantee: (tenant, GPUs borrowed)."""
+    tset = set(ledger.tree.chain(tenant))
+    out = []
+    for t, own in sorted(ledger.own_held.items()):
+        if own.gpus <= 0 or t in tset or tenant in ledger.tree.chain(t):
             continue
-        tally.add(v)
-        for t in v.chain:
-            freed.setdefault(t, Amount()).add(v.amount)
-        out.append(v)
-        if ledger.limit_block(request.tenant, ask, freed) is None:
-            return out
-    return None
+        g = ledger.tree.guaranteed(t).gpus or 0
+        over = ledger.effective(t).gpus - g
+        if over > 0:
+            out.append((t, over))
+    return out
 
 
 def reason_for(mode: Mode, request: Allocation, victim: Victim) -> str:

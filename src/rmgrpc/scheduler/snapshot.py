@@ -30,6 +30,12 @@ class SchedulerConfig:
     starvation_seconds: float = 120.0
     # How many starving gangs may hold capacity at once.
     max_held_gangs: int = 1
+    # Fair share orders by recent usage with this half-life (Slurm's
+    # PriorityDecayHalfLife); 0 orders by what is held now only.
+    fair_share_half_life_seconds: float = 0.0
+    # What a request that no registered node could ever host gets: False answers it
+    # REJECTED at once, True leaves it PENDING with the reason (re-checked as nodes come).
+    never_fits_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,10 @@ class Snapshot:
     # Explicit quotas by tenant; tenants absent here take the config defaults.
     quotas: Mapping[str, Quota]
     config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Decayed usage of allocations that already ended, per tenant (own work only):
+    # (GPUs, CPU millis, memory bytes) averaged over recent time as of `now`. Work that
+    # still holds capacity is counted from `allocations`.
+    ended_usage: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from rmgrpc import codec
+from rmgrpc import auth, authorize, codec, limits
 from rmgrpc.engine import Engine
+from rmgrpc.errors import FailedPrecondition
 from rmgrpc.events import Progress, WatchFilter
 from rmgrpc.model import Allocation, AllocationState, Event, EventKind
 from rmgrpc.services import validate as val
@@ -16,9 +18,22 @@ from rmgrpc.services.status import stream, unary
 from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc
 
 _STATES = [s.value for s in AllocationState]
+# The fan-out's cache of decoded events: a burst of large allocations must not pin more.
+_DECODED_MAX_BYTES = 16 * 1024 * 1024
 
 
-def allocation_request(req: allocator_pb2.AllocateRequest, max_lease_seconds: int) -> Allocation:
+def request_digest(req: allocator_pb2.AllocateRequest) -> str:
+    """What identifies a request's body for idempotency: every field but `dry_run`
+    (asking what would happen, then doing it, is the same request)."""
+    body = allocator_pb2.AllocateRequest()
+    body.CopyFrom(req)
+    body.dry_run = False
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()[:32]
+
+
+def allocation_request(
+    req: allocator_pb2.AllocateRequest, max_lease_seconds: int, max_labels: int = val.MAX_LABELS
+) -> Allocation:
     """The validated request as an Allocation template; InvalidArgument lists every bad field."""
     v = val.Violations()
     v.tenant("tenant", req.tenant)
@@ -31,7 +46,7 @@ def allocation_request(req: allocator_pb2.AllocateRequest, max_lease_seconds: in
     if shape.gpu_model:
         v.text("shape.gpu_model", shape.gpu_model, 64)
         v.check(shape.gpus > 0, "shape.gpu_model", "only makes sense with shape.gpus > 0")
-    v.labels("shape.node_selector", shape.node_selector)
+    v.labels("shape.node_selector", shape.node_selector, max_labels)
     if shape.gpus == 0 and shape.cpu_millis == 0 and shape.memory_bytes == 0:
         v.add("shape", "must ask for at least one of gpus, cpu_millis or memory_bytes")
     v.int_range("priority", req.priority, -val.MAX_PRIORITY, val.MAX_PRIORITY)
@@ -49,26 +64,43 @@ def allocation_request(req: allocator_pb2.AllocateRequest, max_lease_seconds: in
         lease_seconds=req.lease_seconds,
         max_duration_seconds=req.max_duration_seconds,
         reservation_id=req.reservation_id,
+        request_digest=request_digest(req),
+        no_requeue=req.no_requeue,
     )
 
 
 class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        settings = engine.settings
+        self.watch_slots = limits.StreamSlots(
+            settings.max_watch_streams_per_principal, settings.max_watch_streams
+        )
         # Fan-out sends one event to many streams: decode it once.
         self._decoded: OrderedDict[int, allocator_pb2.AllocationEvent] = OrderedDict()
+        self._decoded_bytes = 0
 
     def _event(self, event: Event) -> allocator_pb2.AllocationEvent:
         msg = self._decoded.get(event.revision)
         if msg is None:
             msg = _allocation_event(event)
             self._decoded[event.revision] = msg
-            if len(self._decoded) > 8192:
-                self._decoded.popitem(last=False)
+            self._decoded_bytes += len(event.data)
+            # Bounded by count and bytes, as the event ring is.
+            while len(self._decoded) > 1 and (
+                len(self._decoded) > 8192 or self._decoded_bytes > _DECODED_MAX_BYTES
+            ):
+                _, old = self._decoded.popitem(last=False)
+                self._decoded_bytes -= old.allocation.ByteSize()
         return msg
 
     def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
         return codec.allocation_to_proto(a, self.engine.state.uuid_of)
+
+    async def _visible(self, allocation_id: str) -> None:
+        """NOT_FOUND, as for an unknown id, for an allocation the caller may not see."""
+        found = await self.engine.found(lambda: self.engine.get_allocation(allocation_id))
+        authorize.allocation(auth.current(), found)
 
     async def _durable(self, a: Allocation) -> allocator_pb2.Allocation:
         """`a` as it stands, answered once the revision it names is durable (the object may
@@ -81,7 +113,9 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
     async def Allocate(
         self, request: allocator_pb2.AllocateRequest, context: Ctx
     ) -> allocator_pb2.AllocateResponse:
-        template = allocation_request(request, self.engine.settings.max_lease_seconds)
+        settings = self.engine.settings
+        template = allocation_request(request, settings.max_lease_seconds, settings.max_labels)
+        authorize.write_tenant(auth.current(), request.tenant)
         allocation, preempted = await self.engine.allocate(template, request.dry_run)
         answer = await self._durable(allocation)
         return allocator_pb2.AllocateResponse(
@@ -98,6 +132,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v.identifier("id", request.id, kind="allocation id")
         v.raise_if_any()
         found = await self.engine.found(lambda: self.engine.get_allocation(request.id))
+        authorize.allocation(auth.current(), found)
         answer = await self._durable(found)
         return allocator_pb2.GetAllocationResponse(allocation=answer)
 
@@ -109,9 +144,13 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v.tenant("tenant", request.tenant, required=False)
         v.identifier("node_id", request.node_id, required=False, kind="node id")
         v.enum_values("states", request.states, _STATES, allow_unspecified=False)
-        page_size = v.page_size("page_size", request.page_size)
+        settings = self.engine.settings
+        page_size = v.page_size("page_size", request.page_size, settings.max_page_size)
         states = sorted(set(request.states))
-        fp = fingerprint("allocations", request.tenant, request.node_id, states)
+        tenant, node_id = authorize.allocation_scope(
+            auth.current(), request.tenant, request.node_id
+        )
+        fp = fingerprint("allocations", tenant, node_id, states)
         after = decode_token(request.page_token, fp, v)
         if after is not None and not isinstance(after, int):
             v.add(
@@ -120,14 +159,16 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v.raise_if_any()
         revision = self.engine.revision
         items = self.engine.list_allocations(
-            request.tenant,
-            request.node_id,
+            tenant,
+            node_id,
             frozenset(AllocationState(s) for s in states),
             after_seq=after if isinstance(after, int) else 0,
         )
-        page, token = take_page(items, lambda a: a.seq, page_size, fp)
+        page, token = take_page(
+            items, lambda a: a.seq, page_size, fp, self._proto, settings.max_page_bytes
+        )
         answer = allocator_pb2.ListAllocationsResponse(
-            allocations=[self._proto(a) for a in page], next_page_token=token, revision=revision
+            allocations=page, next_page_token=token, revision=revision
         )
         await self.engine.wait_committed(revision)
         return answer
@@ -139,6 +180,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v = val.Violations()
         v.identifier("id", request.id, kind="allocation id")
         v.raise_if_any()
+        await self._visible(request.id)
         allocation = await self.engine.release(request.id)
         return allocator_pb2.ReleaseAllocationResponse(allocation=await self._durable(allocation))
 
@@ -152,6 +194,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
             "lease_seconds", request.lease_seconds, 0, self.engine.settings.max_lease_seconds
         )
         v.raise_if_any()
+        await self._visible(request.id)
         allocation = await self.engine.renew(request.id, request.lease_seconds)
         return allocator_pb2.RenewAllocationResponse(allocation=await self._durable(allocation))
 
@@ -165,22 +208,38 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v.identifier("node_id", request.node_id, required=False, kind="node id")
         v.identifier("allocation_id", request.allocation_id, required=False, kind="allocation id")
         v.raise_if_any()
+        # A List's revision may still be committing, so its + 1 is fine; past that, the
+        # client holds a revision this server never issued (another cluster, a lost
+        # database): it must list again rather than wait for history that differs.
+        current = self.engine.revision
+        if request.start_revision > current + 1:
+            raise FailedPrecondition(
+                "REVISION_NOT_YET_ISSUED",
+                f"revision:{request.start_revision}",
+                f"start_revision {request.start_revision} is past the current revision "
+                f"{current}: list again and watch from the list's revision + 1 "
+                "(or 0 for what happens from now on)",
+            )
+        tenant, node_id = authorize.allocation_scope(
+            auth.current(), request.tenant, request.node_id
+        )
         flt = WatchFilter(
             kind=EventKind.ALLOCATION,
-            tenant=request.tenant,
-            node_id=request.node_id,
+            tenant=tenant,
+            node_id=node_id,
             object_id=request.allocation_id,
         )
         hub = self.engine.hub
         progress_seconds = self.engine.settings.watch_progress_seconds
-        async for item in hub.watch(flt, request.start_revision, progress_seconds):
-            if isinstance(item, Progress):
-                yield allocator_pb2.AllocationEvent(
-                    revision=item.revision,
-                    type=allocator_pb2.ALLOCATION_EVENT_TYPE_PROGRESS,
-                )
-            else:
-                yield self._event(item)
+        with self.watch_slots.slot(limits.principal_key(context)):
+            async for item in hub.watch(flt, request.start_revision, progress_seconds):
+                if isinstance(item, Progress):
+                    yield allocator_pb2.AllocationEvent(
+                        revision=item.revision,
+                        type=allocator_pb2.ALLOCATION_EVENT_TYPE_PROGRESS,
+                    )
+                else:
+                    yield self._event(item)
 
 
 def _allocation_event(event: Event) -> allocator_pb2.AllocationEvent:

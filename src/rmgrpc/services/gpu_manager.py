@@ -3,7 +3,9 @@ cordon and drain."""
 
 from __future__ import annotations
 
-from rmgrpc import codec
+from collections.abc import Sequence
+
+from rmgrpc import auth, authorize, codec
 from rmgrpc.engine import Engine, GpuReport
 from rmgrpc.model import Gpu, GpuHealth, Node, NodeState
 from rmgrpc.services import validate as val
@@ -17,27 +19,34 @@ _NODE_STATES = [s.value for s in NodeState]
 _HEALTH = [h.value for h in GpuHealth]
 
 
-def node_from_request(req: gpu_manager_pb2.RegisterNodeRequest) -> Node:
+def node_from_request(
+    req: gpu_manager_pb2.RegisterNodeRequest,
+    max_gpus: int = MAX_GPUS_PER_NODE,
+    max_labels: int = val.MAX_LABELS,
+) -> Node:
+    """The validated node; InvalidArgument lists every bad field (a uuid listed twice
+    included; one held by another node is the engine's check, against the state)."""
     v = val.Violations()
     v.identifier("node_id", req.node_id, kind="node id")
     if "," in req.node_id:
         v.add("node_id", "must not contain ','")
     v.int_range("cpu_millis", req.cpu_millis, 0, val.MAX_CPU_MILLIS)
     v.int_range("memory_bytes", req.memory_bytes, 0, val.MAX_MEMORY_BYTES)
-    v.labels("labels", req.labels)
-    v.check(
-        len(req.gpus) <= MAX_GPUS_PER_NODE,
-        "gpus",
-        f"must list at most {MAX_GPUS_PER_NODE} GPUs (got {len(req.gpus)})",
-    )
+    v.labels("labels", req.labels, max_labels)
+    v.size("gpus", len(req.gpus), max_gpus, "GPUs")
     seen: set[int] = set()
+    uuids: dict[str, int] = {}
     gpus = []
-    for i, g in enumerate(req.gpus[:MAX_GPUS_PER_NODE]):
+    for i, g in enumerate(req.gpus[:max_gpus]):
         field = f"gpus[{i}]"
-        v.int_range(f"{field}.index", g.index, 0, MAX_GPUS_PER_NODE - 1)
+        v.int_range(f"{field}.index", g.index, 0, max_gpus - 1)
         if g.index in seen:
             v.add(f"{field}.index", f"index {g.index} appears twice")
         seen.add(g.index)
+        uuid = g.uuid or f"{req.node_id}-gpu-{g.index}"
+        if uuid in uuids:
+            v.add(f"{field}.uuid", f"uuid {uuid[:128]!r} is also gpus[{uuids[uuid]}]'s")
+        uuids.setdefault(uuid, i)
         v.text(f"{field}.uuid", g.uuid, 128)
         v.text(f"{field}.model", g.model, 64)
         v.check(bool(g.model), f"{field}.model", "is required")
@@ -46,7 +55,7 @@ def node_from_request(req: gpu_manager_pb2.RegisterNodeRequest) -> Node:
         gpus.append(
             Gpu(
                 index=g.index,
-                uuid=g.uuid or f"{req.node_id}-gpu-{g.index}",
+                uuid=uuid,
                 model=g.model,
                 memory_bytes=g.memory_bytes,
                 health=GpuHealth(g.health) if g.health in _HEALTH else GpuHealth.HEALTHY,
@@ -61,6 +70,18 @@ def node_from_request(req: gpu_manager_pb2.RegisterNodeRequest) -> Node:
         labels=dict(req.labels),
         gpus=gpus,
     )
+
+
+def _metrics(v: val.Violations, field: str, m: gpu_manager_pb2.GpuMetrics) -> None:
+    """Metrics are measurements: finite and never negative (NaN would poison every sum
+    and comparison made with them)."""
+    v.finite(f"{field}.utilization_percent", m.utilization_percent, 0.0, 100.0)
+    v.int_range(f"{field}.memory_used_bytes", m.memory_used_bytes, 0, val.MAX_MEMORY_BYTES)
+    v.finite(f"{field}.temperature_celsius", m.temperature_celsius, 0.0, 1000.0)
+    v.finite(f"{field}.power_watts", m.power_watts, 0.0, 1_000_000.0)
+    v.int_range(f"{field}.ecc_errors", m.ecc_errors, 0, 2**62)
+    v.int_range(f"{field}.xid_errors", m.xid_errors, 0, 2**62)
+    v.size(f"{field}.recent_xids", len(m.recent_xids), 64, "XID codes")
 
 
 class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
@@ -96,8 +117,10 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
     async def RegisterNode(
         self, request: gpu_manager_pb2.RegisterNodeRequest, context: Ctx
     ) -> gpu_manager_pb2.RegisterNodeResponse:
-        node = await self.engine.register_node(node_from_request(request))
         settings = self.engine.settings
+        node = node_from_request(request, settings.max_gpus_per_node, settings.max_labels)
+        authorize.node(auth.current(), request.node_id)
+        node = await self.engine.register_node(node)
         return gpu_manager_pb2.RegisterNodeResponse(
             node=await self._node(node),
             heartbeat_interval_seconds=settings.heartbeat_interval_seconds,
@@ -110,10 +133,17 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
     ) -> gpu_manager_pb2.HeartbeatResponse:
         v = val.Violations()
         v.identifier("node_id", request.node_id, kind="node id")
-        v.check(len(request.gpus) <= MAX_GPUS_PER_NODE, "gpus", "too many GPU reports")
+        most = self.engine.settings.max_gpus_per_node
+        v.size("gpus", len(request.gpus), most, "GPU reports")
         reports = []
-        for i, g in enumerate(request.gpus[:MAX_GPUS_PER_NODE]):
+        seen: set[int] = set()
+        for i, g in enumerate(request.gpus[:most]):
+            if g.index in seen:
+                v.add(f"gpus[{i}].index", f"GPU {g.index} is reported twice")
+            seen.add(g.index)
             v.enum_value(f"gpus[{i}].health", g.health, _HEALTH, allow_unspecified=True)
+            if g.HasField("metrics"):
+                _metrics(v, f"gpus[{i}].metrics", g.metrics)
             reports.append(
                 GpuReport(
                     index=g.index,
@@ -122,6 +152,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
                 )
             )
         v.raise_if_any()
+        authorize.node(auth.current(), request.node_id)
         node = await self.engine.heartbeat(request.node_id, reports)
         out = gpu_manager_pb2.HeartbeatResponse(
             state=int(node.state),  # type: ignore[arg-type]
@@ -138,6 +169,7 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         self, request: gpu_manager_pb2.GetNodeRequest, context: Ctx
     ) -> gpu_manager_pb2.GetNodeResponse:
         self._node_id(request.node_id)
+        authorize.node(auth.current(), request.node_id)
         # The node and what is held on it (allocations' revisions) are as of now.
         revision = self.engine.revision
         node = await self.engine.found(lambda: self.engine.get_node(request.node_id))
@@ -151,8 +183,9 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
     ) -> gpu_manager_pb2.ListNodesResponse:
         v = val.Violations()
         v.enum_values("states", request.states, _NODE_STATES, allow_unspecified=False)
-        v.labels("label_selector", request.label_selector)
-        page_size = v.page_size("page_size", request.page_size)
+        settings = self.engine.settings
+        v.labels("label_selector", request.label_selector, settings.max_labels)
+        page_size = v.page_size("page_size", request.page_size, settings.max_page_size)
         raw_states = sorted(set(request.states))
         selector = sorted(request.label_selector.items())
         fp = fingerprint("nodes", raw_states, selector)
@@ -169,9 +202,17 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
             ),
             key=lambda n: n.id,
         )
-        page, token = paginate(nodes, lambda n: n.id, page_size, after, fp)
+        page, token = paginate(
+            nodes,
+            lambda n: n.id,
+            page_size,
+            after,
+            fp,
+            lambda n: self._nodes([n])[0],
+            settings.max_page_bytes,
+        )
         answer = gpu_manager_pb2.ListNodesResponse(
-            nodes=self._nodes(page), next_page_token=token, revision=revision
+            nodes=page, next_page_token=token, revision=revision
         )
         await self.engine.wait_committed(revision)
         return answer
@@ -183,10 +224,12 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         v = val.Violations()
         v.identifier("node_id", request.node_id, required=False, kind="node id")
         v.text("model", request.model, 64)
-        page_size = v.page_size("page_size", request.page_size)
+        settings = self.engine.settings
+        page_size = v.page_size("page_size", request.page_size, settings.max_page_size)
         fp = fingerprint("gpus", request.node_id, request.model, request.free_only)
         after = decode_token(request.page_token, fp, v)
         v.raise_if_any()
+        authorize.node(auth.current(), request.node_id)
         state = self.engine.state
         if request.node_id:
             nodes = [await self.engine.found(lambda: self.engine.get_node(request.node_id))]
@@ -198,15 +241,19 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
                 if request.model and g.model != request.model:
                     continue
                 holder = state.holder_of(n.id, g.index)
-                if request.free_only and holder is not None:
+                # Free means it could take new work now: a GPU of a cordoned, draining,
+                # drained or down node, or an unhealthy one, is idle but not free.
+                if request.free_only and (
+                    holder is not None or not n.schedulable or g.health != GpuHealth.HEALTHY
+                ):
                     continue
                 rows.append((f"{n.id}\x00{g.index:04d}", codec.gpu_to_proto(n.id, g, holder)))
-        page, token = paginate(rows, lambda r: r[0], page_size, after, fp)
+        page, token = paginate(
+            rows, lambda r: r[0], page_size, after, fp, lambda r: r[1], settings.max_page_bytes
+        )
         revision = self.engine.revision
         await self.engine.wait_committed(revision)
-        return gpu_manager_pb2.ListGpusResponse(
-            gpus=[r[1] for r in page], next_page_token=token, revision=revision
-        )
+        return gpu_manager_pb2.ListGpusResponse(gpus=page, next_page_token=token, revision=revision)
 
     @unary
     async def CordonNode(
@@ -215,16 +262,34 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         v = val.Violations()
         v.identifier("node_id", request.node_id, kind="node id")
         v.text("reason", request.reason, 1024)
+        self._gpu_indices(v, request.gpu_indices)
         v.raise_if_any()
-        node = await self.engine.cordon(request.node_id, request.reason)
+        if request.gpu_indices:
+            node = await self.engine.cordon_gpus(
+                request.node_id, list(request.gpu_indices), request.reason
+            )
+        else:
+            node = await self.engine.cordon(request.node_id, request.reason)
         return gpu_manager_pb2.CordonNodeResponse(node=await self._node(node))
+
+    def _gpu_indices(self, v: val.Violations, indices: Sequence[int]) -> None:
+        most = self.engine.settings.max_gpus_per_node
+        v.size("gpu_indices", len(indices), most, "GPU indices")
+        for i, index in enumerate(indices[:most]):
+            v.int_range(f"gpu_indices[{i}]", index, 0, most - 1)
 
     @unary
     async def UncordonNode(
         self, request: gpu_manager_pb2.UncordonNodeRequest, context: Ctx
     ) -> gpu_manager_pb2.UncordonNodeResponse:
-        self._node_id(request.node_id)
-        node = await self.engine.uncordon(request.node_id)
+        v = val.Violations()
+        v.identifier("node_id", request.node_id, kind="node id")
+        self._gpu_indices(v, request.gpu_indices)
+        v.raise_if_any()
+        if request.gpu_indices:
+            node = await self.engine.uncordon_gpus(request.node_id, list(request.gpu_indices))
+        else:
+            node = await self.engine.uncordon(request.node_id)
         return gpu_manager_pb2.UncordonNodeResponse(node=await self._node(node))
 
     @unary
@@ -236,9 +301,11 @@ class GpuManagerService(gpu_manager_pb2_grpc.GpuManagerServiceServicer):
         v.text("reason", request.reason, 1024)
         v.int_range("grace_seconds", request.grace_seconds, 0, 86400)
         v.raise_if_any()
-        node, evicted = await self.engine.drain(
+        node, evicted, requeued = await self.engine.drain(
             request.node_id, request.reason, float(request.grace_seconds)
         )
         return gpu_manager_pb2.DrainNodeResponse(
-            node=await self._node(node), allocation_ids=evicted
+            node=await self._node(node),
+            allocation_ids=evicted,
+            requeued_allocation_ids=requeued,
         )

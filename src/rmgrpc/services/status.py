@@ -24,6 +24,7 @@ from rmgrpc.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     QuotaExceeded,
     RevisionCompacted,
     RmgrpcError,
@@ -127,6 +128,16 @@ def to_status(exc: RmgrpcError) -> status_pb2.Status:
         )
     if isinstance(exc, Unavailable):
         return _status(code_pb2.UNAVAILABLE, str(exc) or "server is shutting down")
+    if isinstance(exc, PermissionDenied):
+        return _status(
+            code_pb2.PERMISSION_DENIED,
+            exc.description,
+            error_details_pb2.ErrorInfo(
+                reason="PERMISSION_DENIED",
+                domain=DOMAIN,
+                metadata={"principal": exc.principal, "action": exc.action},
+            ),
+        )
     return _status(code_pb2.INTERNAL, "internal error")
 
 

@@ -7,6 +7,7 @@ or raise InvalidArgument listing every bad field (with its JSON path, e.g.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -86,9 +87,9 @@ class Violations:
         if not lo <= value <= hi:
             self.add(field, f"must be between {lo} and {hi} (got {value})")
 
-    def labels(self, field: str, labels: Mapping[str, str]) -> None:
-        if len(labels) > MAX_LABELS:
-            self.add(field, f"must have at most {MAX_LABELS} entries (got {len(labels)})")
+    def labels(self, field: str, labels: Mapping[str, str], max_entries: int = MAX_LABELS) -> None:
+        if len(labels) > max_entries:
+            self.add(field, f"must have at most {max_entries} entries (got {len(labels)})")
             return
         for key in sorted(labels):
             if not LABEL_KEY_RE.match(key):
@@ -115,8 +116,19 @@ class Violations:
         elif value not in set(known):
             self.add(field, f"unknown value {value}")
 
-    def page_size(self, field: str, value: int) -> int:
-        if value < 0 or value > MAX_PAGE_SIZE:
-            self.add(field, f"must be between 0 and {MAX_PAGE_SIZE} (got {value})")
+    def page_size(self, field: str, value: int, max_size: int = MAX_PAGE_SIZE) -> int:
+        if value < 0 or value > max_size:
+            self.add(field, f"must be between 0 and {max_size} (got {value})")
             return DEFAULT_PAGE_SIZE
-        return value or DEFAULT_PAGE_SIZE
+        return value or min(DEFAULT_PAGE_SIZE, max_size)
+
+    def finite(self, field: str, value: float, lo: float = 0.0, hi: float = math.inf) -> None:
+        """A real number in [lo, hi]: NaN and infinities are never a measurement."""
+        if math.isnan(value) or math.isinf(value):
+            self.add(field, f"must be a finite number (got {value})")
+        elif not lo <= value <= hi:
+            self.add(field, f"must be between {lo:g} and {hi:g} (got {value:g})")
+
+    def size(self, field: str, count: int, most: int, what: str = "entries") -> bool:
+        """At most `most` entries in a list or map; False (and a violation) above."""
+        return self.check(count <= most, field, f"must have at most {most} {what} (got {count})")
