@@ -93,10 +93,17 @@ def placement_to_proto(p: Placement, uuid_of: UuidOf | None = None) -> resources
 
 
 def allocation_to_proto(
-    a: Allocation, uuid_of: UuidOf | None = None, *, status: bool = True
+    a: Allocation,
+    uuid_of: UuidOf | None = None,
+    *,
+    status: bool = True,
+    position: int | None = None,
 ) -> allocator_pb2.Allocation:
     """`status=False` leaves out what is status, not state (`queue_position`): the
-    encoding of a revision (events, the store) never carries it."""
+    encoding of a revision (events, the store) never carries it. `position` is the
+    queue position to show (the last pass's); without it, `a.queue_position`."""
+    if position is None:
+        position = a.queue_position
     msg = allocator_pb2.Allocation(
         id=a.id,
         tenant=a.tenant,
@@ -110,7 +117,7 @@ def allocation_to_proto(
         state=int(a.state),  # type: ignore[arg-type]
         placements=[placement_to_proto(p, uuid_of) for p in a.placements],
         pending_reason=a.pending_reason if a.state == AllocationState.PENDING else "",
-        queue_position=a.queue_position if status and a.state == AllocationState.PENDING else 0,
+        queue_position=position if status and a.state == AllocationState.PENDING else 0,
         state_reason=a.state_reason,
         revision=a.revision,
         preempted_by=a.preempted_by,

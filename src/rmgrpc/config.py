@@ -133,6 +133,12 @@ class Settings:
         "a request no registered node could ever host: reject (REJECTED at once) or pending",
         default="reject",
     )
+    pass_runner: str = _s(
+        "scheduler",
+        "where full scheduling passes run: process (a worker process, so a deep queue "
+        "never slows RPCs) or thread (in the server's process)",
+        default="process",
+    )
 
     watch_buffer_events: int = _s(
         "watch",
@@ -273,6 +279,7 @@ class Settings:
             _host_port("metrics_listen", self.metrics_listen)
         checks: list[tuple[bool, str]] = [
             (self.simulated_nodes >= 0, "simulated_nodes must be >= 0"),
+            (self.pass_runner in ("process", "thread"), "pass_runner must be process or thread"),
             (0 <= self.simulated_gpus_per_node <= 64, "simulated_gpus_per_node must be 0..64"),
             (self.simulated_cpu_millis > 0, "simulated_cpu_millis must be > 0"),
             (self.simulated_memory_bytes > 0, "simulated_memory_bytes must be > 0"),

@@ -27,7 +27,7 @@ from rmgrpc.gcpolicy import GcPolicy
 from rmgrpc.gpu.nvml import NvmlInventory
 from rmgrpc.gpu.simulated import simulated_metrics, simulated_nodes
 from rmgrpc.model import Node
-from rmgrpc.scheduler.snapshot import Decisions
+from rmgrpc.scheduler.result import PassResult
 from rmgrpc.services.allocator import AllocatorService
 from rmgrpc.services.gpu_manager import GpuManagerService
 from rmgrpc.services.quota import QuotaService
@@ -169,12 +169,13 @@ async def _gpu_metrics_loop(engine: Engine, nvml: NvmlInventory | None, every: f
         await asyncio.sleep(every)
 
 
-def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, Decisions], None]:
-    def observe(seconds: float, decisions: Decisions) -> None:
+def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, PassResult], None]:
+    def observe(seconds: float, result: PassResult) -> None:
+        plan = result.plan
         metrics.scheduling_cycle.observe(seconds)
-        metrics.scheduling_decisions.labels(decision="admitted").inc(len(decisions.admissions))
-        metrics.scheduling_decisions.labels(decision="preempted").inc(len(decisions.preemptions))
-        metrics.pending_allocations.set(len(decisions.pending))
+        metrics.scheduling_decisions.labels(decision="admitted").inc(len(plan.admissions))
+        metrics.scheduling_decisions.labels(decision="preempted").inc(len(plan.preemptions))
+        metrics.pending_allocations.set(result.pending)
 
     return observe
 

@@ -9,7 +9,8 @@ keeps, up to date at each change, what the hot paths would otherwise scan for:
 - creation order of all retained allocations, for paging without sorting;
 - `frozen`: a private copy of each live allocation as of its last event, which is what
   a scheduling snapshot is made of, so a pass running in a worker thread never reads an
-  object the event loop is changing.
+  object the event loop is changing; `touched`/`touched_nodes` name the frozen copies
+  changed since the pass runner last looked (so a worker process gets only those).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class ClusterState:
         self._forgotten = 0
         self.frozen: dict[str, Allocation] = {}
         self.frozen_nodes: dict[str, Node] = {}
+        self.touched: set[str] = set()
+        self.touched_nodes: set[str] = set()
 
     # -- allocations -------------------------------------------------------
 
@@ -87,6 +90,7 @@ class ClusterState:
 
     def changed(self, a: Allocation) -> None:
         """`a` changed (an event was written for it): refresh what snapshots see."""
+        self.touched.add(a.id)
         if a.id in self.live:
             self.frozen[a.id] = dataclasses.replace(a)
         else:
@@ -121,7 +125,8 @@ class ClusterState:
                     t.memory_bytes -= a.shape.memory_bytes
         if not keep_live:
             self.live.pop(a.id, None)
-            self.frozen.pop(a.id, None)
+            if self.frozen.pop(a.id, None) is not None:
+                self.touched.add(a.id)
             for p in a.placements:
                 ids = self._on_node.get(p.node_id)
                 if ids is not None:
@@ -178,10 +183,12 @@ class ClusterState:
     def put_node(self, node: Node) -> None:
         self.nodes[node.id] = node
         self.frozen_nodes[node.id] = copy_node(node)
+        self.touched_nodes.add(node.id)
 
     def remove_node(self, node_id: str) -> None:
         self.nodes.pop(node_id, None)
         self.frozen_nodes.pop(node_id, None)
+        self.touched_nodes.add(node_id)
         self.node_totals.pop(node_id, None)
 
     # -- views -------------------------------------------------------------

@@ -3,6 +3,7 @@ Allocate throughput with 30,000 pending, each next to the same server's own base
 
     python -m tests.bench.load_bench [--nodes 1000] [--pending 10000] [--more 20000]
                                      [--seconds 15] [--fill-limit 120] [--fill rpc|store]
+                                     [--pass-runner process|thread]
 
 One server with `--nodes` simulated nodes of 8 GPUs, driven only through gRPC by clients in
 child processes (so the server's process only serves), never through the engine's API:
@@ -218,7 +219,12 @@ def _retried(got: dict[str, Any]) -> str:
 async def bench(args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        settings = bench_settings(tmp, simulated_nodes=args.nodes, simulated_gpus_per_node=8)
+        settings = bench_settings(
+            tmp,
+            simulated_nodes=args.nodes,
+            simulated_gpus_per_node=8,
+            pass_runner=args.pass_runner,
+        )
         served = _Served(settings, await start(settings))
         target = served.target
         gpus = args.nodes * 8
@@ -230,7 +236,8 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
         )
         print(
             f"{args.nodes} nodes x 8 GPUs; clients in child processes, {how}; "
-            f"Health/Check probed open-loop at {PROBE_RATE:.0f}/s"
+            f"Health/Check probed open-loop at {PROBE_RATE:.0f}/s; "
+            f"full passes in a worker {args.pass_runner}"
         )
         try:
             # 10 s: the server's 5-second background loops land in it twice.
@@ -449,6 +456,12 @@ def main(argv: list[str] | None = None) -> None:
         "slow to fill through gRPC)",
     )
     parser.add_argument("--fill-limit", type=float, default=120.0, help="bound per fill step")
+    parser.add_argument(
+        "--pass-runner",
+        choices=("process", "thread"),
+        default="process",
+        help="where the server runs full scheduling passes ([scheduler] pass_runner)",
+    )
     asyncio.run(bench(parser.parse_args(argv)))
 
 

@@ -137,6 +137,7 @@ class EngineCore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        self.scheduling.runner.close()
         self.hub.close()
         self.committer.close()
 

@@ -17,11 +17,16 @@ pass, which may preempt for it. When the queue is not settled the request waits 
 next pass, as the fair order requires. Either way a request costs the same however long
 the queue is, except when it has to wait for a pass.
 
+**Where passes run.** In a worker process by default (`engine.passes`): a pass over a
+deep queue then never holds the GIL against the event loop. It comes back summed up
+(`scheduler.result.PassResult`): the plan, a position per pending request, and only the
+reasons that changed, so applying it costs what changed, not the depth of the queue.
+
 **Status.** A pass's reasons for waiting are state (they are what `pending_reason`
 says at a revision), so a changed reason is written as an UPDATED event — at once for a
 request's first reason, then at most once per `REASON_EVERY` seconds per request and
 `REASON_BUDGET` per pass, so a long queue cannot flood the log. Queue positions are
-status only: kept on the objects, served fresh by Get/List, never part of a revision.
+status only: the last pass's map, served fresh by Get/List, never part of a revision.
 """
 
 from __future__ import annotations
@@ -35,27 +40,30 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from rmgrpc import telemetry
+from rmgrpc.engine.passes import PassRunner, make_runner
 from rmgrpc.engine.txn import Txn
 from rmgrpc.errors import Unavailable
 from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Placement
 from rmgrpc.scheduler import apply
-from rmgrpc.scheduler import cycle as scheduler_cycle
 from rmgrpc.scheduler.fairshare import Amount, Ledger, UsageHistory
 from rmgrpc.scheduler.placement import CapacityView, gpus_text
-from rmgrpc.scheduler.snapshot import Decisions, DryRun, PendingStatus, Snapshot
+from rmgrpc.scheduler.result import PassResult
+from rmgrpc.scheduler.snapshot import Decisions, DryRun, Snapshot
 
 if TYPE_CHECKING:
     from rmgrpc.engine.core import EngineCore
 
 log = logging.getLogger("rmgrpc.engine")
 
-CycleObserver = Callable[[float, Decisions], None]
+CycleObserver = Callable[[float, PassResult], None]
 
 QUEUED = "queued: the scheduler has not considered it yet"
 # A changed reason for waiting is written at most this often per request...
 REASON_EVERY = 30.0
 # ...and at most this many per pass (first reasons always go).
 REASON_BUDGET = 1000
+# First reasons (replacing "queued") written per txn; more go in the next slice at once.
+FIRST_BUDGET = 500
 # With work pending, a pass runs at least this often (starvation holds, positions).
 REFRESH_EVERY = 5.0
 # A pass asked only to refresh positions and reasons waits this long after the last.
@@ -82,6 +90,13 @@ class Scheduling:
         self.pending_of: dict[str, int] = {}
         self._unconsidered: set[str] = set()
         self._last: Decisions = Decisions()
+        self._last_pending = 0
+        # Status: each pending request's position as of the last pass.
+        self.positions: dict[str, int] = {}
+        # The reason the last pass gave each pending request, where its `pending_reason`
+        # still says something else (held back by the rate limits).
+        self._wanted: dict[str, str] = {}
+        self.runner: PassRunner = make_runner(engine.settings.pass_runner)
         self._quick: tuple[CapacityView, Ledger] | None = None
         # Reasons the quick view gave, while it has not changed: a full cluster explains
         # the same shape the same way, and a filter-chain walk over every node is the
@@ -253,12 +268,17 @@ class Scheduling:
         self._pending.discard(allocation_id)
         self._unconsidered.discard(allocation_id)
         self._reason_at.pop(allocation_id, None)
+        self._wanted.pop(allocation_id, None)
+
+    def position(self, allocation_id: str) -> int:
+        """Where a pending request stands in admission order (0: not placed by a pass yet)."""
+        return self.positions.get(allocation_id, 0)
 
     # -- the loop --------------------------------------------------------------------
 
     async def loop(self) -> None:
         while True:
-            pending = bool(self._last.pending or self._unconsidered)
+            pending = bool(self._last_pending or self._unconsidered)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), REFRESH_EVERY if pending else None)
             if not self._urgent:
@@ -323,32 +343,42 @@ class Scheduling:
 
     async def _pass(self) -> Txn:
         """One full pass; returns its txn, to await its commit."""
-        snap = self.snapshot()
         epoch = self.epoch
         # Quota as the plan saw it: re-checked at apply time only if this changes.
         marks = (self.engine.quotas_version, self._quick_placed)
-        seen = {aid for aid in self._unconsidered if aid in snap.allocations}
-        graced, self.graced = self.graced, []
+        seen: set[str] = set()
+        graced: list[str] = []
+
+        def take() -> Snapshot:
+            # Called by the runner when it is ready: what the pass will have seen.
+            nonlocal epoch, marks, seen, graced
+            snap = self.snapshot()
+            epoch = self.epoch
+            marks = (self.engine.quotas_version, self._quick_placed)
+            seen = {aid for aid in self._unconsidered if aid in snap.allocations}
+            graced, self.graced = self.graced, []
+            return snap
+
         with telemetry.tracer().start_as_current_span("rmgrpc.scheduling_cycle") as span:
-            started = time.perf_counter()
-            decisions = await asyncio.to_thread(scheduler_cycle.run_cycle, snap)
-            self.last_cycle_seconds = time.perf_counter() - started
-            span.set_attribute("rmgrpc.pending", len(decisions.pending))
-            span.set_attribute("rmgrpc.admitted", len(decisions.admissions))
-            span.set_attribute("rmgrpc.preempted", len(decisions.preemptions))
+            result = await self.runner.run(self.state, take)
+            self.last_cycle_seconds = result.seconds
+            span.set_attribute("rmgrpc.pending", result.pending)
+            span.set_attribute("rmgrpc.admitted", len(result.plan.admissions))
+            span.set_attribute("rmgrpc.preempted", len(result.plan.preemptions))
         self.passes += 1
         recheck = marks != (self.engine.quotas_version, self._quick_placed)
-        txn = self._apply(decisions, graced, recheck_quota=recheck)
+        txn = self._apply(result, graced, recheck_quota=recheck)
         if epoch == self.epoch:
             self._settled_epoch = epoch
         else:
             self.request()  # the plan was made on an older state: decide again
         self._unconsidered -= seen
         for observe in self.observers:
-            observe(self.last_cycle_seconds, decisions)
+            observe(self.last_cycle_seconds, result)
         return txn
 
-    def _apply(self, decisions: Decisions, graced: Sequence[str], *, recheck_quota: bool) -> Txn:
+    def _apply(self, result: PassResult, graced: Sequence[str], *, recheck_quota: bool) -> Txn:
+        decisions = result.plan
         engine = self.engine
         tr = engine.transitions
         state = self.state
@@ -372,7 +402,9 @@ class Scheduling:
                 self._unconsidered.add(aid)
             if applied.refused:
                 self.request()
-            self._statuses(txn, applied.statuses)
+            self.positions = result.positions
+            self._last_pending = result.pending
+            self._statuses(txn, result.reasons)
             for aid in graced:
                 gone = state.live.get(aid)
                 if gone is not None and gone.state == AllocationState.PREEMPTED:
@@ -407,24 +439,63 @@ class Scheduling:
 
         return ok
 
-    def _statuses(self, txn: Txn, statuses: dict[str, PendingStatus]) -> None:
+    def _statuses(self, txn: Txn, changed: dict[str, str]) -> None:
+        """Writes the reasons that changed, within the rate limits; those held back are
+        kept and tried again after the next pass (which names only new changes)."""
+        live = self.state.live
+        for aid, reason in changed.items():
+            a = live.get(aid)
+            if a is not None and a.state == AllocationState.PENDING:
+                self._wanted[aid] = reason
+        if self._write_reasons(txn, first_only=False):
+            asyncio.get_running_loop().call_soon(self._more_first_reasons)
+
+    def _write_reasons(self, txn: Txn, *, first_only: bool) -> bool:
+        """Writes wanted reasons into `txn`: at most `FIRST_BUDGET` first reasons (so a
+        queue of tens of thousands seen for the first time, as after a restart, is
+        written in slices with the event loop free between them) and, unless
+        `first_only`, changes within `REASON_BUDGET` and `REASON_EVERY`. True when first
+        reasons are left for another slice."""
+        wanted = self._wanted
+        live = self.state.live
         now = time.monotonic()
         budget = REASON_BUDGET
+        firsts = FIRST_BUDGET
         tr = self.engine.transitions
-        for aid, status in statuses.items():
-            a = self.state.live[aid]
-            a.queue_position = status.position
-            if status.reason == a.pending_reason:
+        done = []
+        more = False
+        for aid, reason in wanted.items():
+            a = live.get(aid)
+            if a is None or a.state != AllocationState.PENDING or reason == a.pending_reason:
+                done.append(aid)
                 continue
-            first = a.pending_reason in ("", QUEUED)
-            last = self._reason_at.get(aid)
-            if not first and (budget <= 0 or (last is not None and now - last < REASON_EVERY)):
-                continue
-            if not first:
+            if a.pending_reason in ("", QUEUED):
+                if firsts <= 0:
+                    more = True
+                    continue
+                firsts -= 1
+            else:
+                last = self._reason_at.get(aid)
+                if first_only or budget <= 0 or (last is not None and now - last < REASON_EVERY):
+                    continue
                 budget -= 1
-            a.pending_reason = status.reason
+            a.pending_reason = reason
             self._reason_at[aid] = now
             tr.allocation(txn, a, AllocationEventType.UPDATED)
+            done.append(aid)
+        for aid in done:
+            del wanted[aid]
+        return more
+
+    def _more_first_reasons(self) -> None:
+        """The next slice of first reasons, in a txn of its own."""
+        try:
+            with self.engine.committer.transaction() as txn:
+                more = self._write_reasons(txn, first_only=True)
+        except Unavailable:
+            return  # the store failed: the server is stopping
+        if more:
+            asyncio.get_running_loop().call_soon(self._more_first_reasons)
 
     # -- quick decisions -------------------------------------------------------------
 
@@ -479,9 +550,14 @@ class Scheduling:
 
     def decide(self, a: Allocation) -> tuple[Placement, ...] | str | None:
         """A quick decision for a new request: its placements, or the reason it waits;
-        None when the queue is not settled and it must wait for the next pass."""
-        if not self.settled:
-            return None
+        None when it must wait for the next pass.
+
+        A request that fits waits for the pass when the queue is not settled: capacity
+        just freed, or requests not yet considered, may be owed to older work. One that
+        does not fit (and could not preempt) is answered PENDING at once either way,
+        since it takes nothing from anyone; otherwise a steady stream of arrivals into
+        a full cluster would keep the queue unsettled, every answer waiting a pass."""
+        settled = self.settled
         view, ledger = self._structures()
         amt = Amount.of_request(a)
         block = ledger.limit_block(a.tenant, amt)
@@ -500,9 +576,14 @@ class Scheduling:
                     f"over quota of tenant {a.tenant}: no GPU model has room for "
                     f"{gpus_text(amt.gpus)} under its per-model limits"
                 )
+        trial = view.statement()
         placements = view.place_gang(
             a.shape, a.count, owner=a.id, priority=a.priority, models=models
         )
+        if placements is not None and not settled:
+            trial.discard()
+            return None
+        trial.commit()
         if placements is None:
             if self._may_preempt(a, amt, ledger):
                 return None
@@ -528,13 +609,12 @@ class Scheduling:
     # -- dry runs --------------------------------------------------------------------
 
     async def dry_run(self, probe: Allocation) -> DryRun:
-        """What `probe` would get now: one pass with it added, in a worker thread.
+        """What `probe` would get now: one pass with it added, where passes run.
         The same request asked again at the same revision shares the answer."""
         key = (self.engine.committer.revision, _probe_key(probe))
         fut = self._dry_runs.get(key)
         if fut is None:
-            snap = self.snapshot()
-            fut = asyncio.ensure_future(asyncio.to_thread(scheduler_cycle.dry_run, snap, probe))
+            fut = asyncio.ensure_future(self.runner.dry_run(self.state, self.snapshot, probe))
             self._dry_runs[key] = fut
             fut.add_done_callback(lambda _: self._dry_runs.pop(key, None))
         return await asyncio.shield(fut)

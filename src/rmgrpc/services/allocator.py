@@ -95,7 +95,9 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         return msg
 
     def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
-        return codec.allocation_to_proto(a, self.engine.state.uuid_of)
+        return codec.allocation_to_proto(
+            a, self.engine.state.uuid_of, position=self.engine.scheduling.positions.get(a.id)
+        )
 
     async def _visible(self, allocation_id: str) -> None:
         """NOT_FOUND, as for an unknown id, for an allocation the caller may not see."""

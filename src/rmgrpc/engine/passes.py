@@ -1,0 +1,185 @@
+"""Where full scheduling passes run: a worker process (the default) or a worker thread.
+
+`[scheduler] pass_runner` chooses:
+
+- `process`: `rmgrpc.passworker` in a child process, which mirrors nodes and live
+  allocations; each pass sends only what changed since the last (the read model notes
+  what it touches, see `ClusterState.touched`). The pass gets a core of its own instead
+  of holding the GIL against the event loop, which is what keeps RPC latency flat while
+  a deep queue is scheduled. If the child dies it is started again and sent everything.
+- `thread`: `asyncio.to_thread` in the server's own process; no child to start, which
+  suits embedding the engine (the simulator, unit tests).
+
+Either way the engine receives a `PassResult`. Pickling, sending and receiving happen in
+a worker thread too, so the event loop never waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+from rmgrpc.model import Allocation
+from rmgrpc.passworker import Delta, snapshot_rest
+from rmgrpc.scheduler import cycle as scheduler_cycle
+from rmgrpc.scheduler.result import PassResult, Summariser
+from rmgrpc.scheduler.snapshot import DryRun, Snapshot
+from rmgrpc.state import ClusterState
+
+log = logging.getLogger("rmgrpc.engine")
+
+RUNNERS = ("process", "thread")
+
+
+SnapshotTaker = Callable[[], Snapshot]
+
+
+class PassRunner(Protocol):
+    async def run(self, state: ClusterState, take: SnapshotTaker) -> PassResult:
+        """One full pass on the snapshot `take()` makes of `state` when the runner is
+        ready for it (so nothing changes between the snapshot and what is sent)."""
+        ...
+
+    async def dry_run(self, state: ClusterState, take: SnapshotTaker, probe: Allocation) -> DryRun:
+        """What `probe` would get on the snapshot `take()` makes."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ThreadRunner:
+    def __init__(self) -> None:
+        self._summarise = Summariser()
+        self._state: ClusterState | None = None
+
+    async def run(self, state: ClusterState, take: SnapshotTaker) -> PassResult:
+        if state is not self._state:
+            self._state = state
+            self._summarise.forget()
+        snap = take()
+        state.touched.clear()
+        state.touched_nodes.clear()
+
+        def work() -> PassResult:
+            started = time.perf_counter()
+            decisions = scheduler_cycle.run_cycle(snap)
+            return self._summarise(decisions, time.perf_counter() - started)
+
+        return await asyncio.to_thread(work)
+
+    async def dry_run(self, state: ClusterState, take: SnapshotTaker, probe: Allocation) -> DryRun:
+        return await asyncio.to_thread(scheduler_cycle.dry_run, take(), probe)
+
+    def close(self) -> None:
+        pass
+
+
+class PassWorkerError(Exception):
+    """The worker process failed a pass (its traceback is the message)."""
+
+
+class ProcessRunner:
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        # The state the worker mirrors; another object (a restart) means a full resend.
+        self._state: ClusterState | None = None
+        # One exchange at a time on the socket (a pass and a dry run may overlap).
+        self._lock = asyncio.Lock()
+
+    def _start(self) -> Connection:
+        ours, theirs = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "rmgrpc.passworker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(os.dup(ours.fileno()))
+        ours.close()
+        self._state = None
+        log.debug("scheduling pass worker started (pid %d)", self._proc.pid)
+        return self._conn
+
+    def _delta(self, state: ClusterState, snap: Snapshot) -> Delta:
+        """What the worker lacks of `snap`; the touched marks are consumed."""
+        full = state is not self._state
+        nodes = snap.nodes if full else {n: snap.nodes.get(n) for n in state.touched_nodes}
+        allocs = snap.allocations if full else {a: snap.allocations.get(a) for a in state.touched}
+        state.touched.clear()
+        state.touched_nodes.clear()
+        self._state = state
+        return Delta(
+            full=full, nodes=dict(nodes), allocations=dict(allocs), rest=snapshot_rest(snap)
+        )
+
+    def _exchange(self, request: str, delta: Delta) -> tuple[str, object]:
+        conn = self._conn if self._conn is not None else self._start()
+        conn.send((request, delta))
+        reply: tuple[str, object] = conn.recv()
+        return reply
+
+    async def _ask(
+        self, request: str, state: ClusterState, take: SnapshotTaker, probe: Allocation | None
+    ) -> object:
+        async with self._lock:
+            # Snapshot and delta together, with no await between: what the worker is
+            # sent is exactly what changed up to the snapshot.
+            snap = take()
+            delta = self._delta(state, snap)
+            delta.probe = probe
+            try:
+                kind, body = await asyncio.to_thread(self._exchange, request, delta)
+            except (EOFError, OSError) as exc:
+                # The worker died (killed, out of memory): start another, send it all.
+                log.warning("scheduling pass worker lost (%s); starting another", exc)
+                self.close()
+                delta.full = True
+                delta.nodes, delta.allocations = dict(snap.nodes), dict(snap.allocations)
+                self._state = state
+                kind, body = await asyncio.to_thread(self._exchange, request, delta)
+            if kind != "ok":
+                self._state = None  # the worker dropped its mirror: send it all next time
+                raise PassWorkerError(str(body))
+            return body
+
+    async def run(self, state: ClusterState, take: SnapshotTaker) -> PassResult:
+        body = await self._ask("pass", state, take, None)
+        assert isinstance(body, PassResult)
+        return body
+
+    async def dry_run(self, state: ClusterState, take: SnapshotTaker, probe: Allocation) -> DryRun:
+        body = await self._ask("dry_run", state, take, probe)
+        assert isinstance(body, DryRun)
+        return body
+
+    def close(self) -> None:
+        conn, proc = self._conn, self._proc
+        self._conn = self._proc = None
+        self._state = None
+        if conn is not None:
+            conn.close()  # the worker sees EOF and exits
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def make_runner(kind: str) -> PassRunner:
+    if kind == "thread":
+        return ThreadRunner()
+    if kind == "process":
+        return ProcessRunner()
+    raise ValueError(f"pass_runner must be one of {', '.join(RUNNERS)}, not {kind!r}")

@@ -1,0 +1,173 @@
+"""Where passes run: the worker process's mirror gives the same decisions as a pass on the
+full snapshot, through adds, changes and removals, a dead worker and a new state."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import pytest
+
+from rmgrpc.engine.passes import ProcessRunner, ThreadRunner, make_runner
+from rmgrpc.model import Allocation, AllocationState, NodeState, Placement, Shape
+from rmgrpc.scheduler import cycle as scheduler_cycle
+from rmgrpc.scheduler.cycle import run_cycle
+from rmgrpc.scheduler.result import Summariser
+from rmgrpc.scheduler.simulate import make_node
+from rmgrpc.scheduler.snapshot import Decisions, PendingStatus, Snapshot
+from rmgrpc.state import ClusterState
+
+NOW = 1_000.0
+
+
+def _state(nodes: int = 3) -> ClusterState:
+    state = ClusterState()
+    for i in range(nodes):
+        state.put_node(make_node(f"n{i}", gpus=4))
+    return state
+
+
+def _request(state: ClusterState, i: int, gpus: int, tenant: str = "org/a") -> Allocation:
+    a = Allocation(
+        id=f"a{i:03d}", tenant=tenant, count=1, shape=Shape.of(gpus), create_time=NOW, seq=i
+    )
+    state.add(a, NOW)
+    return a
+
+
+def _snapshot(state: ClusterState) -> Snapshot:
+    return Snapshot(
+        now=NOW,
+        nodes=dict(state.frozen_nodes),
+        allocations=dict(state.frozen),
+        quotas=dict(state.quotas),
+    )
+
+
+def _expected(state: ClusterState) -> Decisions:
+    return run_cycle(_snapshot(state))
+
+
+async def _check(runner: ProcessRunner, state: ClusterState) -> None:
+    want = _expected(state)
+    got = await runner.run(state, lambda: _snapshot(state))
+    assert got.plan.admissions == want.admissions
+    assert got.plan.preemptions == want.preemptions
+    assert got.positions == {aid: st.position for aid, st in want.pending.items()}
+    assert not state.touched and not state.touched_nodes
+
+
+async def test_the_worker_mirror_follows_every_kind_of_change() -> None:
+    state = _state()
+    runner = ProcessRunner()
+    try:
+        for i in range(8):
+            _request(state, i, gpus=1 + i % 4)
+        await _check(runner, state)  # everything sent
+        # Place one (a change), cancel one (a removal), add some, cordon a node.
+        placed = state.live["a000"]
+        placed.state = AllocationState.ALLOCATED
+        placed.placements = (Placement("n0", (0,)),)
+        state.hold(placed)
+        state.changed(placed)
+        gone = state.live["a001"]
+        gone.state = AllocationState.CANCELLED
+        state.free(gone)
+        state.changed(gone)
+        for i in range(8, 12):
+            _request(state, i, gpus=2, tenant="org/ab")
+        node = state.nodes["n1"]
+        state.put_node(dataclasses.replace(node, state=NodeState.CORDONED))
+        await _check(runner, state)  # only the changes sent
+        state.remove_node("n2")
+        await _check(runner, state)
+    finally:
+        runner.close()
+
+
+async def test_a_dead_worker_is_replaced_and_sent_everything() -> None:
+    state = _state()
+    runner = ProcessRunner()
+    try:
+        for i in range(5):
+            _request(state, i, gpus=4)
+        await _check(runner, state)
+        assert runner._proc is not None
+        os.kill(runner._proc.pid, signal.SIGKILL)
+        runner._proc.wait()
+        _request(state, 5, gpus=1)
+        await _check(runner, state)
+    finally:
+        runner.close()
+
+
+async def test_a_new_state_is_sent_whole() -> None:
+    """After a restart the engine has another `ClusterState`: nothing of the old mirror
+    may leak into the new one's passes."""
+    runner = ProcessRunner()
+    try:
+        first = _state()
+        for i in range(4):
+            _request(first, i, gpus=4)
+        await _check(runner, first)
+        second = _state(nodes=1)
+        _request(second, 9, gpus=1)
+        await _check(runner, second)
+    finally:
+        runner.close()
+
+
+async def test_thread_and_process_runners_agree() -> None:
+    state = _state()
+    for i in range(10):
+        _request(state, i, gpus=1 + i % 3)
+    thread, process = ThreadRunner(), ProcessRunner()
+    try:
+        a = await thread.run(state, lambda: _snapshot(state))
+        for i in range(10):
+            state.touched.add(f"a{i:03d}")
+        b = await process.run(state, lambda: _snapshot(state))
+        assert (a.plan, a.positions, a.reasons) == (b.plan, b.positions, b.reasons)
+    finally:
+        process.close()
+
+
+def test_unknown_runner_is_refused() -> None:
+    with pytest.raises(ValueError, match="pass_runner"):
+        make_runner("fork")
+
+
+def test_results_name_only_changed_reasons() -> None:
+    summarise = Summariser()
+
+    def decisions(**reasons: str) -> Decisions:
+        pending = {aid: PendingStatus(r, i + 1) for i, (aid, r) in enumerate(reasons.items())}
+        return Decisions(pending=pending)
+
+    first = summarise(decisions(a="full", b="full"))
+    assert first.reasons == {"a": "full", "b": "full"}
+    assert first.positions == {"a": 1, "b": 2} and first.pending == 2
+    second = summarise(decisions(b="full", a="over quota", c="full"))
+    assert second.reasons == {"a": "over quota", "c": "full"}
+    assert second.positions == {"b": 1, "a": 2, "c": 3}
+    summarise.forget()
+    assert summarise(decisions(b="full")).reasons == {"b": "full"}
+    assert summarise(decisions(b="full")).plan.pending == {}
+
+
+async def test_a_dry_run_shares_the_mirror_with_passes() -> None:
+    """A dry run in the worker consumes the same change marks as passes: the pass after
+    it still sees every change."""
+    state = _state(nodes=2)
+    runner = ProcessRunner()
+    try:
+        _request(state, 0, gpus=4)
+        probe = Allocation(id="probe", tenant="org/a", count=1, shape=Shape.of(2), seq=99)
+        got = await runner.dry_run(state, lambda: _snapshot(state), probe)
+        want = scheduler_cycle.dry_run(_snapshot(state), probe)
+        assert got == want and got.placements
+        _request(state, 1, gpus=4)
+        await _check(runner, state)
+    finally:
+        runner.close()
