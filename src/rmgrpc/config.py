@@ -135,9 +135,9 @@ class Settings:
     )
     pass_runner: str = _s(
         "scheduler",
-        "where full scheduling passes run: process (a worker process, so a deep queue "
-        "never slows RPCs) or thread (in the server's process)",
-        default="process",
+        "where full scheduling passes run: thread (in the server's process) or process "
+        "(experimental: a worker process, so a deep queue slows RPCs less)",
+        default="thread",
     )
 
     watch_buffer_events: int = _s(

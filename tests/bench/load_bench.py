@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pass-runner",
         choices=("process", "thread"),
-        default="process",
+        default="thread",
         help="where the server runs full scheduling passes ([scheduler] pass_runner)",
     )
     asyncio.run(bench(parser.parse_args(argv)))
