@@ -171,3 +171,15 @@ async def test_a_dry_run_shares_the_mirror_with_passes() -> None:
         await _check(runner, state)
     finally:
         runner.close()
+
+
+def test_new_allocations_reach_the_mirror_in_creation_order() -> None:
+    """The mirror must iterate as the snapshot does: the core reads creation order from
+    it (a mirror in another order once let a tenant's GPUs pass its limit)."""
+    state = _state()
+    runner = ProcessRunner()
+    runner._delta(state, _snapshot(state))  # the first, full delta
+    ids = [_request(state, i, gpus=1).id for i in range(20, 40)]
+    state.touched = set(reversed(ids))  # a set's order is not the creation order
+    delta = runner._delta(state, _snapshot(state))
+    assert list(delta.allocations) == ids
