@@ -373,7 +373,14 @@ async def test_metrics_hold_every_family_with_the_scenario_values(
     await nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id="sim-node-1"))
     for aid in [*sc.a_ids, sc.b_held]:
         await alloc.ReleaseAllocation(allocator_pb2.ReleaseAllocationRequest(id=aid))
-    fams = await scraped(running, lambda f: value(f, "rmgrpc_tenant_admitted", tenant="org/b") == 2)
+    # The admitted counter follows events, the gauges their own loop: wait for both.
+    fams = await scraped(
+        running,
+        lambda f: (
+            value(f, "rmgrpc_tenant_admitted", tenant="org/b") == 2
+            and value(f, "rmgrpc_allocations", state="PENDING") == 0
+        ),
+    )
     gang = (
         await alloc.GetAllocation(allocator_pb2.GetAllocationRequest(id=sc.b_pending.id))
     ).allocation

@@ -385,6 +385,12 @@ async def test_interceptor_counts_ok_and_failed_unary_calls(
 
     ok = {"service": HEALTH, "method": "Check", "code": "OK"}
     not_found = {**ok, "code": "NOT_FOUND"}
+    # The client can hold the failed answer before the server's handler has unwound
+    # (and been counted): give it a moment, bounded.
+    for _ in range(100):
+        if sample(metrics, "rmgrpc_rpc_requests_total", not_found) == 1:
+            break
+        await asyncio.sleep(0.01)
     assert sample(metrics, "rmgrpc_rpc_requests_total", ok) == 2
     assert sample(metrics, "rmgrpc_rpc_requests_total", not_found) == 1
     timing = {"service": HEALTH, "method": "Check"}
