@@ -119,3 +119,30 @@ def quota_update_mask(
     if budget is not None:
         mask.append("budget")
     return mask
+
+
+def quota_update_request(
+    tenant: str,
+    *,
+    parent: str | None,
+    guaranteed: resources_pb2.Resources | None,
+    limit: resources_pb2.Resources | None,
+    weight: float | None,
+    budget: quota_pb2.Budget | None,
+    etag: str,
+) -> quota_pb2.SetQuotaRequest:
+    """The SetQuotaRequest of `update_quota`: only what is given, named in the mask."""
+    mask = quota_update_mask(
+        parent=parent, guaranteed=guaranteed, limit=limit, weight=weight, budget=budget
+    )
+    quota = quota_message(
+        tenant=tenant,
+        parent=parent or "",
+        guaranteed=guaranteed,
+        limit=limit,
+        weight=0.0,
+        budget=budget,
+    )
+    if weight is not None:
+        quota.weight = weight  # 0 included: it is a weight of its own
+    return quota_request(quota, mask, etag)

@@ -32,7 +32,7 @@ from rmgrpc_client._requests import (
     allocate_request,
     quota_message,
     quota_request,
-    quota_update_mask,
+    quota_update_request,
 )
 
 if TYPE_CHECKING:
@@ -507,22 +507,18 @@ class Client:
         for the rest, if the tenant has none): ``update_quota("org/a", weight=3)`` leaves
         its guarantee and limit alone. In `guaranteed`/`limit` only the fields set count.
         `etag`: as in `set_quota`."""
-        mask = quota_update_mask(
-            parent=parent, guaranteed=guaranteed, limit=limit, weight=weight, budget=budget
-        )
-        quota = quota_message(
-            tenant=tenant,
-            parent=parent or "",
+        request = quota_update_request(
+            tenant,
+            parent=parent,
             guaranteed=guaranteed,
             limit=limit,
-            weight=0.0,
+            weight=weight,
             budget=budget,
+            etag=etag,
         )
-        if weight is not None:
-            quota.weight = weight  # 0 included: it is a weight of its own
         response = self._call(
             self._quota.SetQuota,
-            quota_request(quota, mask, etag),
+            request,
             quota_pb2.SetQuotaResponse,
         )
         return response.quota
