@@ -68,8 +68,13 @@ class ClusterState:
         self._forgotten = 0
         self.frozen: dict[str, Allocation] = {}
         self.frozen_nodes: dict[str, Node] = {}
+        # Kept only while a pass runner mirrors the snapshot (`mirrored`); past a bound
+        # they are dropped and `touched_overflow` asks the mirror for a full resend, so
+        # a server whose passes are rare never grows them without end.
+        self.mirrored = False
         self.touched: set[str] = set()
         self.touched_nodes: set[str] = set()
+        self.touched_overflow = False
 
     # -- allocations -------------------------------------------------------
 
@@ -90,11 +95,19 @@ class ClusterState:
 
     def changed(self, a: Allocation) -> None:
         """`a` changed (an event was written for it): refresh what snapshots see."""
-        self.touched.add(a.id)
+        self._touch(a.id)
         if a.id in self.live:
             self.frozen[a.id] = dataclasses.replace(a)
         else:
             self.frozen.pop(a.id, None)
+
+    def _touch(self, allocation_id: str) -> None:
+        if not self.mirrored:
+            return
+        self.touched.add(allocation_id)
+        if len(self.touched) > 2 * len(self.frozen) + 4096:
+            self.touched.clear()
+            self.touched_overflow = True
 
     def hold(self, a: Allocation) -> None:
         """`a` now holds the GPUs, CPU and memory of its placements."""
@@ -126,7 +139,7 @@ class ClusterState:
         if not keep_live:
             self.live.pop(a.id, None)
             if self.frozen.pop(a.id, None) is not None:
-                self.touched.add(a.id)
+                self._touch(a.id)
             for p in a.placements:
                 ids = self._on_node.get(p.node_id)
                 if ids is not None:
@@ -183,12 +196,14 @@ class ClusterState:
     def put_node(self, node: Node) -> None:
         self.nodes[node.id] = node
         self.frozen_nodes[node.id] = copy_node(node)
-        self.touched_nodes.add(node.id)
+        if self.mirrored:
+            self.touched_nodes.add(node.id)
 
     def remove_node(self, node_id: str) -> None:
         self.nodes.pop(node_id, None)
         self.frozen_nodes.pop(node_id, None)
-        self.touched_nodes.add(node_id)
+        if self.mirrored:
+            self.touched_nodes.add(node_id)
         self.node_totals.pop(node_id, None)
 
     # -- views -------------------------------------------------------------

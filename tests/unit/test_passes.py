@@ -183,3 +183,25 @@ def test_new_allocations_reach_the_mirror_in_creation_order() -> None:
     state.touched = set(reversed(ids))  # a set's order is not the creation order
     delta = runner._delta(state, _snapshot(state))
     assert list(delta.allocations) == ids
+
+
+def test_change_marks_are_kept_only_for_a_mirror_and_bounded() -> None:
+    """Without a worker process nothing is recorded; with one, a server whose passes are
+    rare drops the marks past a bound and sends the mirror everything next time."""
+    state = _state()
+    _request(state, 0, gpus=1)
+    assert not state.touched and not state.touched_nodes
+    runner = ProcessRunner()
+    assert runner._delta(state, _snapshot(state)).full
+    a = state.live["a000"]
+    for _ in range(5000):
+        state.changed(a)
+    assert len(state.touched) == 1
+    for i in range(1, 4200):
+        _request(state, i, gpus=1)
+        a = state.live[f"a{i:03d}"]
+        a.state = AllocationState.CANCELLED
+        state.free(a)
+    assert state.touched_overflow and len(state.touched) < 4200
+    assert runner._delta(state, _snapshot(state)).full
+    assert not state.touched_overflow

@@ -72,8 +72,6 @@ class ThreadRunner:
             self._state = state
             self._summarise.forget()
         snap = take()
-        state.touched.clear()
-        state.touched_nodes.clear()
 
         def work() -> PassResult:
             started = time.perf_counter()
@@ -120,7 +118,9 @@ class ProcessRunner:
 
     def _delta(self, state: ClusterState, snap: Snapshot) -> Delta:
         """What the worker lacks of `snap`; the touched marks are consumed."""
-        full = state is not self._state
+        full = state is not self._state or state.touched_overflow
+        state.mirrored = True
+        state.touched_overflow = False
         nodes = snap.nodes if full else {n: snap.nodes.get(n) for n in sorted(state.touched_nodes)}
         # In creation order, so new entries join the mirror in the order they joined the
         # read model: the mirror iterates exactly as the snapshot does.
