@@ -142,12 +142,17 @@ async def settled(server: RunningServer) -> int:
 
 
 async def log_keys(
-    server: RunningServer, keep: Predicate | None = None, after: int = 0
+    server: RunningServer,
+    keep: Predicate | None = None,
+    after: int = 0,
+    upto: int | None = None,
 ) -> list[Key]:
-    """The allocation events of the store's log (revision > after), filtered by `keep`."""
+    """The allocation events of the store's log (after < revision <= upto), filtered by
+    `keep`. Compare a stream read up to `final` with `upto=final`: a later pass may commit
+    more (a pending reason written after the queue settled) once `final` was taken."""
     out: list[Key] = []
     for e in await server.engine.store.read_events(after, 10**7):
-        if e.kind != EventKind.ALLOCATION:
+        if e.kind != EventKind.ALLOCATION or (upto is not None and e.revision > upto):
             continue
         a = pb.Allocation.FromString(e.data)
         if keep is None or keep(a):
@@ -269,7 +274,7 @@ async def test_every_filter_gets_its_events_in_order_exactly_once_under_churn(
         results = await asyncio.gather(*readers)
 
     end = final.result()
-    everything = await log_keys(server)
+    everything = await log_keys(server, upto=end)
     assert {p.node_id for _, _, a in everything for p in a.placements} == set(NODES)
     for (name, _, predicate), got in zip(FILTERS, results, strict=True):
         keep = predicate(mine_id)
@@ -318,7 +323,7 @@ async def test_replay_from_the_past_continues_live_without_gap_or_duplicate(
         await churn.finish()
         final.set_result(await settled(server))
         results = await asyncio.gather(*readers)
-    everything = await log_keys(server)
+    everything = await log_keys(server, upto=final.result())
     assert final.result() > history + 100
     for start_revision, got in zip(starts, results, strict=True):
         same(keys(got, upto=final.result()), [k for k in everything if k[0] >= start_revision])
@@ -347,7 +352,7 @@ async def test_list_then_watch_from_list_revision_plus_one_misses_nothing(
         last = await stub.ListAllocations(pb.ListAllocationsRequest(page_size=1000))
         assert last.revision == final.result()
         streams = await asyncio.gather(*(reader for _, reader in snapshots))
-    everything = await log_keys(server)
+    everything = await log_keys(server, upto=final.result())
     for (listed, _), delivered in zip(snapshots, streams, strict=True):
         got = keys(delivered, upto=final.result())
         same(got, [k for k in everything if k[0] > listed.revision])
@@ -422,7 +427,7 @@ async def test_catch_up_that_reads_past_the_published_head_delivers_each_event_o
         await Churn(stub, seed=13).run(10)
         final.set_result(await settled(server))
         got = keys(await reader, upto=final.result())
-    same(got, await log_keys(server, after=start_revision - 1))
+    same(got, await log_keys(server, after=start_revision - 1, upto=final.result()))
 
 
 @pytest.mark.parametrize("seed", [7, 8])
@@ -474,7 +479,7 @@ async def test_random_disconnects_and_resumes_see_the_log_exactly(
         await asyncio.gather(*(c.finish() for c in churns))
         final.set_result(await settled(server))
         results = await asyncio.gather(*readers)
-    everything = await log_keys(server)
+    everything = await log_keys(server, upto=final.result())
     assert reconnects > 40
     for (_, keep), got in zip(clients, results, strict=True):
         same(keys(got, upto=final.result()), [k for k in everything if keep is None or keep(k[2])])
@@ -518,7 +523,7 @@ async def test_compacted_revision_is_out_of_range_then_relist_and_watch_sees_the
         await churn.finish()
         final.set_result(await settled(server))
         got = keys(await reader, upto=final.result())
-    same(got, await log_keys(server, after=listed.revision))
+    same(got, await log_keys(server, after=listed.revision, upto=final.result()))
     assert len(got) > 40
 
 
@@ -649,7 +654,7 @@ async def test_client_library_relists_transparently_after_compaction(servers: Se
                     assert not isinstance(item, Relisted)
                     got.append(item)
             await watch.aclose()
-    same(keys(got), await log_keys(server, after=relisted.revision))
+    same(keys(got, upto=end), await log_keys(server, after=relisted.revision, upto=end))
 
 
 # -- progress --------------------------------------------------------------------------------
@@ -765,7 +770,7 @@ async def _slow_watcher_is_cut_off_and_resumes(
         after = await read_until(stub, pb.WatchAllocationsRequest(start_revision=resume), final)
         fast_got = keys(await fast, upto=final.result())
 
-    want = await log_keys(server, after=start_revision - 1)
+    want = await log_keys(server, after=start_revision - 1, upto=final.result())
     same(fast_got, want)
     same(keys(before) + keys(after, upto=final.result()), want)
     assert hub.cut_off == 1
@@ -854,7 +859,7 @@ async def test_watch_from_the_next_revision_starts_there_and_past_it_is_refused(
                 if ev.type != PROGRESS:
                     got.append(ev)
         call.cancel()
-    same(keys(got), await log_keys(server, after=head))
+    same(keys(got, upto=end), await log_keys(server, after=head, upto=end))
 
 
 async def test_bad_watch_requests_are_invalid_argument(servers: Servers) -> None:
@@ -913,6 +918,6 @@ async def test_a_scheduling_burst_larger_than_the_buffer_reaches_a_prompt_watche
         await Churn(stub, seed=30).run(5)
         final.set_result(await settled(server))
         got = keys(await reader, upto=final.result())
-    same(got, await log_keys(server, after=start_revision - 1))
+    same(got, await log_keys(server, after=start_revision - 1, upto=final.result()))
     assert max(sizes) > 16, sizes  # a real burst: one commit larger than the buffer
     assert hub.fell_back >= 1 and hub.cut_off == 0
