@@ -502,9 +502,12 @@ def gpu_rows(gpus: Iterable[gpu_manager_pb2.Gpu], *, wide: bool = False) -> Rows
 
 
 def drain_block(response: gpu_manager_pb2.DrainNodeResponse, now: float | None = None) -> str:
-    """The drained node and the allocations asked to leave it."""
+    """The drained node, the allocations asked to leave it and their requeued replacements."""
     asked = ", ".join(response.allocation_ids) or "none"
-    return node_block(response.node, now) + f"\n\nasked to leave: {asked}"
+    text = node_block(response.node, now) + f"\n\nasked to leave: {asked}"
+    if response.requeued_allocation_ids:
+        text += "\nrequeued as:    " + ", ".join(response.requeued_allocation_ids)
+    return text
 
 
 # -- quotas, usage and tenants ----------------------------------------------------------
@@ -548,6 +551,7 @@ def quota_block(q: quota_pb2.Quota) -> str:
             ("budget", _budget(q)),
             ("preemption", _preemption_policy(q)),
             ("revision", q.revision),
+            ("etag", q.etag or "-"),
         ]
     )
 

@@ -23,6 +23,7 @@ def allocate_request(
     reservation_id: str,
     request_id: str | None,
     dry_run: bool,
+    no_requeue: bool = False,
 ) -> allocator_pb2.AllocateRequest:
     """An AllocateRequest; a fresh uuid4 `request_id` unless one is given, so that a retry
     of the same request object can never allocate twice."""
@@ -42,6 +43,7 @@ def allocate_request(
         max_duration_seconds=max_duration_seconds,
         reservation_id=reservation_id,
         dry_run=dry_run,
+        no_requeue=no_requeue,
     )
 
 

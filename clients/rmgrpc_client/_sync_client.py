@@ -122,13 +122,15 @@ class Client:
         max_duration_seconds: int = 0,
         reservation_id: str = "",
         request_id: str | None = None,
+        no_requeue: bool = False,
     ) -> allocator_pb2.Allocation:
         """Ask for `count` replicas (a gang: all placed or none) of the given shape.
 
         Returns the allocation once the scheduler has considered it: ALLOCATED with
         `placements`, or PENDING with `pending_reason`. `request_id` defaults to a fresh
         uuid4, and the channel retries UNAVAILABLE with it, so a retry never allocates twice;
-        pass your own to make retries across processes idempotent too.
+        pass your own to make retries across processes idempotent too. `no_requeue`: when
+        a drain of its node ends it, no PENDING replacement is created.
         """
         request = allocate_request(
             tenant=tenant,
@@ -144,6 +146,7 @@ class Client:
             reservation_id=reservation_id,
             request_id=request_id,
             dry_run=False,
+            no_requeue=no_requeue,
         )
         response = self._call(self._allocator.Allocate, request, allocator_pb2.AllocateResponse)
         return response.allocation
@@ -421,20 +424,26 @@ class Client:
             )
         )
 
-    def cordon(self, node_id: str, reason: str = "") -> gpu_manager_pb2.Node:
-        """Stop new work landing on the node; running work stays."""
+    def cordon(
+        self, node_id: str, reason: str = "", gpu_indices: Sequence[int] = ()
+    ) -> gpu_manager_pb2.Node:
+        """Stop new work landing on the node; running work stays. With `gpu_indices`, only
+        those GPUs are pinned out of service (no automatic return by the health policy)."""
         response = self._call(
             self._gpu_manager.CordonNode,
-            gpu_manager_pb2.CordonNodeRequest(node_id=node_id, reason=reason),
+            gpu_manager_pb2.CordonNodeRequest(
+                node_id=node_id, reason=reason, gpu_indices=list(gpu_indices)
+            ),
             gpu_manager_pb2.CordonNodeResponse,
         )
         return response.node
 
-    def uncordon(self, node_id: str) -> gpu_manager_pb2.Node:
-        """Let new work land on the node again."""
+    def uncordon(self, node_id: str, gpu_indices: Sequence[int] = ()) -> gpu_manager_pb2.Node:
+        """Let new work land on the node again. With `gpu_indices`, only those GPUs return
+        to service (HEALTHY; a later bad sample quarantines them again)."""
         response = self._call(
             self._gpu_manager.UncordonNode,
-            gpu_manager_pb2.UncordonNodeRequest(node_id=node_id),
+            gpu_manager_pb2.UncordonNodeRequest(node_id=node_id, gpu_indices=list(gpu_indices)),
             gpu_manager_pb2.UncordonNodeResponse,
         )
         return response.node

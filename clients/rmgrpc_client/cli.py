@@ -137,6 +137,10 @@ async def _allocate(client: AsyncClient, args: argparse.Namespace) -> None:
     }
     if args.dry_run and args.hold:
         raise ValueError("--hold and --dry-run do not go together")
+    if args.dry_run and args.no_requeue:
+        raise ValueError(
+            "--no-requeue and --dry-run do not go together (a dry run creates nothing)"
+        )
     if args.dry_run:
         response = await client.allocate_dry_run(args.tenant, args.count, **shape)
         _out(args, fmt.dry_run_block(response), fmt.to_json(response))
@@ -144,7 +148,9 @@ async def _allocate(client: AsyncClient, args: argparse.Namespace) -> None:
     if args.hold and not args.lease:
         # Held work gets a lease the CLI keeps alive: if the CLI dies, it ends soon after.
         shape["lease_seconds"] = HOLD_LEASE_SECONDS
-    alloc = await client.allocate(args.tenant, args.count, request_id=args.request_id, **shape)
+    alloc = await client.allocate(
+        args.tenant, args.count, request_id=args.request_id, no_requeue=args.no_requeue, **shape
+    )
     _out(args, fmt.allocation_block(alloc), fmt.to_json(alloc))
     if args.hold:
         await _hold(client, alloc)
@@ -339,12 +345,12 @@ async def _gpus(client: AsyncClient, args: argparse.Namespace) -> None:
 
 
 async def _cordon(client: AsyncClient, args: argparse.Namespace) -> None:
-    node = await client.cordon(args.node_id, args.reason)
+    node = await client.cordon(args.node_id, args.reason, args.gpu)
     _out(args, fmt.node_block(node), fmt.to_json(node))
 
 
 async def _uncordon(client: AsyncClient, args: argparse.Namespace) -> None:
-    node = await client.uncordon(args.node_id)
+    node = await client.uncordon(args.node_id, args.gpu)
     _out(args, fmt.node_block(node), fmt.to_json(node))
 
 
@@ -604,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="hard limit on runtime; 0 for none",
     )
     p.add_argument("--reservation", default="", metavar="ID", help="run inside this reservation")
+    p.add_argument(
+        "--no-requeue",
+        action="store_true",
+        help="if a drain of its node ends it, do not queue a replacement (default: requeued)",
+    )
     p.add_argument("--request-id", help="idempotency key (default: a fresh uuid)")
     p.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
     p.add_argument(
@@ -691,12 +702,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="only this model, e.g. H100")
     p.add_argument("--free", action="store_true", help="only GPUs no allocation holds")
 
-    p = command("cordon", _cordon, "stop new work landing on a node")
+    p = command("cordon", _cordon, "stop new work landing on a node (or on some of its GPUs)")
     p.add_argument("node_id", help="node id")
     p.add_argument("--reason", default="", help="why, shown in `nodes`")
+    p.add_argument(
+        "--gpu",
+        type=_int_arg,
+        action="append",
+        default=[],
+        metavar="INDEX",
+        help="only this GPU (repeat for several): pinned out of service, the node stays "
+        "schedulable; the health policy never returns it by itself",
+    )
 
-    p = command("uncordon", _uncordon, "let new work land on a node again")
+    p = command("uncordon", _uncordon, "let new work land on a node (or some of its GPUs) again")
     p.add_argument("node_id", help="node id")
+    p.add_argument(
+        "--gpu",
+        type=_int_arg,
+        action="append",
+        default=[],
+        metavar="INDEX",
+        help="only this GPU (repeat for several): back to HEALTHY",
+    )
 
     p = command("drain", _drain, "cordon a node and ask its work to leave")
     p.add_argument("node_id", help="node id")

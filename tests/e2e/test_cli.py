@@ -182,3 +182,36 @@ async def test_readme_tables_have_the_columns_the_cli_prints(cli: Cli) -> None:
     for command, header in shown:
         printed = await cli.ok(*command.split())
         assert printed.splitlines()[0].split() == header.split(), command
+
+
+async def test_node_work_cordon_gpus_drain_with_requeue_and_quota_etag(cli: Cli) -> None:
+    """An operator's node chores: pin one bad GPU out, drain a node (one job opted out of
+    requeueing: only the other is replaced), and read a quota's etag for a safe update."""
+    node, other = (n["id"] for n in (await cli.json("nodes"))["nodes"])
+    out = await cli.ok("cordon", node, "--gpu", "3", "--gpu", "5", "--reason", "fan noise")
+    gpus = {g.get("index", 0): g for g in (await cli.json("node", node))["gpus"]}
+    assert {i for i, g in gpus.items() if g["health"] != "GPU_HEALTH_HEALTHY"} == {3, 5}
+    assert re.search(r"^state: +READY$", out, re.M)  # the node itself stays schedulable
+    await cli.ok("uncordon", node, "--gpu", "5")
+    gpus = {g.get("index", 0): g for g in (await cli.json("node", node))["gpus"]}
+    assert {i for i, g in gpus.items() if g["health"] != "GPU_HEALTH_HEALTHY"} == {3}
+
+    # Both nodes' free GPUs, so the two jobs land on `node` only if it is the only room.
+    filler = await cli.json("allocate", "ops", "--gpus", "8")
+    assert filler["placements"][0]["node_id"] == other
+    keep = await cli.json("allocate", "org/team", "--gpus", "4")
+    gone = await cli.json("allocate", "org/team", "--gpus", "2", "--no-requeue")
+    assert gone["no_requeue"] is True and "no_requeue" not in keep
+    out = await cli.ok("drain", node, "--grace", "1")
+    asked = re.search(r"^asked to leave: (.+)$", out, re.M)
+    assert asked and set(asked.group(1).split(", ")) == {keep["id"], gone["id"]}
+    requeued = re.search(r"^requeued as: +(\S+)$", out, re.M)
+    assert requeued, out
+    replacement = await cli.json("get", requeued.group(1))
+    assert replacement["requeued_from"] == keep["id"]
+    code, _, err = await cli("allocate", "org/team", "--gpus", "1", "--no-requeue", "--dry-run")
+    assert code == 1 and "--no-requeue and --dry-run" in err
+
+    await cli.ok("quota", "set", "org/team", "--limit-gpus", "16")
+    etag = (await cli.json("quota", "get", "org/team"))["etag"]
+    assert re.search(rf"^etag: +{re.escape(etag)}$", await cli.ok("quota", "get", "org/team"), re.M)
