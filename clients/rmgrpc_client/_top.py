@@ -9,6 +9,8 @@ test can render one frame into a recording console without a terminal.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,6 +119,9 @@ def render(snap: Snapshot, *, max_rows: int = 15) -> RenderableType:
     )
 
 
+PIPED_WIDTH = 200
+
+
 async def run(
     client: AsyncClient,
     server: str,
@@ -129,7 +134,11 @@ async def run(
     """Show `top` on `console`: one frame and return when `once`, else refresh every
     `interval` seconds on the alternate screen until interrupted (or, for tests, after
     `frames` frames)."""
-    console = console or Console()
+    if console is None:
+        # Into a pipe or file nothing wraps for a terminal: rich's 80 columns would cut the
+        # reasons short, so use $COLUMNS when set, else a wide page.
+        piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        console = Console(width=PIPED_WIDTH if piped else None)
     if once:
         console.print(render(await collect(client, server)))
         return

@@ -153,6 +153,17 @@ async def test_top_once_and_yaml(cli: Cli) -> None:
     for title in ("Nodes", "Tenants", "Queue (admission order)"):
         assert title in out
     assert "org/team" in out and "GPUs 2 held, 14 free of 16" in out
+    # Into a pipe, the queue's reasons are not folded at rich's default 80 columns.
+    await allocate(cli, "org/team", 8)
+    waiting = await allocate(cli, "org/team", 8)
+    reason = (
+        await eventually(
+            lambda: cli.json("get", waiting["id"]), lambda a: bool(a.get("pending_reason"))
+        )
+    )["pending_reason"]
+    assert len(reason) > 60
+    out = await cli.ok("top", "--once")
+    assert any(reason[:100] in line for line in out.splitlines()), out
 
     out = await cli.ok("get", a["id"], "-o", "yaml")
     assert f"id: {a['id']}" in out.splitlines()
