@@ -19,6 +19,7 @@ import pytest
 
 from rmgrpc.model import Event, EventKind
 from rmgrpc.store import SCHEMA_VERSION, EventStore, Store, StoreError, Write
+from rmgrpc.store import sqlite as sqlite_store
 from rmgrpc.store.schema import SchemaError, migrate
 from tests.conftest import nobody_runner
 
@@ -200,6 +201,36 @@ async def test_group_commit_lands_everything_in_few_transactions(db_path: str) -
         assert len((await store.load()).objects[ALLOC]) == 100
     finally:
         await store.close()
+
+
+async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer leaves checkpoints to the checkpointer (its own would stall every commit
+    queued behind it) and checkpoints itself only past ~40 MB of WAL; the checkpointer
+    keeps the WAL near one interval's worth of writes."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_SECONDS", 0.02)
+    store = await Store.open(db_path)
+    big = b"x" * 8192
+    try:
+        for revision in range(1, 601):  # ~22 MB of WAL frames (~9 4-KiB pages each)
+            event = Event(revision, ALLOC, 1, f"a{revision}", 0.0, big)
+            await store.commit(Write(events=[event], puts=[(ALLOC, f"a{revision}", big)]))
+            if revision % 100 == 0:
+                # A complete checkpoint after this block's last commit: the whole WAL
+                # is copied, and the next commit starts it over.
+                async with asyncio.timeout(30):
+                    while store.checkpointed_through < store.transactions_committed:
+                        await asyncio.sleep(0.005)
+        # Two blocks of 100 commits at most (~7.5 MB), where nothing but the writer's own
+        # safety net would let it grow to the whole ~22 MB.
+        assert os.path.getsize(db_path + "-wal") < 8 << 20
+        async with aiosqlite.connect(db_path) as other:
+            (limit,) = await (await other.execute("PRAGMA wal_autocheckpoint")).fetchone()
+        assert limit == 1000  # a setting of the writer's connection only
+    finally:
+        await store.close()
+    assert not os.path.exists(db_path + "-wal")  # the writer closed last, removing it
 
 
 async def test_concurrent_committers_keep_order(db_path: str) -> None:
