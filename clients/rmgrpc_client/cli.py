@@ -702,29 +702,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="only this model, e.g. H100")
     p.add_argument("--free", action="store_true", help="only GPUs no allocation holds")
 
+    def gpu_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--gpu",
+            type=_int_arg,
+            action="append",
+            default=[],
+            metavar="INDEX",
+            help=f"only this GPU (repeat for several): {what}",
+        )
+
     p = command("cordon", _cordon, "stop new work landing on a node (or on some of its GPUs)")
     p.add_argument("node_id", help="node id")
     p.add_argument("--reason", default="", help="why, shown in `nodes`")
-    p.add_argument(
-        "--gpu",
-        type=_int_arg,
-        action="append",
-        default=[],
-        metavar="INDEX",
-        help="only this GPU (repeat for several): pinned out of service, the node stays "
-        "schedulable; the health policy never returns it by itself",
+    gpu_flag(
+        p,
+        "pinned out of service, the node stays schedulable; the health policy never "
+        "returns it by itself",
     )
 
     p = command("uncordon", _uncordon, "let new work land on a node (or some of its GPUs) again")
     p.add_argument("node_id", help="node id")
-    p.add_argument(
-        "--gpu",
-        type=_int_arg,
-        action="append",
-        default=[],
-        metavar="INDEX",
-        help="only this GPU (repeat for several): back to HEALTHY",
-    )
+    gpu_flag(p, "back to HEALTHY")
 
     p = command("drain", _drain, "cordon a node and ask its work to leave")
     p.add_argument("node_id", help="node id")
