@@ -15,7 +15,8 @@ import pytest
 
 from rmgrpc import codec
 from rmgrpc.clock import ManualClock
-from rmgrpc.engine import Engine, GpuReport
+from rmgrpc.engine import Engine, GpuReport, scheduling
+from rmgrpc.engine.passes import ThreadRunner
 from rmgrpc.errors import Unavailable
 from rmgrpc.gpu.simulated import simulated_nodes
 from rmgrpc.model import Allocation, AllocationState, Event, EventKind, Shape
@@ -208,3 +209,45 @@ async def test_a_cordon_is_seen_by_the_next_quick_decision(engine_factory: Any) 
     for _ in range(3):
         b, _ = await engine.allocate(request(gpus=1), dry_run=False)
         assert b.state == AllocationState.ALLOCATED and b.placements[0].node_id != first
+
+
+async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_between(
+    engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue first seen all at once (after a restart, or a burst written straight into
+    the store) gets its first reasons in transactions of at most FIRST_BUDGET, with other
+    work of the event loop running between them, until every one is written."""
+    monkeypatch.setattr(scheduling, "FIRST_BUDGET", 5)
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(12)]
+    sched = engine.scheduling
+    # As after a restart onto a queue no pass has explained: a fresh runner, and reasons
+    # that say only "queued".
+    sched.runner = ThreadRunner()
+    for a in waiting:
+        engine.state.live[a.id].pending_reason = scheduling.QUEUED
+    written: list[int] = []
+    between: list[int] = []
+    write = sched._write_reasons
+
+    def counting(txn: Any, *, first_only: bool) -> bool:
+        before = sum(a.pending_reason != scheduling.QUEUED for a in waiting)
+        more = write(txn, first_only=first_only)
+        written.append(sum(a.pending_reason != scheduling.QUEUED for a in waiting) - before)
+        asyncio.get_running_loop().call_soon(lambda: between.append(len(written)))
+        return more
+
+    monkeypatch.setattr(sched, "_write_reasons", counting)
+    sched.changed()
+    await engine.schedule_now()
+    async with asyncio.timeout(5):
+        while any(a.pending_reason == scheduling.QUEUED for a in waiting):
+            await asyncio.sleep(0)
+    slices = [n for n in written if n]
+    assert sum(slices) == 12 and max(slices) <= 5 and len(slices) >= 3, written
+    # Another callback ran after each slice before the next one began.
+    assert between[: len(written) - 1] == list(range(1, len(written))), (between, written)
+    events = await engine.store.read_events(0, 10_000)
+    updated = {e.object_id for e in events if e.type == 3}
+    assert updated >= {a.id for a in waiting}

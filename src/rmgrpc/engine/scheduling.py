@@ -63,7 +63,8 @@ REASON_EVERY = 30.0
 # ...and at most this many per pass (first reasons always go).
 REASON_BUDGET = 1000
 # First reasons (replacing "queued") written per txn; more go in the next slice at once.
-FIRST_BUDGET = 500
+# Each one is encoded on the event loop (~40 us): 250 keep a slice near 10 ms.
+FIRST_BUDGET = 250
 # With work pending, a pass runs at least this often (starvation holds, positions).
 REFRESH_EVERY = 5.0
 # A pass asked only to refresh positions and reasons waits this long after the last.
@@ -472,6 +473,8 @@ class Scheduling:
             if a.pending_reason in ("", QUEUED):
                 if firsts <= 0:
                     more = True
+                    if first_only:
+                        break  # the rest is for the next slice: do not walk it now
                     continue
                 firsts -= 1
             else:
