@@ -5,6 +5,7 @@
     rmgrpcctl watch --node n1            # resumes across disconnects and compaction
     rmgrpcctl quota set org/team --guaranteed-gpus 8 --limit-gpus 16 --weight 2
     rmgrpcctl tenants; rmgrpcctl queue; rmgrpcctl nodes -o wide; rmgrpcctl top
+    rmgrpcctl reserve org/team --gpus 8 --start +1h --end +3h; rmgrpcctl reservations
 
 `--server` (env RMGRPC_SERVER, default 127.0.0.1:50051) and `--token` (env RMGRPC_TOKEN)
 pick the server and credentials; `-o json|yaml` prints the messages with grpcurl's field
@@ -32,6 +33,7 @@ import grpc
 from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
 from rmgrpc_client import _completion, _tenants
 from rmgrpc_client import _format as fmt
+from rmgrpc_client import _reservations as resv
 from rmgrpc_client._async_client import AsyncClient
 from rmgrpc_client._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, tls_credentials
 from rmgrpc_client._cliutil import (
@@ -494,6 +496,45 @@ async def _top_cmd(client: AsyncClient, args: argparse.Namespace) -> None:
     await _top.run(client, args.server, interval=args.interval, once=args.once)
 
 
+# -- reservations -----------------------------------------------------------------------
+
+
+async def _reserve(client: AsyncClient, args: argparse.Namespace) -> None:
+    if not args.end and not args.duration:
+        raise CliError("reserve needs --end or --duration", exit_code=2)
+    now = time.time()
+    start = resv.parse_time(args.start, now)
+    end = resv.parse_time(args.end, now) if args.end else start + args.duration
+    shape = resv.shape(args.gpus, args.gpu_model, args.cpu_millis, args.memory, dict(args.selector))
+    answer = await resv.create(
+        client,
+        args.tenant,
+        args.count,
+        shape,
+        start,
+        end,
+        request_id=args.request_id or "",
+        dry_run=args.dry_run,
+    )
+    _out(args, resv.block(answer.reservation), fmt.to_json(answer))
+
+
+async def _reservations(client: AsyncClient, args: argparse.Namespace) -> None:
+    states = [resv.state_value(s) for s in args.state]
+    whole = await resv.list_all(client, args.tenant, states)
+    _out(args, _table(args, resv.rows(whole.reservations, time.time())), fmt.to_json(whole))
+
+
+async def _reservation_get(client: AsyncClient, args: argparse.Namespace) -> None:
+    r = await resv.get(client, args.id)
+    _out(args, resv.block(r), fmt.to_json(r))
+
+
+async def _reservation_cancel(client: AsyncClient, args: argparse.Namespace) -> None:
+    r = await resv.cancel(client, args.id)
+    _out(args, resv.block(r), fmt.to_json(r))
+
+
 def _completion_cmd(args: argparse.Namespace) -> None:
     print(_completion.script(build_parser(), args.shell), end="")
 
@@ -837,6 +878,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("top", _top_cmd, "live full-screen view of nodes, tenants and the queue")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+
+    p = command("reserve", _reserve, "book capacity for a tenant over a future window")
+    p.add_argument("tenant", help="who books, e.g. org/team")
+    p.add_argument("-n", "--count", type=_int_arg, default=1, help="replicas")
+    p.add_argument("--gpus", type=_int_arg, default=0, help="GPUs per replica")
+    p.add_argument("--gpu-model", default="", help="e.g. H100; empty for any model")
+    p.add_argument("--cpu-millis", type=_int_arg, default=0, help="CPU per replica, 1000 = 1 core")
+    p.add_argument("--memory", type=_bytes_arg, default=0, help="per replica, e.g. 64Gi")
+    p.add_argument(
+        "--selector",
+        action="append",
+        default=[],
+        type=_label_arg,
+        metavar="KEY=VALUE",
+        help="node label the replicas need (repeatable)",
+    )
+    p.add_argument(
+        "--start", required=True, metavar="WHEN", help="now, +SECONDS, +2h, +1d or RFC 3339"
+    )
+    p.add_argument("--end", default="", metavar="WHEN", help="as --start (or give --duration)")
+    p.add_argument("--duration", type=_int_arg, default=0, metavar="SECONDS", help="window length")
+    p.add_argument("--request-id", help="idempotency key")
+    p.add_argument("--dry-run", action="store_true", help="say whether it fits; book nothing")
+
+    resv_state = _enum_arg(resv.STATE_NAMES, "RESERVATION_STATE_")
+    p = command("reservations", _reservations, "list reservations")
+    p.add_argument("--tenant", default="", help="a tenant and its subtree; empty for all")
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=resv_state,
+        help=f"only this state, repeatable: {', '.join(resv_state.words)}",
+    )
+
+    reservation = commands.add_parser(
+        "reservation", help="one reservation", description="one reservation"
+    )
+    reservation_commands = reservation.add_subparsers(
+        dest="reservation_command", required=True, metavar="ACTION"
+    )
+    for name, handler, text in (
+        ("get", _reservation_get, "show one reservation"),
+        ("cancel", _reservation_cancel, "cancel a reservation (its capacity is free again)"),
+    ):
+        p = reservation_commands.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=handler)
+        p.add_argument("id", help="reservation id")
 
     p = commands.add_parser(
         "completion",

@@ -18,7 +18,7 @@ import fnmatch
 
 from rmgrpc.auth import Principal, Role, audit, current_method
 from rmgrpc.errors import NotFound, PermissionDenied
-from rmgrpc.model import Allocation
+from rmgrpc.model import Allocation, Reservation
 from rmgrpc.state import in_subtree
 
 ADMIN, TENANT, AGENT, VIEWER = Role.ADMIN, Role.TENANT, Role.AGENT, Role.VIEWER
@@ -45,6 +45,7 @@ READS: dict[str, frozenset[Role]] = {
     _G + "ListGpus": frozenset({ADMIN, VIEWER, AGENT}),
     _R + "GetReservation": frozenset({ADMIN, VIEWER, TENANT}),
     _R + "ListReservations": frozenset({ADMIN, VIEWER, TENANT}),
+    _R + "WatchReservations": frozenset({ADMIN, VIEWER, TENANT}),
     # Cluster-wide figures include every tenant's: operators and viewers only.
     _T + "GetClusterSummary": frozenset({ADMIN, VIEWER}),
     _T + "StreamClusterMetrics": frozenset({ADMIN, VIEWER}),
@@ -196,3 +197,21 @@ def allocation(principal: Principal | None, allocation: Allocation) -> None:
 def allocation_scope(principal: Principal | None, tenant: str, node_id: str) -> tuple[str, str]:
     """(tenant, node_id) filters a ListAllocations or WatchAllocations really runs with."""
     return tenant_scope(principal, tenant), node_scope(principal, node_id)
+
+
+# -- reservations -------------------------------------------------------------------------
+
+
+def reservation(principal: Principal | None, reservation: Reservation) -> None:
+    """Raises NotFound, exactly as for an unknown id, for a reservation `principal` may
+    not see: admins and viewers see all, a tenant those of its subtree (agents none: the
+    method check already refused them)."""
+    if can_read_tenant(principal, reservation.tenant):
+        return
+    audit.warning(
+        "denied NOT_FOUND principal=%s method=%s resource=reservation %s (not theirs)",
+        principal,
+        current_method(),
+        reservation.id,
+    )
+    raise NotFound("reservation", reservation.id)

@@ -26,11 +26,13 @@ from rmgrpc.model import (
     Placement,
     Quota,
     ReclaimPolicy,
+    Reservation,
+    ReservationState,
     Resources,
     Shape,
     WithinTenantPreemption,
 )
-from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, resources_pb2
+from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, reservation_pb2, resources_pb2
 
 
 def ts(seconds: float | None) -> Timestamp | None:
@@ -356,3 +358,49 @@ def preemption_policy_from_proto(msg: quota_pb2.Quota) -> dict[str, Any]:
     if msg.preemption_while_borrowing:
         out["preemption_while_borrowing"] = BorrowingPreemption(msg.preemption_while_borrowing)
     return out
+
+
+def reservation_to_proto(
+    r: Reservation, uuid_of: UuidOf | None = None
+) -> reservation_pb2.Reservation:
+    msg = reservation_pb2.Reservation(
+        id=r.id,
+        tenant=r.tenant,
+        request_id=r.request_id,
+        shape=shape_to_proto(r.shape),
+        count=r.count,
+        state=int(r.state),  # type: ignore[arg-type]
+        placements=[placement_to_proto(p, uuid_of) for p in r.placements],
+        revision=r.revision,
+        state_reason=r.state_reason,
+        create_revision=r.seq,
+        request_digest=r.request_digest,
+    )
+    for name, value in (
+        ("start_time", r.start_time),
+        ("end_time", r.end_time),
+        ("create_time", r.create_time),
+    ):
+        stamp = ts(value)
+        if stamp is not None:
+            getattr(msg, name).CopyFrom(stamp)
+    return msg
+
+
+def reservation_from_proto(msg: reservation_pb2.Reservation) -> Reservation:
+    return Reservation(
+        id=msg.id,
+        tenant=msg.tenant,
+        shape=shape_from_proto(msg.shape),
+        count=msg.count,
+        start_time=from_ts(msg.start_time, True) or 0.0,
+        end_time=from_ts(msg.end_time, True) or 0.0,
+        request_id=msg.request_id,
+        state=ReservationState(msg.state),
+        placements=tuple(Placement(p.node_id, tuple(p.gpu_indices)) for p in msg.placements),
+        state_reason=msg.state_reason,
+        revision=msg.revision,
+        create_time=from_ts(msg.create_time, True) or 0.0,
+        seq=msg.create_revision,
+        request_digest=msg.request_digest,
+    )

@@ -49,10 +49,19 @@ class QuotaExceeded(RmgrpcError):
 
 
 class FailedPrecondition(RmgrpcError):
-    def __init__(self, type: str, subject: str, description: str) -> None:
+    def __init__(
+        self,
+        type: str,
+        subject: str,
+        description: str,
+        extra: tuple[tuple[str, str, str], ...] = (),
+    ) -> None:
         self.type = type
         self.subject = subject
         self.description = description
+        # More (type, subject, description) violations, e.g. each conflict of a refused
+        # reservation and the earliest window that would fit.
+        self.extra = extra
         super().__init__(description)
 
 

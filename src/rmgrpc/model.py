@@ -252,6 +252,50 @@ class Quota:
     lending_limit: Resources = field(default_factory=Resources)
 
 
+class ReservationState(enum.IntEnum):
+    SCHEDULED = 1
+    ACTIVE = 2
+    ENDED = 3
+    CANCELLED = 4
+
+    @property
+    def terminal(self) -> bool:
+        return self in (ReservationState.ENDED, ReservationState.CANCELLED)
+
+
+class ReservationEventType(enum.IntEnum):
+    CREATED = 1
+    STARTED = 2
+    ENDED = 3
+    PROGRESS = 4
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Capacity booked for a tenant over [start_time, end_time): `count` replicas of
+    `shape`, pinned to the nodes and GPUs in `placements` when it was accepted."""
+
+    id: str
+    tenant: str
+    shape: Shape
+    count: int
+    start_time: float
+    end_time: float
+    request_id: str = ""
+    state: ReservationState = ReservationState.SCHEDULED
+    placements: tuple[Placement, ...] = ()
+    state_reason: str = ""
+    revision: int = 0
+    create_time: float = 0.0
+    # Revision of its CREATED event: creation order, the key List pages on.
+    seq: int = 0
+    request_digest: str = ""
+
+    def overlaps(self, start: float, end: float) -> bool:
+        """Does the window [start, end) meet this one's?"""
+        return self.start_time < end and start < self.end_time
+
+
 def parent_of(tenant: str) -> str:
     """The tenant tree is spelled with '/': the parent of "org/team" is "org"."""
     return tenant.rpartition("/")[0]

@@ -31,6 +31,7 @@ from rmgrpc.scheduler.result import PassResult
 from rmgrpc.services.allocator import AllocatorService
 from rmgrpc.services.gpu_manager import GpuManagerService
 from rmgrpc.services.quota import QuotaService
+from rmgrpc.services.reservation import ReservationService
 from rmgrpc.services.telemetry import TelemetryService
 from rmgrpc.store import Store, StoreError
 from rmgrpc.v1 import (
@@ -40,6 +41,8 @@ from rmgrpc.v1 import (
     gpu_manager_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    reservation_pb2,
+    reservation_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -53,6 +56,7 @@ SERVICE_NAMES = [
     gpu_manager_pb2.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name,
+    reservation_pb2.DESCRIPTOR.services_by_name["ReservationService"].full_name,
 ]
 
 
@@ -235,6 +239,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         )
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(engine), server)
+        reservation_pb2_grpc.add_ReservationServiceServicer_to_server(
+            ReservationService(engine), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable(server, [*SERVICE_NAMES, health.SERVICE_NAME])

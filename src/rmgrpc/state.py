@@ -21,7 +21,7 @@ import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from rmgrpc.model import Allocation, AllocationState, Node, Quota, Resources
+from rmgrpc.model import Allocation, AllocationState, Node, Quota, Reservation, Resources
 
 
 @dataclass(slots=True)
@@ -52,6 +52,8 @@ class ClusterState:
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
         self.quotas: dict[str, Quota] = {}
+        # Every retained reservation, by id (the engine's reservation commands own them).
+        self.reservations: dict[str, Reservation] = {}
         # Every retained allocation, live or ended.
         self.allocations: dict[str, Allocation] = {}
         # What the scheduler sees: PENDING, ALLOCATED, and PREEMPTED inside their grace.

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 import trustme
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -169,6 +171,18 @@ def _allocate(tenant: str, **shape: Any) -> allocator_pb2.AllocateRequest:
     )
 
 
+def _reserve(tenant: str) -> reservation_pb2.CreateReservationRequest:
+    """A small booking an hour from now (the server runs on the system clock)."""
+    start = int(time.time()) + 3600
+    return reservation_pb2.CreateReservationRequest(
+        tenant=tenant,
+        count=1,
+        shape=resources_pb2.Shape(cpu_millis=100),
+        start_time=Timestamp(seconds=start),
+        end_time=Timestamp(seconds=start + 3600),
+    )
+
+
 def _node(node_id: str, **labels: str) -> gpu_manager_pb2.RegisterNodeRequest:
     return gpu_manager_pb2.RegisterNodeRequest(
         node_id=node_id, cpu_millis=8000, memory_bytes=32 << 30, labels=labels
@@ -201,6 +215,15 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         answer = await alloc.Allocate(request, metadata=admin)
         assert answer.allocation.state == allocator_pb2.ALLOCATION_STATE_ALLOCATED, answer
         c.ids[key] = answer.allocation.id
+    resv = reservation_pb2_grpc.ReservationServiceStub(channel)
+    for key, tenant in (
+        ("resv_own", TENANT),
+        ("resv_other", "org/b"),
+        ("resv_cancel_own", TENANT),
+        ("resv_cancel_other", "org/b"),
+    ):
+        booked = await resv.CreateReservation(_reserve(tenant), metadata=admin)
+        c.ids[key] = booked.reservation.id
     yield c
     await channel.close()
     await running.stop(0)
@@ -257,6 +280,21 @@ MATRIX: list[Row] = [
     # AllocatorService
     Row(A, "Allocate", "own tenant", _const(_allocate(TENANT, cpu_millis=100)), OK, OK, PD, PD),
     Row(A, "Allocate", "other tenant", _const(_allocate("org/b", cpu_millis=100)), OK, PD, PD, PD),
+    Row(
+        A,
+        "Allocate",
+        "in another tenant's reservation",
+        lambda role, ids: apb.AllocateRequest(
+            tenant=TENANT,
+            count=1,
+            shape=resources_pb2.Shape(cpu_millis=100),
+            reservation_id=ids["resv_other"],
+        ),
+        PD,  # the admin sees it, but org/a is not in org/b's subtree
+        NF,  # a tenant may not learn it exists
+        PD,
+        PD,
+    ),
     Row(A, "GetAllocation", "own (on the agent's node)", _get("own"), OK, OK, OK, OK),
     Row(A, "GetAllocation", "other tenant's", _get("other"), OK, NF, NF, OK),
     Row(A, "ListAllocations", "no filter", _const(apb.ListAllocationsRequest()), OK, OK, OK, OK),
@@ -453,15 +491,27 @@ MATRIX: list[Row] = [
     ),
     Row(T, "GetCostReport", "all tenants", _const(tpb.GetCostReportRequest()), OK, PD, PD, OK),
     # ReservationService
+    Row(R, "CreateReservation", "own tenant", lambda r, i: _reserve(TENANT), OK, OK, PD, PD),
+    Row(R, "CreateReservation", "other tenant", lambda r, i: _reserve("org/b"), OK, PD, PD, PD),
     Row(
         R,
-        "CreateReservation",
-        "own tenant",
-        _const(rpb.CreateReservationRequest(tenant=TENANT, count=1)),
+        "GetReservation",
+        "own",
+        lambda role, ids: rpb.GetReservationRequest(id=ids["resv_own"]),
         OK,
         OK,
         PD,
+        OK,
+    ),
+    Row(
+        R,
+        "GetReservation",
+        "other tenant's",
+        lambda role, ids: rpb.GetReservationRequest(id=ids["resv_other"]),
+        OK,
+        NF,
         PD,
+        OK,
     ),
     Row(
         R,
@@ -474,6 +524,47 @@ MATRIX: list[Row] = [
         NF,
     ),
     Row(R, "ListReservations", "all", _const(rpb.ListReservationsRequest()), OK, OK, PD, OK),
+    Row(
+        R,
+        "ListReservations",
+        "other tenant",
+        _const(rpb.ListReservationsRequest(tenant="org/b")),
+        OK,
+        PD,
+        PD,
+        OK,
+    ),
+    Row(
+        R,
+        "CancelReservation",
+        "own",
+        lambda role, ids: rpb.CancelReservationRequest(id=ids["resv_cancel_own"]),
+        OK,
+        OK,
+        PD,
+        PD,
+    ),
+    Row(
+        R,
+        "CancelReservation",
+        "other tenant's",
+        lambda role, ids: rpb.CancelReservationRequest(id=ids["resv_cancel_other"]),
+        OK,
+        NF,
+        PD,
+        PD,
+    ),
+    Row(
+        R,
+        "WatchReservations",
+        "no filter",
+        _const(rpb.WatchReservationsRequest(start_revision=1)),
+        OK,
+        OK,
+        PD,
+        OK,
+        stream=True,
+    ),
     Row(
         R,
         "CancelReservation",

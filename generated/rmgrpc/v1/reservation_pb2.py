@@ -26,33 +26,39 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rmgrpc.v1 import resources_pb2 as rmgrpc_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brmgrpc/v1/reservation.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rmgrpc/v1/resources.proto\"\xe4\x02\n\x0bReservation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x05shape\x18\x04 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05state\x18\x08 \x01(\x0e\x32\x1b.rmgrpc.v1.ReservationState\x12(\n\nplacements\x18\t \x03(\x0b\x32\x14.rmgrpc.v1.Placement\x12\x10\n\x08revision\x18\n \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x18\x43reateReservationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x05shape\x18\x03 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"H\n\x19\x43reateReservationResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation\"#\n\x15GetReservationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"E\n\x16GetReservationResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation\"}\n\x17ListReservationsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12+\n\x06states\x18\x02 \x03(\x0e\x32\x1b.rmgrpc.v1.ReservationState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"s\n\x18ListReservationsResponse\x12,\n\x0creservations\x18\x01 \x03(\x0b\x32\x16.rmgrpc.v1.Reservation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"&\n\x18\x43\x61ncelReservationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"H\n\x19\x43\x61ncelReservationResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation*\xb2\x01\n\x10ReservationState\x12!\n\x1dRESERVATION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bRESERVATION_STATE_SCHEDULED\x10\x01\x12\x1c\n\x18RESERVATION_STATE_ACTIVE\x10\x02\x12\x1b\n\x17RESERVATION_STATE_ENDED\x10\x03\x12\x1f\n\x1bRESERVATION_STATE_CANCELLED\x10\x04\x32\x88\x03\n\x12ReservationService\x12^\n\x11\x43reateReservation\x12#.rmgrpc.v1.CreateReservationRequest\x1a$.rmgrpc.v1.CreateReservationResponse\x12U\n\x0eGetReservation\x12 .rmgrpc.v1.GetReservationRequest\x1a!.rmgrpc.v1.GetReservationResponse\x12[\n\x10ListReservations\x12\".rmgrpc.v1.ListReservationsRequest\x1a#.rmgrpc.v1.ListReservationsResponse\x12^\n\x11\x43\x61ncelReservation\x12#.rmgrpc.v1.CancelReservationRequest\x1a$.rmgrpc.v1.CancelReservationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brmgrpc/v1/reservation.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rmgrpc/v1/resources.proto\"\xab\x03\n\x0bReservation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x05shape\x18\x04 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05state\x18\x08 \x01(\x0e\x32\x1b.rmgrpc.v1.ReservationState\x12(\n\nplacements\x18\t \x03(\x0b\x32\x14.rmgrpc.v1.Placement\x12\x10\n\x08revision\x18\n \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstate_reason\x18P \x01(\t\x12\x17\n\x0f\x63reate_revision\x18Q \x01(\x03\x12\x16\n\x0erequest_digest\x18R \x01(\t\"\xdd\x01\n\x18\x43reateReservationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x05shape\x18\x03 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"Y\n\x19\x43reateReservationResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation\x12\x0f\n\x07\x64ry_run\x18P \x01(\x08\"#\n\x15GetReservationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"E\n\x16GetReservationResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation\"}\n\x17ListReservationsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12+\n\x06states\x18\x02 \x03(\x0e\x32\x1b.rmgrpc.v1.ReservationState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"s\n\x18ListReservationsResponse\x12,\n\x0creservations\x18\x01 \x03(\x0b\x32\x16.rmgrpc.v1.Reservation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"&\n\x18\x43\x61ncelReservationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"H\n\x19\x43\x61ncelReservationResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation\"Z\n\x18WatchReservationsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\"\xb9\x01\n\x19WatchReservationsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12-\n\x04type\x18\x02 \x01(\x0e\x32\x1f.rmgrpc.v1.ReservationEventType\x12+\n\x0breservation\x18\x03 \x01(\x0b\x32\x16.rmgrpc.v1.Reservation\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb2\x01\n\x10ReservationState\x12!\n\x1dRESERVATION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bRESERVATION_STATE_SCHEDULED\x10\x01\x12\x1c\n\x18RESERVATION_STATE_ACTIVE\x10\x02\x12\x1b\n\x17RESERVATION_STATE_ENDED\x10\x03\x12\x1f\n\x1bRESERVATION_STATE_CANCELLED\x10\x04*\xcd\x01\n\x14ReservationEventType\x12&\n\"RESERVATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\"\n\x1eRESERVATION_EVENT_TYPE_CREATED\x10\x01\x12\"\n\x1eRESERVATION_EVENT_TYPE_STARTED\x10\x02\x12 \n\x1cRESERVATION_EVENT_TYPE_ENDED\x10\x03\x12#\n\x1fRESERVATION_EVENT_TYPE_PROGRESS\x10\x04\x32\xea\x03\n\x12ReservationService\x12^\n\x11\x43reateReservation\x12#.rmgrpc.v1.CreateReservationRequest\x1a$.rmgrpc.v1.CreateReservationResponse\x12U\n\x0eGetReservation\x12 .rmgrpc.v1.GetReservationRequest\x1a!.rmgrpc.v1.GetReservationResponse\x12[\n\x10ListReservations\x12\".rmgrpc.v1.ListReservationsRequest\x1a#.rmgrpc.v1.ListReservationsResponse\x12^\n\x11\x43\x61ncelReservation\x12#.rmgrpc.v1.CancelReservationRequest\x1a$.rmgrpc.v1.CancelReservationResponse\x12`\n\x11WatchReservations\x12#.rmgrpc.v1.WatchReservationsRequest\x1a$.rmgrpc.v1.WatchReservationsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rmgrpc.v1.reservation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESERVATIONSTATE']._serialized_start=1226
-  _globals['_RESERVATIONSTATE']._serialized_end=1404
+  _globals['_RESERVATIONSTATE']._serialized_start=1594
+  _globals['_RESERVATIONSTATE']._serialized_end=1772
+  _globals['_RESERVATIONEVENTTYPE']._serialized_start=1775
+  _globals['_RESERVATIONEVENTTYPE']._serialized_end=1980
   _globals['_RESERVATION']._serialized_start=103
-  _globals['_RESERVATION']._serialized_end=459
-  _globals['_CREATERESERVATIONREQUEST']._serialized_start=462
-  _globals['_CREATERESERVATIONREQUEST']._serialized_end=683
-  _globals['_CREATERESERVATIONRESPONSE']._serialized_start=685
-  _globals['_CREATERESERVATIONRESPONSE']._serialized_end=757
-  _globals['_GETRESERVATIONREQUEST']._serialized_start=759
-  _globals['_GETRESERVATIONREQUEST']._serialized_end=794
-  _globals['_GETRESERVATIONRESPONSE']._serialized_start=796
-  _globals['_GETRESERVATIONRESPONSE']._serialized_end=865
-  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=867
-  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=992
-  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=994
-  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=1109
-  _globals['_CANCELRESERVATIONREQUEST']._serialized_start=1111
-  _globals['_CANCELRESERVATIONREQUEST']._serialized_end=1149
-  _globals['_CANCELRESERVATIONRESPONSE']._serialized_start=1151
-  _globals['_CANCELRESERVATIONRESPONSE']._serialized_end=1223
-  _globals['_RESERVATIONSERVICE']._serialized_start=1407
-  _globals['_RESERVATIONSERVICE']._serialized_end=1799
+  _globals['_RESERVATION']._serialized_end=530
+  _globals['_CREATERESERVATIONREQUEST']._serialized_start=533
+  _globals['_CREATERESERVATIONREQUEST']._serialized_end=754
+  _globals['_CREATERESERVATIONRESPONSE']._serialized_start=756
+  _globals['_CREATERESERVATIONRESPONSE']._serialized_end=845
+  _globals['_GETRESERVATIONREQUEST']._serialized_start=847
+  _globals['_GETRESERVATIONREQUEST']._serialized_end=882
+  _globals['_GETRESERVATIONRESPONSE']._serialized_start=884
+  _globals['_GETRESERVATIONRESPONSE']._serialized_end=953
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=955
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=1080
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=1082
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=1197
+  _globals['_CANCELRESERVATIONREQUEST']._serialized_start=1199
+  _globals['_CANCELRESERVATIONREQUEST']._serialized_end=1237
+  _globals['_CANCELRESERVATIONRESPONSE']._serialized_start=1239
+  _globals['_CANCELRESERVATIONRESPONSE']._serialized_end=1311
+  _globals['_WATCHRESERVATIONSREQUEST']._serialized_start=1313
+  _globals['_WATCHRESERVATIONSREQUEST']._serialized_end=1403
+  _globals['_WATCHRESERVATIONSRESPONSE']._serialized_start=1406
+  _globals['_WATCHRESERVATIONSRESPONSE']._serialized_end=1591
+  _globals['_RESERVATIONSERVICE']._serialized_start=1983
+  _globals['_RESERVATIONSERVICE']._serialized_end=2473
 # @@protoc_insertion_point(module_scope)

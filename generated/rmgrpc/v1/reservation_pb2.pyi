@@ -48,6 +48,35 @@ RESERVATION_STATE_ENDED: ReservationState.ValueType  # 3
 RESERVATION_STATE_CANCELLED: ReservationState.ValueType  # 4
 Global___ReservationState: _TypeAlias = ReservationState  # noqa: Y015
 
+class _ReservationEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReservationEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReservationEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESERVATION_EVENT_TYPE_UNSPECIFIED: _ReservationEventType.ValueType  # 0
+    RESERVATION_EVENT_TYPE_CREATED: _ReservationEventType.ValueType  # 1
+    """A reservation was accepted (SCHEDULED, or ACTIVE when its window had begun)."""
+    RESERVATION_EVENT_TYPE_STARTED: _ReservationEventType.ValueType  # 2
+    """Its window began: ACTIVE."""
+    RESERVATION_EVENT_TYPE_ENDED: _ReservationEventType.ValueType  # 3
+    """Its window is over (ENDED) or it was cancelled (CANCELLED)."""
+    RESERVATION_EVENT_TYPE_PROGRESS: _ReservationEventType.ValueType  # 4
+    """Nothing changed; `revision` is the current revision (sent on idle streams)."""
+
+class ReservationEventType(_ReservationEventType, metaclass=_ReservationEventTypeEnumTypeWrapper): ...
+
+RESERVATION_EVENT_TYPE_UNSPECIFIED: ReservationEventType.ValueType  # 0
+RESERVATION_EVENT_TYPE_CREATED: ReservationEventType.ValueType  # 1
+"""A reservation was accepted (SCHEDULED, or ACTIVE when its window had begun)."""
+RESERVATION_EVENT_TYPE_STARTED: ReservationEventType.ValueType  # 2
+"""Its window began: ACTIVE."""
+RESERVATION_EVENT_TYPE_ENDED: ReservationEventType.ValueType  # 3
+"""Its window is over (ENDED) or it was cancelled (CANCELLED)."""
+RESERVATION_EVENT_TYPE_PROGRESS: ReservationEventType.ValueType  # 4
+"""Nothing changed; `revision` is the current revision (sent on idle streams)."""
+Global___ReservationEventType: _TypeAlias = ReservationEventType  # noqa: Y015
+
 @_typing.final
 class Reservation(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -63,12 +92,23 @@ class Reservation(_message.Message):
     PLACEMENTS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
+    CREATE_REVISION_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     request_id: _builtins.str
     count: _builtins.int
     state: Global___ReservationState.ValueType
     revision: _builtins.int
+    state_reason: _builtins.str
+    """Why it reached its current state ("cancelled by its owner", "window over")."""
+    create_revision: _builtins.int
+    """Revision of the event that created it: its place in creation order."""
+    request_digest: _builtins.str
+    """Output only: a digest of the CreateReservationRequest that made it (`dry_run`
+    aside). A repeated `request_id` with another body is refused (FAILED_PRECONDITION).
+    """
     @_builtins.property
     def shape(self) -> _resources_pb2.Shape: ...
     @_builtins.property
@@ -97,10 +137,13 @@ class Reservation(_message.Message):
         placements: _abc.Iterable[_resources_pb2.Placement] | None = ...,
         revision: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        state_reason: _builtins.str = ...,
+        create_revision: _builtins.int = ...,
+        request_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "shape", b"shape", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "create_time", b"create_time", "end_time", b"end_time", "id", b"id", "placements", b"placements", "request_id", b"request_id", "revision", b"revision", "shape", b"shape", "start_time", b"start_time", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "create_revision", b"create_revision", "create_time", b"create_time", "end_time", b"end_time", "id", b"id", "placements", b"placements", "request_digest", b"request_digest", "request_id", b"request_id", "revision", b"revision", "shape", b"shape", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -118,13 +161,22 @@ class CreateReservationRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    """Who books; its subtree may use the reservation."""
     request_id: _builtins.str
+    """Client-chosen id that makes the call idempotent: a repeat returns the first answer."""
     count: _builtins.int
     dry_run: _builtins.bool
+    """Answer whether it would be accepted, and where, and change nothing."""
     @_builtins.property
-    def shape(self) -> _resources_pb2.Shape: ...
+    def shape(self) -> _resources_pb2.Shape:
+        """What one replica needs (`node_selector` included); `count` replicas are booked."""
+
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The window [start_time, end_time); refused (FAILED_PRECONDITION, with the earliest
+        window of the same length that fits) unless it can be guaranteed whole.
+        """
+
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -151,16 +203,20 @@ class CreateReservationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """True when this answers a dry run: the reservation that would be made, with no id."""
     @_builtins.property
     def reservation(self) -> Global___Reservation: ...
     def __init__(
         self,
         *,
         reservation: Global___Reservation | None = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "reservation", b"reservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,10 +270,13 @@ class ListReservationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    """Only this tenant and its subtree; empty means all (a tenant principal: its own)."""
     page_size: _builtins.int
     page_token: _builtins.str
     @_builtins.property
-    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___ReservationState.ValueType]: ...
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___ReservationState.ValueType]:
+        """Only these states; empty means all."""
+
     def __init__(
         self,
         *,
@@ -243,6 +302,7 @@ class ListReservationsResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     revision: _builtins.int
+    """The revision the list was read at: watch from `revision + 1` to miss nothing."""
     @_builtins.property
     def reservations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reservation]: ...
     def __init__(
@@ -298,3 +358,65 @@ class CancelReservationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelReservationResponse: _TypeAlias = CancelReservationResponse  # noqa: Y015
+
+@_typing.final
+class WatchReservationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_REVISION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    start_revision: _builtins.int
+    """First revision to send; 0 means only what happens from now on."""
+    tenant: _builtins.str
+    """Only this tenant and its subtree; empty means all (a tenant principal: its own)."""
+    reservation_id: _builtins.str
+    """Only this reservation."""
+    def __init__(
+        self,
+        *,
+        start_revision: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "start_revision", b"start_revision", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchReservationsRequest: _TypeAlias = WatchReservationsRequest  # noqa: Y015
+
+@_typing.final
+class WatchReservationsResponse(_message.Message):
+    """One reservation event (or progress) of a WatchReservations stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    type: Global___ReservationEventType.ValueType
+    @_builtins.property
+    def reservation(self) -> Global___Reservation:
+        """The reservation after the change; unset on PROGRESS."""
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        type: Global___ReservationEventType.ValueType = ...,
+        reservation: Global___Reservation | None = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "reservation", b"reservation", "revision", b"revision", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchReservationsResponse: _TypeAlias = WatchReservationsResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class ReservationServiceStub:
                 request_serializer=rmgrpc_dot_v1_dot_reservation__pb2.CancelReservationRequest.SerializeToString,
                 response_deserializer=rmgrpc_dot_v1_dot_reservation__pb2.CancelReservationResponse.FromString,
                 _registered_method=True)
+        self.WatchReservations = channel.unary_stream(
+                '/rmgrpc.v1.ReservationService/WatchReservations',
+                request_serializer=rmgrpc_dot_v1_dot_reservation__pb2.WatchReservationsRequest.SerializeToString,
+                response_deserializer=rmgrpc_dot_v1_dot_reservation__pb2.WatchReservationsResponse.FromString,
+                _registered_method=True)
 
 
 class ReservationServiceServicer:
@@ -85,6 +90,15 @@ class ReservationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchReservations(self, request, context):
+        """WatchReservations streams reservation events (created, window began, ended,
+        cancelled) from `start_revision`, then live: the same log and revisions as
+        WatchAllocations, filtered to reservations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReservationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +121,11 @@ def add_ReservationServiceServicer_to_server(servicer, server):
                     servicer.CancelReservation,
                     request_deserializer=rmgrpc_dot_v1_dot_reservation__pb2.CancelReservationRequest.FromString,
                     response_serializer=rmgrpc_dot_v1_dot_reservation__pb2.CancelReservationResponse.SerializeToString,
+            ),
+            'WatchReservations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchReservations,
+                    request_deserializer=rmgrpc_dot_v1_dot_reservation__pb2.WatchReservationsRequest.FromString,
+                    response_serializer=rmgrpc_dot_v1_dot_reservation__pb2.WatchReservationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class ReservationService:
             '/rmgrpc.v1.ReservationService/CancelReservation',
             rmgrpc_dot_v1_dot_reservation__pb2.CancelReservationRequest.SerializeToString,
             rmgrpc_dot_v1_dot_reservation__pb2.CancelReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rmgrpc.v1.ReservationService/WatchReservations',
+            rmgrpc_dot_v1_dot_reservation__pb2.WatchReservationsRequest.SerializeToString,
+            rmgrpc_dot_v1_dot_reservation__pb2.WatchReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

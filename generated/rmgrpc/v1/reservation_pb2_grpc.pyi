@@ -37,6 +37,11 @@ class ReservationServiceStub:
     GetReservation: _grpc.UnaryUnaryMultiCallable[_reservation_pb2.GetReservationRequest, _reservation_pb2.GetReservationResponse]
     ListReservations: _grpc.UnaryUnaryMultiCallable[_reservation_pb2.ListReservationsRequest, _reservation_pb2.ListReservationsResponse]
     CancelReservation: _grpc.UnaryUnaryMultiCallable[_reservation_pb2.CancelReservationRequest, _reservation_pb2.CancelReservationResponse]
+    WatchReservations: _grpc.UnaryStreamMultiCallable[_reservation_pb2.WatchReservationsRequest, _reservation_pb2.WatchReservationsResponse]
+    """WatchReservations streams reservation events (created, window began, ended,
+    cancelled) from `start_revision`, then live: the same log and revisions as
+    WatchAllocations, filtered to reservations.
+    """
 
 @_typing.type_check_only
 class ReservationServiceAsyncStub(ReservationServiceStub):
@@ -47,6 +52,11 @@ class ReservationServiceAsyncStub(ReservationServiceStub):
     GetReservation: _aio.UnaryUnaryMultiCallable[_reservation_pb2.GetReservationRequest, _reservation_pb2.GetReservationResponse]  # type: ignore[assignment]
     ListReservations: _aio.UnaryUnaryMultiCallable[_reservation_pb2.ListReservationsRequest, _reservation_pb2.ListReservationsResponse]  # type: ignore[assignment]
     CancelReservation: _aio.UnaryUnaryMultiCallable[_reservation_pb2.CancelReservationRequest, _reservation_pb2.CancelReservationResponse]  # type: ignore[assignment]
+    WatchReservations: _aio.UnaryStreamMultiCallable[_reservation_pb2.WatchReservationsRequest, _reservation_pb2.WatchReservationsResponse]  # type: ignore[assignment]
+    """WatchReservations streams reservation events (created, window began, ended,
+    cancelled) from `start_revision`, then live: the same log and revisions as
+    WatchAllocations, filtered to reservations.
+    """
 
 class ReservationServiceServicer(metaclass=_abc_1.ABCMeta):
     """ReservationService books capacity for a tenant over a future window."""
@@ -78,5 +88,16 @@ class ReservationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reservation_pb2.CancelReservationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reservation_pb2.CancelReservationResponse, _abc.Awaitable[_reservation_pb2.CancelReservationResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchReservations(
+        self,
+        request: _reservation_pb2.WatchReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_reservation_pb2.WatchReservationsResponse], _abc.AsyncIterator[_reservation_pb2.WatchReservationsResponse]]:
+        """WatchReservations streams reservation events (created, window began, ended,
+        cancelled) from `start_revision`, then live: the same log and revisions as
+        WatchAllocations, filtered to reservations.
+        """
 
 def add_ReservationServiceServicer_to_server(servicer: ReservationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

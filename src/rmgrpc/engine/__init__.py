@@ -10,7 +10,7 @@ it and the caller get its answer. The parts, one concern each:
 - `timers`: keyed, cancellable deadlines on the monotonic clock;
 - `transitions`: what placing, ending, preempting, losing work means, as events;
 - `scheduling`: full passes off the event loop, quick decisions on it, the plan applier;
-- `allocations`, `nodes`, `quotas`: the commands per resource;
+- `allocations`, `nodes`, `quotas`, `reservations`: the commands per resource;
 - `core`: the wiring, the life cycle and the background loops.
 
 The read model (`rmgrpc.state.ClusterState`) is what servicers read through.
@@ -19,9 +19,10 @@ The read model (`rmgrpc.state.ClusterState`) is what servicers read through.
 from rmgrpc.engine.allocations import AllocationCommands
 from rmgrpc.engine.nodes import GpuReport, NodeCommands
 from rmgrpc.engine.quotas import QuotaCommands
+from rmgrpc.engine.reservations import ReservationCommands
 
 
-class Engine(AllocationCommands, NodeCommands, QuotaCommands):
+class Engine(AllocationCommands, NodeCommands, QuotaCommands, ReservationCommands):
     """Owns the cluster state. Servicers call its methods; nothing else writes state."""
 
 

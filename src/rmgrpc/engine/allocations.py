@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from rmgrpc import limits
+from rmgrpc.engine import reservations
 from rmgrpc.engine.core import EngineCore
 from rmgrpc.engine.scheduling import QUEUED
 from rmgrpc.errors import FailedPrecondition, NotFound, QuotaExceeded, QuotaViolation
@@ -78,7 +79,7 @@ class AllocationCommands(EngineCore):
                 self.scheduling.pending_total,
             )
         if request.reservation_id:
-            raise NotFound("reservation", request.reservation_id)
+            reservations.check_use(self.state, request)
         # No lease unless asked (default_lease_seconds is 0 unless configured): work runs
         # until released or max_duration_seconds, as Slurm and Kubernetes users expect.
         request.lease_seconds = request.lease_seconds or self.settings.default_lease_seconds

@@ -114,6 +114,7 @@ class EngineCore:
                 self.scheduling.pending(a.id, considered=False)
         for node in self.state.nodes.values():
             tr.arm_node(node)
+        self.arm_reservations()
         configured = {node.id for node in inventory}
         with self.committer.transaction() as txn:
             for node in list(self.state.nodes.values()):
@@ -178,6 +179,9 @@ class EngineCore:
                 if kind == "node":
                     changed |= self._node_lease_lapsed(txn, object_id)
                     continue
+                if kind in ("rstart", "rend"):
+                    changed |= self.reservation_due(txn, kind, object_id)
+                    continue
                 a = self.state.live.get(object_id)
                 if a is None:
                     continue
@@ -200,6 +204,15 @@ class EngineCore:
                     self.scheduling.graced.append(a.id)
                     changed = True
         return changed
+
+    # Reservations (`engine.reservations`) fill these in.
+
+    def arm_reservations(self) -> None:
+        """Arms the window deadlines of every reservation recovered at start."""
+
+    def reservation_due(self, txn: Txn, kind: str, reservation_id: str) -> bool:
+        """A reservation's window began ("rstart") or ended ("rend"); True if it changed."""
+        return False
 
     def _node_lease_lapsed(self, txn: Txn, node_id: str) -> bool:
         node = self.state.nodes.get(node_id)
@@ -225,7 +238,8 @@ class EngineCore:
                 log.exception("compaction failed; retrying at the next interval")
 
     async def compact(self) -> None:
-        """Trims the event log by count and age, and forgets long-ended allocations."""
+        """Trims the event log by count and age, and forgets long-ended allocations and
+        reservations."""
         now = self.clock.now()
         oldest = await self.store.compact(
             max_events=self.settings.retention_max_events,
@@ -239,4 +253,9 @@ class EngineCore:
                 if ended and (a.end_time or now) < horizon:
                     self.state.forget(a)
                     txn.deletes.append((EventKind.ALLOCATION, a.id))
+            # Reservations ended or cancelled are kept as long, counted from their window's end.
+            for r in list(self.state.reservations.values()):
+                if r.state.terminal and r.end_time < horizon:
+                    del self.state.reservations[r.id]
+                    txn.deletes.append((EventKind.RESERVATION, r.id))
         await self.committer.wait(txn)

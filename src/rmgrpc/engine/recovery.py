@@ -14,10 +14,18 @@ from google.protobuf.message import DecodeError
 
 from rmgrpc import codec
 from rmgrpc.config import Settings
-from rmgrpc.model import Allocation, AllocationState, EventKind, Node, NodeState, Quota
+from rmgrpc.model import (
+    Allocation,
+    AllocationState,
+    EventKind,
+    Node,
+    NodeState,
+    Quota,
+    Reservation,
+)
 from rmgrpc.state import ClusterState
 from rmgrpc.store import LoadedState, StoreError
-from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2
+from rmgrpc.v1 import allocator_pb2, gpu_manager_pb2, quota_pb2, reservation_pb2
 
 T = TypeVar("T")
 
@@ -27,6 +35,9 @@ _DECODERS: dict[EventKind, Callable[[bytes], object]] = {
     EventKind.QUOTA: lambda d: codec.quota_from_proto(quota_pb2.Quota.FromString(d)),
     EventKind.ALLOCATION: lambda d: codec.allocation_from_proto(
         allocator_pb2.Allocation.FromString(d)
+    ),
+    EventKind.RESERVATION: lambda d: codec.reservation_from_proto(
+        reservation_pb2.Reservation.FromString(d)
     ),
 }
 
@@ -58,6 +69,8 @@ def recover(loaded: LoadedState, path: str, settings: Settings, now: float) -> C
         state.put_node(node)
     for quota in _decoded(loaded, path, EventKind.QUOTA, Quota):
         state.quotas[quota.tenant] = quota
+    for r in _decoded(loaded, path, EventKind.RESERVATION, Reservation):
+        state.reservations[r.id] = r
     allocations = _decoded(loaded, path, EventKind.ALLOCATION, Allocation)
     allocations.sort(key=lambda a: (a.seq, a.id))
     for a in allocations:

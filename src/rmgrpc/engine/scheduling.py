@@ -47,6 +47,7 @@ from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Place
 from rmgrpc.scheduler import apply
 from rmgrpc.scheduler.fairshare import Amount, Ledger, UsageHistory
 from rmgrpc.scheduler.placement import CapacityView, gpus_text
+from rmgrpc.scheduler.reservations import Reserved
 from rmgrpc.scheduler.result import PassResult
 from rmgrpc.scheduler.snapshot import Decisions, DryRun, Snapshot
 
@@ -121,6 +122,8 @@ class Scheduling:
         # Recent usage of ended work, for fair share; derived from the retained
         # allocations on first use (so a restart rebuilds it), then followed as work ends.
         self._history: UsageHistory | None = None
+        # Reserved capacity as the quick view withholds it (rebuilt with the view).
+        self._reserved: Reserved | None = None
 
     # -- asking for passes -----------------------------------------------------------
 
@@ -133,6 +136,7 @@ class Scheduling:
 
     def _invalidate(self) -> None:
         self._quick = None
+        self._reserved = None
         self._leaving_ids.clear()
         self._explained.clear()
 
@@ -152,6 +156,10 @@ class Scheduling:
         """`a` takes (+1) or gives back (-1) its placements' capacity: the quick view and
         ledger follow."""
         if self._quick is None:
+            return
+        if self._reserved and self._reserved.touches(a):
+            # Reserved GPUs change hands: the quick view rebuilds what it withholds.
+            self._invalidate()
             return
         view, ledger = self._quick
         st = view.statement()  # committed at once: keeps the view's undo journal empty
@@ -340,6 +348,11 @@ class Scheduling:
             quotas=dict(self.state.quotas),
             config=self.engine.config,
             ended_usage=self.usage_history().values(now),
+            reservations={
+                r.id: dataclasses.replace(r)
+                for r in self.state.reservations.values()
+                if not r.state.terminal
+            },
         )
 
     async def _pass(self) -> Txn:
@@ -384,6 +397,7 @@ class Scheduling:
         tr = engine.transitions
         state = self.state
         with engine.committer.transaction() as txn:
+            decisions, off = self._against_reservations(decisions)
             applied = apply.apply_plan(
                 state,
                 decisions,
@@ -391,6 +405,7 @@ class Scheduling:
                 engine.config,
                 quota_ok=self._quota_check() if recheck_quota else None,
             )
+            applied.refused.extend(off)
             for victim in applied.preempted:
                 tr.preempted(txn, victim)
                 self._leaving(victim)
@@ -420,6 +435,29 @@ class Scheduling:
         if applied.placed or applied.preempted:
             log.debug("pass placed %d, preempted %d", len(applied.placed), len(applied.preempted))
         return txn
+
+    def _against_reservations(
+        self, decisions: Decisions
+    ) -> tuple[Decisions, list[tuple[str, str]]]:
+        """Admissions that would break a reservation accepted (or begun) since the pass's
+        snapshot are refused, as the plan applier refuses what no longer holds."""
+        state = self.state
+        live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
+        if not live or not decisions.admissions:
+            return decisions, []
+        holding = [a for a in state.live.values() if state.holds(a)]
+        reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
+        kept, off = [], []
+        for adm in decisions.admissions:
+            a = state.live.get(adm.allocation_id)
+            why = reserved.conflict(a, adm.placements) if a is not None else None
+            if why is None:
+                kept.append(adm)
+            else:
+                off.append((adm.allocation_id, why))
+        if not off:
+            return decisions, []
+        return dataclasses.replace(decisions, admissions=kept), off
 
     def _quota_check(self) -> apply.QuotaCheck:
         """Quota as it is now, for plans made before a quota changed or before work was
@@ -529,6 +567,12 @@ class Scheduling:
                 n = view.nodes[node_id]
                 free = [i for i in gpus if any(i in lst for lst in n.free.values())]
                 view.take(node_id, free, min(cpu, n.cpu_free), min(mem, n.mem_free))
+            # Between passes nothing backfills: idle reserved capacity is withheld whole.
+            live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
+            if live:
+                holding = [a for a in state.live.values() if state.holds(a)]
+                self._reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
+                self._reserved.withhold(view)
             self._quick = (view, self._ledger())
             # The ledger counts victims still in their grace as leaving.
             self._leaving_ids = {
@@ -560,6 +604,8 @@ class Scheduling:
         does not fit (and could not preempt) is answered PENDING at once either way,
         since it takes nothing from anyone; otherwise a steady stream of arrivals into
         a full cluster would keep the queue unsettled, every answer waiting a pass."""
+        if a.reservation_id:
+            return None  # placed by a pass, inside its reservation
         settled = self.settled
         view, ledger = self._structures()
         amt = Amount.of_request(a)

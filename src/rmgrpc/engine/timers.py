@@ -15,7 +15,8 @@ from typing import Literal
 
 from rmgrpc.clock import Clock
 
-TimerKind = Literal["lease", "max", "grace", "node"]
+# "rstart"/"rend": a reservation's window begins / ends.
+TimerKind = Literal["lease", "max", "grace", "node", "rstart", "rend"]
 TimerKey = tuple[TimerKind, str]
 
 

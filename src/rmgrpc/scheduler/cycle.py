@@ -19,6 +19,12 @@ The pass, in order (KAI's session running its actions over one snapshot):
    after it in the queue (of its priority or lower) is placed on them, so capacity
    freeing there piles up for it instead of going to smaller requests behind it.
 
+Reservations (`reservations.Reserved`): the idle capacity of every accepted reservation
+whose window is not over is kept out of the view. Work naming a reservation is placed in
+that reservation's capacity only, once its window has begun; other work may use it only
+to backfill — when its hard end comes no later than the reservation's start — and an
+allocation holding reserved GPUs is never chosen as a victim for others.
+
 Everything iterates in sorted or insertion order over sorted inputs, so the same
 snapshot always gives the same decisions.
 """
@@ -28,7 +34,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from rmgrpc.model import Allocation, AllocationState, Placement, Shape, WithinTenantPreemption
+from rmgrpc.model import (
+    Allocation,
+    AllocationState,
+    Placement,
+    Reservation,
+    Shape,
+    WithinTenantPreemption,
+)
 from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, QuotaBlock, check_admissible
 from rmgrpc.scheduler.placement import CapacityView, gpus_text, nodes_to_hold
 from rmgrpc.scheduler.preemption import (
@@ -40,6 +53,7 @@ from rmgrpc.scheduler.preemption import (
     reason_for,
     select_victims,
 )
+from rmgrpc.scheduler.reservations import Reserved, when
 from rmgrpc.scheduler.snapshot import (
     Admission,
     Decisions,
@@ -54,6 +68,7 @@ _WAITING = "waiting for victims"
 _QUOTA = "quota"
 _CAPACITY = "capacity"
 _INVALID = "invalid"
+_RESERVATION = "reservation"
 
 DRY_RUN_ID = "dry-run"
 
@@ -85,6 +100,8 @@ class _Cycle:
         holding = [a for a in allocs if a.holds_capacity(self.now)]
         self.holding = holding
         self.view = CapacityView(snapshot.nodes, holding)
+        self.reserved = Reserved(snapshot.reservations, snapshot.nodes, holding, self.now)
+        self.reserved.withhold(self.view)
         self.ledger = Ledger(snapshot)
         self._pool: VictimPool | None = None
         self.budget = max(0, self.config.max_preemptions_per_cycle)
@@ -109,7 +126,12 @@ class _Cycle:
     @property
     def pool(self) -> VictimPool:
         if self._pool is None:
-            self._pool = VictimPool(self.snapshot, self.ledger)
+            snap = self.snapshot
+            if self.reserved:
+                # Freeing reserved GPUs would hand them to the preemptor: never victims.
+                kept = {k: a for k, a in snap.allocations.items() if not self.reserved.touches(a)}
+                snap = dataclasses.replace(snap, allocations=kept)
+            self._pool = VictimPool(snap, self.ledger)
         return self._pool
 
     def amount(self, a: Allocation) -> Amount:
@@ -295,9 +317,14 @@ class _Cycle:
                 f"{gpus_text(amt.gpus)} under its per-model limits"
             )
             return _QUOTA
-        placements = self.view.place_gang(
-            a.shape, a.count, owner=a.id, priority=a.priority, models=models
-        )
+        if a.reservation_id:
+            placements, why = self.reserved.place_inside(a)
+            if placements is None:
+                self.reasons[a.id] = why
+                return _RESERVATION
+            self._admit(a, placements)
+            return _ADMITTED
+        placements = self._place(a, models)
         if placements is not None:
             self._admit(a, placements)
             return _ADMITTED
@@ -306,7 +333,29 @@ class _Cycle:
             if outcome is not None:
                 return outcome
         self.fail_keys[a.id] = (a.shape, a.count, a.id, a.priority, models)
+        blocking = self.reserved.blocking(a) if self.reserved else []
+        if blocking and a.id not in self.reasons:
+            self.reasons[a.id] = _reserved_text(a, blocking)
         return _CAPACITY
+
+    def _place(self, a: Allocation, models: tuple[str, ...] | None) -> tuple[Placement, ...] | None:
+        """Places ordinary work, lending it the idle reserved capacity it may backfill."""
+        lent = self.reserved.lendable(a) if self.reserved else []
+        if not lent:
+            return self.view.place_gang(
+                a.shape, a.count, owner=a.id, priority=a.priority, models=models
+            )
+        st = self.view.statement()
+        Reserved.lend(self.view, lent)
+        placements = self.view.place_gang(
+            a.shape, a.count, owner=a.id, priority=a.priority, models=models
+        )
+        if placements is None:
+            st.discard()
+            return None
+        self.reserved.take_back(self.view, lent)
+        st.commit()
+        return placements
 
     def _admit(self, a: Allocation, placements: tuple[Placement, ...]) -> None:
         self.decisions.admissions.append(Admission(a.id, placements))
@@ -447,7 +496,11 @@ class _Cycle:
         got = self._initial_fits.get(key)
         if got is None:
             if self._initial is None:
-                self._initial = CapacityView(self.snapshot.nodes, self.holding)
+                snap = self.snapshot
+                self._initial = CapacityView(snap.nodes, self.holding)
+                Reserved(snap.reservations, snap.nodes, self.holding, self.now).withhold(
+                    self._initial
+                )
             shape, count, _, _, models = key
             got = self._initial.fits(shape, count, models=models)
             self._initial_fits[key] = got
@@ -491,6 +544,21 @@ class _Cycle:
                 parts.append(f"preemption limit of {limit} per cycle reached")
             reason = "; ".join(parts) or "waiting"
             self.decisions.pending[aid] = PendingStatus(reason, pos)
+
+
+def _reserved_text(a: Allocation, blocking: Sequence[Reservation]) -> str:
+    """Why reserved capacity is not for `a`, and how it could be."""
+    first = blocking[0]
+    more = f" and {len(blocking) - 1} more" if len(blocking) > 1 else ""
+    how = (
+        "set max_duration_seconds so it ends before then to backfill"
+        if a.max_duration_seconds <= 0
+        else f"its max_duration_seconds ({a.max_duration_seconds} s) runs past that start"
+    )
+    return (
+        f"capacity reserved by {first.id}{more} (from {when(first.start_time)}) is kept for "
+        f"the reservation; {how}"
+    )
 
 
 def run_cycle(snapshot: Snapshot) -> Decisions:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from rmgrpc.model import Allocation, Node, Placement, Quota, Resources
+from rmgrpc.model import Allocation, Node, Placement, Quota, Reservation, Resources
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,9 @@ class Snapshot:
     # (GPUs, CPU millis, memory bytes) averaged over recent time as of `now`. Work that
     # still holds capacity is counted from `allocations`.
     ended_usage: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
+    # Accepted reservations whose window is not over (private copies): their idle
+    # capacity is kept from ordinary work, but for backfill that ends before they start.
+    reservations: Mapping[str, Reservation] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,12 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         settings = self.engine.settings
         template = allocation_request(request, settings.max_lease_seconds, settings.max_labels)
         authorize.write_tenant(auth.current(), request.tenant)
+        if request.reservation_id:
+            # One the caller may not see is NOT_FOUND, as an unknown one.
+            found = await self.engine.found(
+                lambda: self.engine.get_reservation(request.reservation_id)
+            )
+            authorize.reservation(auth.current(), found)
         allocation, preempted = await self.engine.allocate(template, request.dry_run)
         answer = await self._durable(allocation)
         return allocator_pb2.AllocateResponse(

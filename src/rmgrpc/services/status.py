@@ -98,7 +98,13 @@ def to_status(exc: RmgrpcError) -> status_pb2.Status:
                 violations=[
                     error_details_pb2.PreconditionFailure.Violation(
                         type=exc.type, subject=exc.subject, description=exc.description
-                    )
+                    ),
+                    *(
+                        error_details_pb2.PreconditionFailure.Violation(
+                            type=t, subject=s, description=d
+                        )
+                        for t, s, d in exc.extra
+                    ),
                 ]
             ),
         )
