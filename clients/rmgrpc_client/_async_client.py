@@ -18,6 +18,8 @@ from rmgrpc.v1 import (
     quota_pb2,
     quota_pb2_grpc,
     resources_pb2,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
 )
 from rmgrpc_client._channel import (
     CHANNEL_OPTIONS,
@@ -82,6 +84,7 @@ class AsyncClient:
         self._allocator = allocator_pb2_grpc.AllocatorServiceStub(channel)
         self._gpu_manager = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
         self._quota = quota_pb2_grpc.QuotaServiceStub(channel)
+        self._telemetry = telemetry_pb2_grpc.TelemetryServiceStub(channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -608,3 +611,17 @@ class AsyncClient:
             quota_pb2.GetUsageResponse,
         )
         return response.usage
+
+    async def get_cost_report(
+        self, tenant: str = "", *, since: float | None = None, until: float | None = None
+    ) -> telemetry_pb2.GetCostReportResponse:
+        """Spend by tenant (subtree included), GPU model and UTC day over [since, until)
+        (Unix seconds; widened to whole days; None: from the first day, until now)."""
+        request = telemetry_pb2.GetCostReportRequest(tenant=tenant)
+        if since is not None:
+            request.start_time.FromNanoseconds(int(since * 1e9))
+        if until is not None:
+            request.end_time.FromNanoseconds(int(until * 1e9))
+        return await self._call(
+            self._telemetry.GetCostReport, request, telemetry_pb2.GetCostReportResponse
+        )

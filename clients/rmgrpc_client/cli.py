@@ -6,6 +6,7 @@
     rmgrpcctl quota set org/team --guaranteed-gpus 8 --limit-gpus 16 --weight 2
     rmgrpcctl tenants; rmgrpcctl queue; rmgrpcctl nodes -o wide; rmgrpcctl top
     rmgrpcctl reserve org/team --gpus 8 --start +1h --end +3h; rmgrpcctl reservations
+    rmgrpcctl cost --tenant org --since 7d --by day
 
 `--server` (env RMGRPC_SERVER, default 127.0.0.1:50051) and `--token` (env RMGRPC_TOKEN)
 pick the server and credentials; `-o json|yaml` prints the messages with grpcurl's field
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -381,8 +383,11 @@ def _resources(args: argparse.Namespace, kind: str) -> resources_pb2.Resources |
 
 async def _quota_set(client: AsyncClient, args: argparse.Namespace) -> None:
     budget = None
-    if args.budget is not None or args.budget_period is not None:
-        budget = quota_pb2.Budget(amount=args.budget or 0, period_seconds=args.budget_period or 0)
+    stop = args.budget_stop_running
+    if args.budget is not None or args.budget_period is not None or stop is not None:
+        budget = quota_pb2.Budget(
+            amount=args.budget or 0, period_seconds=args.budget_period or 0, stop_running=bool(stop)
+        )
     guaranteed, limit = _resources(args, "guaranteed"), _resources(args, "limit")
     policy = _preemption_policy(args)
     # Lending limit and an explicit weight (0 included) travel with the policy fields.
@@ -405,6 +410,8 @@ async def _quota_set(client: AsyncClient, args: argparse.Namespace) -> None:
             mask.append("budget" if args.budget_period is not None else "budget.amount")
         elif args.budget_period is not None:
             mask.append("budget.period_seconds")
+        if stop is not None and "budget" not in mask:
+            mask.append("budget.stop_running")
         mask += [f for f, flag in _POLICY_FLAGS.items() if getattr(args, flag) is not None]
         mask += [f"lending_limit.{f.name}" for f, _ in lending.ListFields()]
         if not mask:
@@ -482,6 +489,77 @@ async def _usage(client: AsyncClient, args: argparse.Namespace) -> None:
     if _tenants.usage_is_empty(usage):  # a typo looks exactly like an idle tenant
         await _tenants.check_tenant(client, args.tenant)
     _out(args, fmt.usage_block(usage), fmt.to_json(usage))
+
+
+async def _cost(client: AsyncClient, args: argparse.Namespace) -> None:
+    now = time.time()
+    since = None if args.since is None else _when(args.since, now, "--since")
+    until = None if args.until is None else _when(args.until, now, "--until")
+    report = await client.get_cost_report(args.tenant, since=since, until=until)
+    headers: list[str]
+    rows: list[list[object]]
+    if args.by == "model":
+        headers = ["MODEL", "COST", "GPU-HOURS"]
+        rows = [
+            [m.model or "(no GPU)", f"{m.cost:.2f}", f"{m.gpu_hours:.2f}"] for m in report.models
+        ]
+    elif args.by == "day":
+        headers = ["DAY", "COST", "GPU-HOURS"]
+        rows = [
+            [
+                time.strftime("%Y-%m-%d", time.gmtime(fmt.stamp_seconds(d.day))),
+                f"{d.cost:.2f}",
+                f"{d.gpu_hours:.2f}",
+            ]
+            for d in report.days
+        ]
+    else:
+        headers = ["TENANT", "COST", "OWN", "GPU-HOURS", "CPU-CORE-HOURS", "MEM-GIB-HOURS"]
+        headers += ["BUDGET", "BUDGET-USED"]
+        rows = []
+        for t in report.tenants:
+            budget, period = "-", t.budget_period_seconds
+            if t.budget_amount:
+                budget = f"{t.budget_spent:.2f}/{t.budget_amount:g}"
+                budget += f" per {fmt.human_duration(period)}" if period else " (no reset)"
+            used = f"{t.budget_spent / t.budget_amount:.0%}" if t.budget_amount else "-"
+            rows.append(
+                [
+                    t.tenant,
+                    f"{t.cost:.2f}",
+                    f"{t.own_cost:.2f}",
+                    f"{t.gpu_hours:.2f}",
+                    f"{t.cpu_core_hours:.2f}",
+                    f"{t.memory_gib_hours:.2f}",
+                    budget,
+                    used,
+                ]
+            )
+    text = fmt.table(headers, rows, header=not args.no_headers)
+    first = time.gmtime(fmt.stamp_seconds(report.start_time))
+    last = time.gmtime(fmt.stamp_seconds(report.end_time) - 86400)  # the end is exclusive
+    days = time.strftime("%Y-%m-%d", first) + " to " + time.strftime("%Y-%m-%d", last)
+    total = f"total: {report.total_cost:.2f} ({days}, UTC days)"
+    _out(args, "\n".join(x for x in (text, total) if x), fmt.to_json(report))
+
+
+def _when(text: str, now: float, flag: str) -> float:
+    """`--since`/`--until`: a date or time (ISO 8601, UTC unless it says), or a span ago
+    such as ``7d`` or ``12h``."""
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(
+            f"{flag}: {text!r} is not a date (2026-12-01), a time (2026-12-01T12:00) or a "
+            "span ago (7d, 12h, 30m)",
+            2,
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
 
 
 async def _tenants_cmd(client: AsyncClient, args: argparse.Namespace) -> None:
@@ -857,6 +935,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="length of a budget period; 0: the budget never resets",
     )
+    p.add_argument(
+        "--budget-stop-running",
+        action=argparse.BooleanOptionalAction,
+        help="once the budget is spent, end running work too (not only refuse new work)",
+    )
 
     p = quota_command("get", _quota_get, "show a tenant's quota")
     p.add_argument("tenant", help="tenant name, e.g. org/team")
@@ -869,6 +952,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("usage", _usage, "what a tenant holds, waits for, borrows and spends")
     p.add_argument("tenant", help="tenant name, e.g. org/team")
+
+    p = command("cost", _cost, "what tenants spent, by tenant, GPU model or day")
+    p.add_argument(
+        "--tenant", default="", help="only this tenant and its subtree; none: all (yours)"
+    )
+    p.add_argument("--since", help="from this date/time (UTC) or span ago (7d); none: first day")
+    p.add_argument("--until", help="up to this date/time (UTC) or span ago; none: now")
+    p.add_argument(
+        "--by",
+        choices=("tenant", "model", "day"),
+        default="tenant",
+        help="one row per tenant (subtree included), GPU model or UTC day",
+    )
 
     p = command("tenants", _tenants_cmd, "per-tenant quota, use, fair share and oldest wait")
     p.add_argument(

@@ -49,7 +49,8 @@ READS: dict[str, frozenset[Role]] = {
     # Cluster-wide figures include every tenant's: operators and viewers only.
     _T + "GetClusterSummary": frozenset({ADMIN, VIEWER}),
     _T + "StreamClusterMetrics": frozenset({ADMIN, VIEWER}),
-    _T + "GetCostReport": frozenset({ADMIN, VIEWER}),
+    # Cost is read like usage: a tenant sees its own subtree's.
+    _T + "GetCostReport": frozenset({ADMIN, VIEWER, TENANT}),
 }
 WRITES: dict[str, frozenset[Role]] = {
     _A + "Allocate": frozenset({ADMIN, TENANT}),

@@ -309,7 +309,11 @@ def quota_to_proto(q: Quota) -> quota_pb2.Quota:
     _preemption_policy_to_proto(q, msg)
     if q.budget is not None:
         msg.budget.CopyFrom(
-            quota_pb2.Budget(amount=q.budget.amount, period_seconds=q.budget.period_seconds)
+            quota_pb2.Budget(
+                amount=q.budget.amount,
+                period_seconds=q.budget.period_seconds,
+                stop_running=q.budget.stop_running,
+            )
         )
     stamp = ts(q.update_time or None)
     if stamp is not None:
@@ -326,7 +330,7 @@ def quota_from_proto(msg: quota_pb2.Quota) -> Quota:
         # Rows written before weight had presence never held 0: absent means 1.
         weight=msg.weight if msg.HasField("weight") else 1.0,
         lending_limit=resources_from_proto(msg.lending_limit),
-        budget=Budget(msg.budget.amount, msg.budget.period_seconds)
+        budget=Budget(msg.budget.amount, msg.budget.period_seconds, msg.budget.stop_running)
         if msg.HasField("budget")
         else None,
         revision=msg.revision,

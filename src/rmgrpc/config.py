@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rmgrpc.scheduler.snapshot import SchedulerConfig
 
 if TYPE_CHECKING:
+    from rmgrpc.cost import PriceTable
     from rmgrpc.gpu.health import HealthPolicy
 
 
@@ -233,6 +234,23 @@ class Settings:
         "telemetry", "how often gauges (cluster, tenants, GPUs) are recomputed", default=5.0
     )
 
+    gpu_hour_prices: str = _s(
+        "cost",
+        "price of a GPU-hour by model, MODEL=PRICE comma-separated (models not listed: "
+        "gpu_hour_price_default)",
+        default="H100=4.0,A100=2.0,L4=0.8",
+    )
+    gpu_hour_price_default: float = _s(
+        "cost", "price of a GPU-hour of a model gpu_hour_prices does not list", default=2.0
+    )
+    cpu_core_hour_price: float = _s("cost", "price of a CPU core-hour", default=0.04)
+    memory_gib_hour_price: float = _s("cost", "price of a GiB-hour of memory", default=0.005)
+    cost_accrual_interval_seconds: float = _s(
+        "cost",
+        "how often accrued cost is written (a kill -9 loses at most this much of it)",
+        default=60.0,
+    )
+
     tokens_file: str = _s(
         "auth",
         "TOML file of principals: token hashes and client-certificate SANs (reread on SIGHUP)",
@@ -255,6 +273,24 @@ class Settings:
             quarantine_xids=self.gpu_quarantine_xids,
             warn_xids=self.gpu_warn_xids,
             recovery_seconds=self.gpu_recovery_seconds,
+        )
+
+    def price_table(self) -> PriceTable:
+        """The prices of these settings; ValueError naming the bad one."""
+        from rmgrpc.cost import PriceTable, check_price, parse_gpu_prices
+
+        check_price("gpu_hour_price_default", self.gpu_hour_price_default)
+        check_price("cpu_core_hour_price", self.cpu_core_hour_price)
+        check_price("memory_gib_hour_price", self.memory_gib_hour_price)
+        try:
+            by_model = parse_gpu_prices(self.gpu_hour_prices)
+        except ValueError as exc:
+            raise ValueError(f"gpu_hour_prices: {exc}") from None
+        return PriceTable(
+            by_model,
+            self.gpu_hour_price_default,
+            self.cpu_core_hour_price,
+            self.memory_gib_hour_price,
         )
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -355,6 +391,11 @@ class Settings:
                 "otlp_protocol must be grpc or http/protobuf",
             ),
             (self.metrics_refresh_seconds > 0, "metrics_refresh_seconds must be > 0"),
+            (_price_error(self) is None, f"cost: {_price_error(self)}"),
+            (
+                self.cost_accrual_interval_seconds > 0,
+                "cost_accrual_interval_seconds must be > 0",
+            ),
             (0 <= self.tracing_sample_ratio <= 1, "tracing_sample_ratio must be in [0, 1]"),
             (bool(self.cert_file) == bool(self.key_file), "cert_file and key_file go together"),
             (
@@ -370,6 +411,14 @@ class Settings:
 def _health_error(settings: Settings) -> str | None:
     try:
         settings.health_policy()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _price_error(settings: Settings) -> str | None:
+    try:
+        settings.price_table()
     except ValueError as exc:
         return str(exc)
     return None

@@ -75,9 +75,11 @@ class WatchFilter:
     tenant: str = ""
     node_id: str = ""
     object_id: str = ""
+    # Budget alerts too (their tenant is the budgeted one), beside `kind`.
+    budget_alerts: bool = False
 
     def matches(self, event: Event) -> bool:
-        if event.kind != self.kind:
+        if event.kind != self.kind and not (self.budget_alerts and event.kind == EventKind.BUDGET):
             return False
         if self.object_id and event.object_id != self.object_id:
             return False

@@ -201,6 +201,8 @@ class Resources:
 class Budget:
     amount: float = 0.0
     period_seconds: int = 0
+    # Spent: end the subtree's running work too, not only refuse new work.
+    stop_running: bool = False
 
 
 class WithinTenantPreemption(enum.IntEnum):
@@ -307,6 +309,8 @@ class EventKind(enum.StrEnum):
     QUOTA = "quota"
     RESERVATION = "reservation"
     BUDGET = "budget"
+    # The cost ledger (objects only, no events): see engine/cost.py.
+    COST = "cost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,6 +217,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     try:
         engine.cycle_observers.append(_record_cycle(metrics))
         engine.commit_observers.append(metrics.store_commit.observe)
+        engine.cost.alert_observers.append(lambda a: metrics.budget_alert(a.tenant, a.percent))
         nodes, nvml = inventory(settings, clock)
         try:
             await engine.start(nodes)

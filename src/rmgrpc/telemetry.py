@@ -254,6 +254,27 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        # Budgets (engine/cost.py): spend against each budgeted tenant's, subtree included.
+        self.tenant_budget_spent = Gauge(
+            "rmgrpc_tenant_budget_spent",
+            "Cost spent by the tenant's subtree in its current budget period (as of the "
+            "last accrual).",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_budget_used_ratio = Gauge(
+            "rmgrpc_tenant_budget_used_ratio",
+            "Spent in the current budget period / the budget amount.",
+            ["tenant"],
+            registry=r,
+        )
+        self.budget_alerts = Counter(
+            "rmgrpc_budget_alerts_total",
+            "Budget alerts: spend crossed 50/75/90/100 % of a tenant's budget (once per "
+            "threshold and period).",
+            ["tenant", "threshold"],
+            registry=r,
+        )
         # Label sets last written by the set_* helpers, so a state or GPU that disappears
         # is removed instead of reporting its last value for ever.
         self._lock = threading.Lock()
@@ -369,6 +390,25 @@ class Metrics:
         """One of `tenant`'s allocations was preempted after `gpu_seconds` of GPU work."""
         self.tenant_preempted_gpu_seconds.labels(tenant).inc(max(0.0, gpu_seconds))
         self._counted(tenant)
+
+    def budget_alert(self, tenant: str, percent: int) -> None:
+        """Spend of `tenant`'s subtree crossed `percent` % of its budget."""
+        self.budget_alerts.labels(tenant, str(percent)).inc()
+
+    def set_budgets(self, spent: Mapping[str, tuple[float, float]]) -> None:
+        """Per budgeted tenant: (spent this period, budget amount); others are dropped."""
+        self._publish(
+            "tenant_budget_spent",
+            self.tenant_budget_spent,
+            {(t,): s for t, (s, _) in spent.items()},
+            None,
+        )
+        self._publish(
+            "tenant_budget_used_ratio",
+            self.tenant_budget_used_ratio,
+            {(t,): s / a for t, (s, a) in spent.items()},
+            None,
+        )
 
     def _counted(self, tenant: str) -> None:
         with self._lock:
@@ -522,6 +562,9 @@ class StatePublisher:
                 oldest_pending_seconds=max(0.0, view.read_time - oldest) if oldest else 0.0,
             )
         m.set_tenants(rows)
+        now = engine.clock.now()
+        budgets = {t: engine.cost.budget_spend(t, now) for t in engine.state.quotas}
+        m.set_budgets({t: sa for t, sa in budgets.items() if sa[1] > 0})
         await self._gpus(engine)
         await self._count_transitions(engine)
         state = engine.state

@@ -489,7 +489,18 @@ MATRIX: list[Row] = [
         OK,
         stream=True,
     ),
-    Row(T, "GetCostReport", "all tenants", _const(tpb.GetCostReportRequest()), OK, PD, PD, OK),
+    # A tenant asking for every tenant gets its own subtree's report.
+    Row(T, "GetCostReport", "all tenants", _const(tpb.GetCostReportRequest()), OK, OK, PD, OK),
+    Row(
+        T,
+        "GetCostReport",
+        "other tenant",
+        _const(tpb.GetCostReportRequest(tenant="org/b")),
+        OK,
+        PD,
+        PD,
+        OK,
+    ),
     # ReservationService
     Row(R, "CreateReservation", "own tenant", lambda r, i: _reserve(TENANT), OK, OK, PD, PD),
     Row(R, "CreateReservation", "other tenant", lambda r, i: _reserve("org/b"), OK, PD, PD, PD),

@@ -97,13 +97,20 @@ def test_gpu_metrics_per_node_and_forget() -> None:
     assert sample(m, "rmgrpc_gpu_utilization_percent", gpu_labels("n1", 0)) is None
 
 
-def test_no_created_series_and_no_budget_series() -> None:
+def test_no_created_series_and_budget_series_only_for_budgeted_tenants() -> None:
     m = Metrics()
     m.observe_rpc(HEALTH, "Check", "OK", 0.01)
     m.admitted("org/a", 3.0)
     text = generate_latest(m.registry).decode()
-    assert "_created" not in text and "budget" not in text
+    samples = [line for line in text.splitlines() if not line.startswith("#")]
+    assert "_created" not in text and not any("budget" in line for line in samples)
     assert 'rmgrpc_tenant_admitted_total{tenant="org/a"} 1.0' in text
+    m.set_budgets({"org": (30.0, 120.0), "lab": (1.0, 10.0)})
+    assert sample(m, "rmgrpc_tenant_budget_used_ratio", {"tenant": "org"}) == 0.25
+    assert sample(m, "rmgrpc_tenant_budget_spent", {"tenant": "lab"}) == 1.0
+    m.set_budgets({"org": (60.0, 120.0)})  # lab's budget was removed: its series go
+    assert sample(m, "rmgrpc_tenant_budget_used_ratio", {"tenant": "org"}) == 0.5
+    assert sample(m, "rmgrpc_tenant_budget_spent", {"tenant": "lab"}) is None
 
 
 def test_tenant_series_follow_the_tenants_published() -> None:

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from rmgrpc.v1 import quota_pb2 as _quota_pb2
 from rmgrpc.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -83,6 +84,10 @@ class _AllocationEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_A
     """It reached a terminal state (see `allocation.state`): stop the work."""
     ALLOCATION_EVENT_TYPE_PROGRESS: _AllocationEventType.ValueType  # 5
     """Nothing changed; `revision` is the current revision (sent on idle streams)."""
+    ALLOCATION_EVENT_TYPE_BUDGET_ALERT: _AllocationEventType.ValueType  # 70
+    """A tenant's spend crossed 50/75/90/100 % of its budget (`budget_alert`; asked for
+    with `budget_alerts`).
+    """
 
 class AllocationEventType(_AllocationEventType, metaclass=_AllocationEventTypeEnumTypeWrapper): ...
 
@@ -97,6 +102,10 @@ ALLOCATION_EVENT_TYPE_ENDED: AllocationEventType.ValueType  # 4
 """It reached a terminal state (see `allocation.state`): stop the work."""
 ALLOCATION_EVENT_TYPE_PROGRESS: AllocationEventType.ValueType  # 5
 """Nothing changed; `revision` is the current revision (sent on idle streams)."""
+ALLOCATION_EVENT_TYPE_BUDGET_ALERT: AllocationEventType.ValueType  # 70
+"""A tenant's spend crossed 50/75/90/100 % of its budget (`budget_alert`; asked for
+with `budget_alerts`).
+"""
 Global___AllocationEventType: _TypeAlias = AllocationEventType  # noqa: Y015
 
 @_typing.final
@@ -521,6 +530,7 @@ class WatchAllocationsRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     ALLOCATION_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_ALERTS_FIELD_NUMBER: _builtins.int
     start_revision: _builtins.int
     """First revision to send; 0 means only what happens from now on. A revision older
     than the log keeps answers OUT_OF_RANGE (ErrorInfo: oldest_revision, current_revision).
@@ -531,6 +541,10 @@ class WatchAllocationsRequest(_message.Message):
     """Only allocations with a replica on this node."""
     allocation_id: _builtins.str
     """Only this allocation."""
+    budget_alerts: _builtins.bool
+    """Also stream budget alerts (type BUDGET_ALERT) of the budgets of `tenant`'s subtree
+    (all, when empty); never with `node_id` or `allocation_id`, which they do not match.
+    """
     def __init__(
         self,
         *,
@@ -538,10 +552,11 @@ class WatchAllocationsRequest(_message.Message):
         tenant: _builtins.str = ...,
         node_id: _builtins.str = ...,
         allocation_id: _builtins.str = ...,
+        budget_alerts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "node_id", b"node_id", "start_revision", b"start_revision", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "budget_alerts", b"budget_alerts", "node_id", b"node_id", "start_revision", b"start_revision", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,6 +570,7 @@ class AllocationEvent(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     ALLOCATION_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
+    BUDGET_ALERT_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     type: Global___AllocationEventType.ValueType
     @_builtins.property
@@ -563,6 +579,10 @@ class AllocationEvent(_message.Message):
 
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def budget_alert(self) -> _quota_pb2.BudgetAlert:
+        """Set on BUDGET_ALERT (and `allocation` unset)."""
+
     def __init__(
         self,
         *,
@@ -570,10 +590,11 @@ class AllocationEvent(_message.Message):
         type: Global___AllocationEventType.ValueType = ...,
         allocation: Global___Allocation | None = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
+        budget_alert: _quota_pb2.BudgetAlert | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "event_time", b"event_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "budget_alert", b"budget_alert", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "event_time", b"event_time", "revision", b"revision", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "budget_alert", b"budget_alert", "event_time", b"event_time", "revision", b"revision", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

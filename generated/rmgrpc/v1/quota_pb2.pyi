@@ -104,23 +104,72 @@ class Budget(_message.Message):
 
     AMOUNT_FIELD_NUMBER: _builtins.int
     PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    STOP_RUNNING_FIELD_NUMBER: _builtins.int
     amount: _builtins.float
     """Most the tenant may spend per period, in cost units (price × resource × hours)."""
     period_seconds: _builtins.int
     """Length of a budget period in seconds; 0 means the budget never resets."""
+    stop_running: _builtins.bool
+    """Once the budget is spent, end the subtree's running allocations too (EXPIRED, at the
+    next cost accrual); otherwise only new requests are refused.
+    """
     def __init__(
         self,
         *,
         amount: _builtins.float = ...,
         period_seconds: _builtins.int = ...,
+        stop_running: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "period_seconds", b"period_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "period_seconds", b"period_seconds", "stop_running", b"stop_running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class BudgetAlert(_message.Message):
+    """BudgetAlert: spend of a tenant's subtree crossed a threshold of its budget; sent once
+    per threshold and budget period.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    percent: _builtins.int
+    """50, 75, 90 or 100."""
+    spent: _builtins.float
+    """Spent in the period when the alert was raised."""
+    amount: _builtins.float
+    """The budget amount."""
+    period_seconds: _builtins.int
+    """The budget period (0: never resets) and when the current one started."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        percent: _builtins.int = ...,
+        spent: _builtins.float = ...,
+        amount: _builtins.float = ...,
+        period_seconds: _builtins.int = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "percent", b"percent", "period_seconds", b"period_seconds", "period_start", b"period_start", "spent", b"spent", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAlert: _TypeAlias = BudgetAlert  # noqa: Y015
 
 @_typing.final
 class Quota(_message.Message):

@@ -388,9 +388,15 @@ class GetCostReportRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
-    """Only this tenant and its subtree; empty means all tenants."""
+    """Only this tenant and its subtree; empty means all tenants (a tenant principal: its
+    own subtree).
+    """
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The range, widened to whole UTC days (cost is kept per day). Unset start: from the
+        first day recorded; unset end: now. start_time must be before end_time.
+        """
+
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -410,6 +416,8 @@ Global___GetCostReportRequest: _TypeAlias = GetCostReportRequest  # noqa: Y015
 
 @_typing.final
 class TenantCost(_message.Message):
+    """TenantCost is one tenant's spend in the range, its subtree included."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
@@ -418,12 +426,25 @@ class TenantCost(_message.Message):
     CPU_CORE_HOURS_FIELD_NUMBER: _builtins.int
     MEMORY_GIB_HOURS_FIELD_NUMBER: _builtins.int
     BUDGET_AMOUNT_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    OWN_COST_FIELD_NUMBER: _builtins.int
+    BUDGET_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    BUDGET_SPENT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     cost: _builtins.float
     gpu_hours: _builtins.float
     cpu_core_hours: _builtins.float
     memory_gib_hours: _builtins.float
     budget_amount: _builtins.float
+    """The tenant's budget per period (0: none)."""
+    parent: _builtins.str
+    """Empty for a top-level tenant (and for the requested tenant)."""
+    own_cost: _builtins.float
+    """Spent by the tenant's own allocations, its subtree left out."""
+    budget_period_seconds: _builtins.int
+    """The budget's period in seconds (0: never resets)."""
+    budget_spent: _builtins.float
+    """Spent in the budget's current period (subtree included); 0 without a budget."""
     def __init__(
         self,
         *,
@@ -433,14 +454,77 @@ class TenantCost(_message.Message):
         cpu_core_hours: _builtins.float = ...,
         memory_gib_hours: _builtins.float = ...,
         budget_amount: _builtins.float = ...,
+        parent: _builtins.str = ...,
+        own_cost: _builtins.float = ...,
+        budget_period_seconds: _builtins.int = ...,
+        budget_spent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_amount", b"budget_amount", "cost", b"cost", "cpu_core_hours", b"cpu_core_hours", "gpu_hours", b"gpu_hours", "memory_gib_hours", b"memory_gib_hours", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_amount", b"budget_amount", "budget_period_seconds", b"budget_period_seconds", "budget_spent", b"budget_spent", "cost", b"cost", "cpu_core_hours", b"cpu_core_hours", "gpu_hours", b"gpu_hours", "memory_gib_hours", b"memory_gib_hours", "own_cost", b"own_cost", "parent", b"parent", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TenantCost: _TypeAlias = TenantCost  # noqa: Y015
+
+@_typing.final
+class ModelCost(_message.Message):
+    """ModelCost is the spend on GPUs of one model (and the CPU and memory that came with
+    them); model "" is work that held no GPU.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    GPU_HOURS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    cost: _builtins.float
+    gpu_hours: _builtins.float
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        cost: _builtins.float = ...,
+        gpu_hours: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "gpu_hours", b"gpu_hours", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCost: _TypeAlias = ModelCost  # noqa: Y015
+
+@_typing.final
+class DayCost(_message.Message):
+    """DayCost is the spend of one UTC day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    GPU_HOURS_FIELD_NUMBER: _builtins.int
+    cost: _builtins.float
+    gpu_hours: _builtins.float
+    @_builtins.property
+    def day(self) -> _timestamp_pb2.Timestamp:
+        """Midnight UTC that starts the day."""
+
+    def __init__(
+        self,
+        *,
+        day: _timestamp_pb2.Timestamp | None = ...,
+        cost: _builtins.float = ...,
+        gpu_hours: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["day", b"day"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "day", b"day", "gpu_hours", b"gpu_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DayCost: _TypeAlias = DayCost  # noqa: Y015
 
 @_typing.final
 class GetCostReportResponse(_message.Message):
@@ -448,18 +532,49 @@ class GetCostReportResponse(_message.Message):
 
     TENANTS_FIELD_NUMBER: _builtins.int
     TOTAL_COST_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    ACCRUED_THROUGH_FIELD_NUMBER: _builtins.int
     total_cost: _builtins.float
+    """Everything in the report counted once."""
     @_builtins.property
-    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantCost]: ...
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantCost]:
+        """The tenant asked for (or every tenant with spend in the range) and its descendants
+        with spend, with their ancestors, by name.
+        """
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelCost]: ...
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___DayCost]:
+        """Days with spend, in order."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The range reported: whole UTC days."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def accrued_through(self) -> _timestamp_pb2.Timestamp:
+        """Cost is accrued every interval: the report is complete up to this time."""
+
     def __init__(
         self,
         *,
         tenants: _abc.Iterable[Global___TenantCost] | None = ...,
         total_cost: _builtins.float = ...,
+        models: _abc.Iterable[Global___ModelCost] | None = ...,
+        days: _abc.Iterable[Global___DayCost] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        accrued_through: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accrued_through", b"accrued_through", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenants", b"tenants", "total_cost", b"total_cost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accrued_through", b"accrued_through", "days", b"days", "end_time", b"end_time", "models", b"models", "start_time", b"start_time", "tenants", b"tenants", "total_cost", b"total_cost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

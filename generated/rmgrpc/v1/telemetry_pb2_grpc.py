@@ -71,7 +71,8 @@ class TelemetryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCostReport(self, request, context):
-        """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README).
+        """GetCostReport is what tenants spent over a time range: by tenant (each with its
+        subtree), by GPU model and by UTC day, as of the last accrual (see the README).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

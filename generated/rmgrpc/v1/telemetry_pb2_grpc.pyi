@@ -38,7 +38,9 @@ class TelemetryServiceStub:
     StreamClusterMetrics: _grpc.UnaryStreamMultiCallable[_telemetry_pb2.StreamClusterMetricsRequest, _telemetry_pb2.StreamClusterMetricsResponse]
     """StreamClusterMetrics sends a summary now and then every `interval_seconds`."""
     GetCostReport: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.GetCostReportRequest, _telemetry_pb2.GetCostReportResponse]
-    """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README)."""
+    """GetCostReport is what tenants spent over a time range: by tenant (each with its
+    subtree), by GPU model and by UTC day, as of the last accrual (see the README).
+    """
 
 @_typing.type_check_only
 class TelemetryServiceAsyncStub(TelemetryServiceStub):
@@ -50,7 +52,9 @@ class TelemetryServiceAsyncStub(TelemetryServiceStub):
     StreamClusterMetrics: _aio.UnaryStreamMultiCallable[_telemetry_pb2.StreamClusterMetricsRequest, _telemetry_pb2.StreamClusterMetricsResponse]  # type: ignore[assignment]
     """StreamClusterMetrics sends a summary now and then every `interval_seconds`."""
     GetCostReport: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.GetCostReportRequest, _telemetry_pb2.GetCostReportResponse]  # type: ignore[assignment]
-    """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README)."""
+    """GetCostReport is what tenants spent over a time range: by tenant (each with its
+    subtree), by GPU model and by UTC day, as of the last accrual (see the README).
+    """
 
 class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
     """TelemetryService reports on the cluster as a whole: capacity, use and cost."""
@@ -77,6 +81,8 @@ class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _telemetry_pb2.GetCostReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_telemetry_pb2.GetCostReportResponse, _abc.Awaitable[_telemetry_pb2.GetCostReportResponse]]:
-        """GetCostReport answers UNIMPLEMENTED until cost is tracked (see the README)."""
+        """GetCostReport is what tenants spent over a time range: by tenant (each with its
+        subtree), by GPU model and by UTC day, as of the last accrual (see the README).
+        """
 
 def add_TelemetryServiceServicer_to_server(servicer: TelemetryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

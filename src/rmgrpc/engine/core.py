@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from rmgrpc.clock import Clock
 from rmgrpc.config import Settings
+from rmgrpc.engine.cost import Costs
 from rmgrpc.engine.recovery import recover
 from rmgrpc.engine.scheduling import CycleObserver, Scheduling
 from rmgrpc.engine.timers import Timers
@@ -57,6 +58,8 @@ class EngineCore:
         self.scheduling = Scheduling(self)
         self.transitions.on_node_change = self.scheduling.changed
         self.transitions.on_freed = self.scheduling.freed
+        self.cost = Costs(self)
+        self.transitions.on_ending = self.cost.ending
         # Bumped by every quota change: plans made before one re-check quota.
         self.quotas_version = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,6 +110,7 @@ class EngineCore:
         self.state = recover(loaded, self.store.path, self.settings, self.clock.now())
         self.transitions.state = self.state
         self.scheduling.state = self.state
+        self.cost.load(loaded, self.store.path)
         tr = self.transitions
         for a in self.state.live.values():
             tr.arm(a)
@@ -128,6 +132,7 @@ class EngineCore:
             asyncio.create_task(self.scheduling.loop(), name="rmgrpc-scheduler"),
             asyncio.create_task(self._timer_loop(), name="rmgrpc-timers"),
             asyncio.create_task(self._compaction_loop(), name="rmgrpc-compaction"),
+            asyncio.create_task(self.cost.loop(), name="rmgrpc-cost"),
         ]
         self.scheduling.changed()
 

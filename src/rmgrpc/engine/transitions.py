@@ -46,6 +46,9 @@ class Transitions:
         # allocation gave its capacity back.
         self.on_node_change: Callable[[], None] = lambda: None
         self.on_freed: Callable[[Allocation], None] = lambda a: None
+        # Set by the engine: told (in the txn) when placed work stops running, so its
+        # final cost is written with the event that ends it.
+        self.on_ending: Callable[[Txn, Allocation], None] = lambda txn, a: None
 
     # -- events ----------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class Transitions:
         held = self.state.holds(a)
         if held:
             self.on_freed(a)  # told before it changes: what it held is what goes back
+        if a.state == AllocationState.ALLOCATED:
+            self.on_ending(txn, a)
         a.state = state
         a.state_reason = reason
         a.end_time = self.clock.now()
@@ -128,6 +133,7 @@ class Transitions:
 
     def preempted(self, txn: Txn, victim: Allocation) -> None:
         """Records a preemption already applied to the state (by `apply`)."""
+        self.on_ending(txn, victim)
         self.timers.cancel_all(victim.id, ("lease", "max"))
         if self.state.holds(victim) and victim.grace_end_time is not None:
             self.timers.arm("grace", victim.id, victim.grace_end_time)

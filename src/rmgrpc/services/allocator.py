@@ -15,7 +15,7 @@ from rmgrpc.services import validate as val
 from rmgrpc.services.pagination import decode_token, fingerprint, take_page
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import stream, unary
-from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc
+from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc, quota_pb2
 
 _STATES = [s.value for s in AllocationState]
 # The fan-out's cache of decoded events: a burst of large allocations must not pin more.
@@ -91,7 +91,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
                 len(self._decoded) > 8192 or self._decoded_bytes > _DECODED_MAX_BYTES
             ):
                 _, old = self._decoded.popitem(last=False)
-                self._decoded_bytes -= old.allocation.ByteSize()
+                self._decoded_bytes -= old.allocation.ByteSize() + old.budget_alert.ByteSize()
         return msg
 
     def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
@@ -215,6 +215,13 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         v.tenant("tenant", request.tenant, required=False)
         v.identifier("node_id", request.node_id, required=False, kind="node id")
         v.identifier("allocation_id", request.allocation_id, required=False, kind="allocation id")
+        if request.budget_alerts:
+            for name in ("node_id", "allocation_id"):
+                v.check(
+                    not getattr(request, name),
+                    "budget_alerts",
+                    f"budget alerts are per tenant: not with {name}",
+                )
         v.raise_if_any()
         # A List's revision may still be committing, so its + 1 is fine; past that, the
         # client holds a revision this server never issued (another cluster, a lost
@@ -236,6 +243,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
             tenant=tenant,
             node_id=node_id,
             object_id=request.allocation_id,
+            budget_alerts=request.budget_alerts,
         )
         hub = self.engine.hub
         progress_seconds = self.engine.settings.watch_progress_seconds
@@ -251,10 +259,25 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
 
 
 def _allocation_event(event: Event) -> allocator_pb2.AllocationEvent:
+    if event.kind == EventKind.BUDGET:
+        return _budget_event(event)
     msg = allocator_pb2.AllocationEvent(
         revision=event.revision,
         type=event.type,  # type: ignore[arg-type]
         allocation=allocator_pb2.Allocation.FromString(event.data),
+    )
+    stamp = codec.ts(event.time)
+    if stamp is not None:
+        msg.event_time.CopyFrom(stamp)
+    return msg
+
+
+def _budget_event(event: Event) -> allocator_pb2.AllocationEvent:
+    """A budget alert (asked for with `budget_alerts`): its data is the BudgetAlert."""
+    msg = allocator_pb2.AllocationEvent(
+        revision=event.revision,
+        type=allocator_pb2.ALLOCATION_EVENT_TYPE_BUDGET_ALERT,
+        budget_alert=quota_pb2.BudgetAlert.FromString(event.data),
     )
     stamp = codec.ts(event.time)
     if stamp is not None:

@@ -126,7 +126,7 @@ def quota_from_request(
     if msg.HasField("budget"):
         v.finite("quota.budget.amount", msg.budget.amount, 0.0, 1e15)
         v.int_range("quota.budget.period_seconds", msg.budget.period_seconds, 0, 10 * 366 * 86400)
-        budget = Budget(msg.budget.amount, msg.budget.period_seconds)
+        budget = Budget(msg.budget.amount, msg.budget.period_seconds, msg.budget.stop_running)
     # The tree must stay a tree: walking up from the new parent must not reach the tenant.
     seen = {msg.tenant}
     ancestor = parent
@@ -380,6 +380,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         self._tenant(request.tenant)
         authorize.read_tenant(auth.current(), request.tenant)
         u, revision = await self.engine.usage(request.tenant)
+        spent, fraction = self.engine.cost.usage(request.tenant, self.engine.clock.now())
         usage = quota_pb2.TenantUsage(
             tenant=request.tenant,
             held=codec.resources_to_proto(u.held),
@@ -397,6 +398,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             order_score=u.order_score,
             order_explanation=u.order_text,
             fair_share_resources=codec.resources_to_proto(u.fair_share_resources),
+            cost=spent,
+            budget_used_fraction=fraction,
         )
         out = quota_pb2.GetUsageResponse(usage=usage, revision=revision)
         stamp = codec.ts(self.engine.clock.now())

@@ -10,10 +10,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from rmgrpc import codec
+from rmgrpc import auth, authorize, codec
+from rmgrpc.cost import Amounts
 from rmgrpc.engine import Engine
-from rmgrpc.model import NodeState
+from rmgrpc.engine.cost import report
+from rmgrpc.model import NodeState, parent_of
 from rmgrpc.services import validate as val
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import stream, unary
@@ -24,11 +27,8 @@ DEFAULT_INTERVAL_SECONDS = 5
 MIN_INTERVAL_SECONDS = 1
 MAX_INTERVAL_SECONDS = 3600
 
-_COST_UNTRACKED = (
-    "GetCostReport is not available yet: this server does not track cost (no prices per "
-    "resource are configured and no spend is recorded), so it cannot report any. Use "
-    "GetClusterSummary or QuotaService/GetUsage for what each tenant holds."
-)
+# Latest time a Timestamp may carry (9999-12-31T23:59:59Z).
+_MAX_SECONDS = 253_402_300_799
 
 
 def summary_to_proto(view: ClusterView) -> telemetry_pb2.ClusterSummary:
@@ -142,8 +142,68 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
             # Paced from the start of each read, so a slow read does not stretch the period.
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
+    @unary
     async def GetCostReport(
         self, request: telemetry_pb2.GetCostReportRequest, context: Ctx
     ) -> telemetry_pb2.GetCostReportResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _COST_UNTRACKED)
-        raise AssertionError("unreachable")
+        v = val.Violations()
+        v.tenant("tenant", request.tenant, required=False)
+        start = _time(v, "start_time", request)
+        end = _time(v, "end_time", request)
+        now = self.engine.clock.now()
+        if start is not None and end is not None:
+            v.check(start < end, "end_time", "must be after start_time")
+        elif start is not None:
+            v.check(start < now, "start_time", "must be in the past when end_time is unset")
+        v.raise_if_any()
+        # A tenant principal sees its own subtree (asking for none or a wider one).
+        tenant = authorize.tenant_scope(auth.current(), request.tenant)
+        engine = self.engine
+        costs = engine.cost
+        got = report(costs.ledger, tenant, start, now if end is None else end)
+        out = telemetry_pb2.GetCostReportResponse(total_cost=got.total.cost)
+        for name in sorted(got.subtree):
+            sub, own = got.subtree[name], got.own.get(name, Amounts())
+            quota = engine.state.quotas.get(name)
+            budget = quota.budget if quota is not None else None
+            spent, amount = costs.budget_spend(name, now)
+            out.tenants.add(
+                tenant=name,
+                parent="" if name == tenant else parent_of(name),
+                cost=sub.cost,
+                gpu_hours=sub.gpu_hours,
+                cpu_core_hours=sub.cpu_core_hours,
+                memory_gib_hours=sub.memory_gib_hours,
+                own_cost=own.cost,
+                budget_amount=amount,
+                budget_period_seconds=budget.period_seconds if budget is not None else 0,
+                budget_spent=spent,
+            )
+        for model in sorted(got.models):
+            m = got.models[model]
+            out.models.add(model=model, cost=m.cost, gpu_hours=m.gpu_hours)
+        for day in sorted(got.days):
+            d = got.days[day]
+            out.days.add(day=codec.ts(day), cost=d.cost, gpu_hours=d.gpu_hours)
+        for field, seconds in (
+            ("start_time", got.start),
+            ("end_time", got.end),
+            ("accrued_through", costs.accrued_through or None),
+        ):
+            stamp = codec.ts(seconds)
+            if stamp is not None:
+                getattr(out, field).CopyFrom(stamp)
+        return out
+
+
+def _time(
+    v: val.Violations, field: str, request: telemetry_pb2.GetCostReportRequest
+) -> float | None:
+    """The request's timestamp `field` in seconds, None when unset; a violation when it is
+    not a valid time."""
+    if not request.HasField(field):  # type: ignore[arg-type]
+        return None
+    stamp: Timestamp = getattr(request, field)
+    ok = 0 <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos <= 999_999_999
+    v.check(ok, field, "must be a time between 1970-01-01 and 9999-12-31 (UTC)")
+    return stamp.seconds + stamp.nanos / 1e9 if ok else None
