@@ -7,8 +7,8 @@ through the client library's resumable watch across every kill) get exactly the 
 
 Two loads: Allocate/Release with GPUs to spare (every answer ALLOCATED, checked exactly);
 and the mixed load — 24 clients asking for more than 16 x 8 GPUs (many answers PENDING),
-with SetQuota and Cordon/Uncordon in the mix — where an allocation may since have moved
-on along its lifecycle but never back, and never vanish.
+with SetQuota, Cordon/Uncordon and CreateReservation/CancelReservation in the mix — where
+an allocation may since have moved on along its lifecycle but never back, and never vanish.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import (
@@ -29,6 +31,8 @@ from rmgrpc.v1 import (
     gpu_manager_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    reservation_pb2,
+    reservation_pb2_grpc,
 )
 from rmgrpc.v1.resources_pb2 import Resources, Shape
 from tests.conftest import ServerProcess
@@ -328,10 +332,12 @@ def _name(state: int) -> str:
 class Op:
     """A call sent whose answer had not arrived when the server died."""
 
-    kind: str  # allocate, release, quota, cordon, uncordon
+    kind: str  # allocate, release, quota, cordon, uncordon, reserve, cancel
     allocate: pb.AllocateRequest | None = None
     allocation_id: str = ""
     quota: quota_pb2.Quota | None = None
+    reserve: reservation_pb2.CreateReservationRequest | None = None
+    reservation_id: str = ""
 
 
 @dataclass
@@ -347,6 +353,10 @@ class MixedClient:
     answered: dict[str, pb.Allocation] = field(default_factory=dict)
     quota: quota_pb2.Quota | None = None  # the last acknowledged SetQuota answer
     admin_state: int = 0  # the last acknowledged cordon/uncordon; 0 before any
+    # The acknowledged state of every reservation it made (an hour ahead: nothing but a
+    # cancel moves it while the test runs), and the one it may cancel next.
+    reservations: dict[str, int] = field(default_factory=dict)
+    open_reservation: str = ""
     in_flight: Op | None = None
     answers: dict[str, int] = field(default_factory=dict)  # answer kind → count
 
@@ -359,6 +369,7 @@ class MixedClient:
         alloc = allocator_pb2_grpc.AllocatorServiceStub(channel)
         quotas = quota_pb2_grpc.QuotaServiceStub(channel)
         nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
+        reservations = reservation_pb2_grpc.ReservationServiceStub(channel)
         try:
             while True:
                 r = self.rng.random()
@@ -366,6 +377,8 @@ class MixedClient:
                     await self._toggle(nodes)
                 elif r < 0.08:
                     await self._set_quota(quotas)
+                elif r < 0.12:
+                    await self._reserve_or_cancel(reservations)
                 elif len(self.held) < MIXED_HOLD and (r < 0.6 or not self.held):
                     await self._allocate(alloc)
                 else:
@@ -380,6 +393,8 @@ class MixedClient:
             request_id=f"{self.name}-{self.seq}",
             count=1,
             shape=Shape(gpus=self.rng.choice((1, 1, 2, 4)), cpu_millis=100, memory_bytes=1 << 20),
+            # A hard end well before the reservations' windows, so those can be guaranteed.
+            max_duration_seconds=600,
         )
         self.in_flight = Op("allocate", allocate=request)
         resp = await alloc.Allocate(request)
@@ -430,6 +445,47 @@ class MixedClient:
         assert node.admin_state == target, node
         self.admin_state = target
         self.answers["admin"] = self.answers.get("admin", 0) + 1
+
+    async def _reserve_or_cancel(self, stub: reservation_pb2_grpc.ReservationServiceStub) -> None:
+        if self.open_reservation:
+            rid = self.open_reservation
+            self.in_flight = Op("cancel", reservation_id=rid)
+            got = (
+                await stub.CancelReservation(reservation_pb2.CancelReservationRequest(id=rid))
+            ).reservation
+            self.in_flight = None
+            assert got.state == reservation_pb2.RESERVATION_STATE_CANCELLED, got
+            self.reservations[rid] = got.state
+            self.open_reservation = ""
+            self.answers["cancel"] = self.answers.get("cancel", 0) + 1
+            return
+        self.seq += 1
+        start = time.time() + 3600
+        request = reservation_pb2.CreateReservationRequest(
+            tenant=self.tenant,
+            request_id=f"{self.name}-r{self.seq}",
+            shape=Shape(gpus=1, cpu_millis=100, memory_bytes=1 << 20),
+            count=1,
+            start_time=_stamp(start),
+            end_time=_stamp(start + 3600),
+        )
+        self.in_flight = Op("reserve", reserve=request)
+        try:
+            got = (await stub.CreateReservation(request)).reservation
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            self.in_flight = None  # an answer too: it cannot be guaranteed, nothing made
+            self.answers["reserve_refused"] = self.answers.get("reserve_refused", 0) + 1
+            return
+        self.in_flight = None
+        self._reserved(got)
+
+    def _reserved(self, got: reservation_pb2.Reservation) -> None:
+        assert got.state == reservation_pb2.RESERVATION_STATE_SCHEDULED, got
+        self.reservations[got.id] = got.state
+        self.open_reservation = got.id
+        self.answers["reserve"] = self.answers.get("reserve", 0) + 1
 
     def _answered(self, a: pb.Allocation) -> None:
         before = self.answered.get(a.id)
@@ -485,6 +541,22 @@ class MixedClient:
         if q is not None and self.quota is not None and got_key == acked:
             assert abs(_seconds(q.update_time) - _seconds(self.quota.update_time)) < 1e-3
 
+        resv = reservation_pb2_grpc.ReservationServiceStub(channel)
+        for rid, acked_state in self.reservations.items():
+            try:
+                r = (
+                    await resv.GetReservation(reservation_pb2.GetReservationRequest(id=rid))
+                ).reservation
+            except grpc.aio.AioRpcError as err:
+                raise AssertionError(
+                    f"acknowledged reservation {rid} is gone after kill -9: {err.code().name}"
+                ) from None
+            allowed = {acked_state}
+            if op is not None and op.kind == "cancel" and op.reservation_id == rid:
+                allowed.add(reservation_pb2.RESERVATION_STATE_CANCELLED)
+            assert r.state in allowed, f"{rid}: acknowledged {acked_state}, reads {r.state}"
+            assert r.tenant == self.tenant, r
+
         if self.node_id and (self.admin_state or op is not None):
             nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
             node = (await nodes.GetNode(gpu_manager_pb2.GetNodeRequest(node_id=self.node_id))).node
@@ -518,6 +590,20 @@ class MixedClient:
             assert op.quota is not None
             quotas = quota_pb2_grpc.QuotaServiceStub(channel)
             self.quota = (await quotas.SetQuota(quota_pb2.SetQuotaRequest(quota=op.quota))).quota
+        elif op.kind == "reserve":
+            assert op.reserve is not None
+            stub = reservation_pb2_grpc.ReservationServiceStub(channel)
+            try:
+                self._reserved((await stub.CreateReservation(op.reserve)).reservation)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+        elif op.kind == "cancel":
+            stub = reservation_pb2_grpc.ReservationServiceStub(channel)
+            req = reservation_pb2.CancelReservationRequest(id=op.reservation_id)
+            got = (await stub.CancelReservation(req)).reservation
+            assert got.state == reservation_pb2.RESERVATION_STATE_CANCELLED, got
+            self.reservations[got.id] = got.state
+            self.open_reservation = ""
         else:
             nodes = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
             if op.kind == "cordon":
@@ -540,6 +626,12 @@ def _quota_fields(q: quota_pb2.Quota) -> tuple[object, ...]:
 
 def _quota_key(q: quota_pb2.Quota) -> tuple[object, ...]:
     return (*_quota_fields(q), q.revision)
+
+
+def _stamp(t: float) -> Timestamp:
+    out = Timestamp()
+    out.FromNanoseconds(int(t * 1e9))
+    return out
 
 
 def _seconds(t: object) -> float:
@@ -680,12 +772,13 @@ async def _mixed_crash_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
     assert total.get("ALLOCATION_STATE_PENDING", 0) >= 20 * rounds, total
     assert total.get("ALLOCATION_STATE_ALLOCATED", 0) >= 20 * rounds, total
     assert total.get("quota", 0) >= 5 * rounds and total.get("admin", 0) >= 5 * rounds, total
+    assert total.get("reserve", 0) >= 5 * rounds and total.get("cancel", 0) >= 2 * rounds, total
 
 
 async def test_kill_9_mixed_load_five_rounds(tmp_path: Path) -> None:
     """Durability under kill -9 with 24 clients on 16 x 8 GPUs, five rounds on one database:
-    every acknowledged Allocate (PENDING or ALLOCATED), Release, SetQuota and Cordon/Uncordon
-    survives, allocations only move forward in their lifecycle, no GPU is held twice, the
+    every acknowledged Allocate (PENDING or ALLOCATED), Release, SetQuota, Cordon/Uncordon
+    and CreateReservation/CancelReservation survives, allocations only move forward in their lifecycle, no GPU is held twice, the
     log has no gap, and a watcher resumed at last_seen + 1 reads exactly the full replay."""
     await _mixed_crash_rounds(tmp_path, rounds=5, seed=11)
 
