@@ -21,6 +21,7 @@ explanations, so it is a floor for work per request rather than a twin.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -299,13 +300,18 @@ def naive_cycle(snapshot: Snapshot) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
+def _median_times(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median wall seconds, and median CPU seconds of this process: on a shared machine
+    the wall time counts other processes' turns, the CPU time much less so."""
     times = []
+    cpu = []
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()
+        c0 = time.process_time()
         fn()
+        cpu.append(time.process_time() - c0)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -354,7 +360,7 @@ def run_case(
     )
 
     d = run_cycle(snap)  # also warms up
-    seconds = _median_seconds(lambda: run_cycle(snap), args.repeat)
+    seconds, cpu_seconds = _median_times(lambda: run_cycle(snap), args.repeat)
     decided = len(d.admissions) + len(d.pending)
     target = ""
     if case.target_seconds is not None:
@@ -364,6 +370,8 @@ def run_case(
         f"admitted {len(d.admissions)}, preempted {len(d.preemptions)}, "
         f"pending {len(d.pending)} (each with a reason and position){target}"
     )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    print(f"  cpu time:     {cpu_seconds * 1000:8.1f} ms  (load average {load:.1f})")
     if running and not d.preemptions:
         print("                (no preemption happened: this case does not measure it)")
     again = run_cycle(snap)

@@ -372,6 +372,11 @@ class _Cycle:
         amt = self.amount(a)
         modes = []
         pool = self.pool
+        if self.budget <= 0 and len(pool) and self._by_priority(a, pool):
+            # The limit is reached and a mode applies: nothing else to learn (skips the
+            # guarantee and fair-share sums for most of a full cluster's queue).
+            self.budget_hit.add(a.id)
+            return None
         inside = self.ledger.within_guarantee(a.tenant, amt)
         if not len(pool):
             if inside:
@@ -381,7 +386,7 @@ class _Cycle:
         if inside:
             modes.append(Mode.GUARANTEE)
         equal_ok = policy.within == WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY
-        if a.priority > pool.min_priority or (equal_ok and a.priority >= pool.min_priority):
+        if self._by_priority(a, pool, policy):
             modes.append(Mode.PRIORITY)
         if block is None and self.ledger.below_fair_share(a.tenant, amt):
             modes.append(Mode.FAIR_SHARE)
@@ -415,6 +420,13 @@ class _Cycle:
         if inside:
             self.reasons[a.id] = self._reclaim_text(a)
         return None
+
+    def _by_priority(self, a: Allocation, pool: VictimPool, policy: Policy | None = None) -> bool:
+        """Whether `a` may look for victims by priority (its own quota's policy)."""
+        if policy is None:
+            policy = Policy.of(self.snapshot.quotas.get(a.tenant))
+        equal_ok = policy.within == WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY
+        return a.priority > pool.min_priority or (equal_ok and a.priority >= pool.min_priority)
 
     def _reclaim_text(self, a: Allocation) -> str:
         """What a tenant under its guarantee is waiting to reclaim, and from whom."""

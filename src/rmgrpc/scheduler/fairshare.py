@@ -308,12 +308,17 @@ class Ledger:
         self.own_held: dict[str, Amount] = {}
         self.own_pending: dict[str, Amount] = {}
         self.running: dict[str, int] = {}
+        # What each allocation holding capacity holds (`Amount.of_placed`), by id: victim
+        # search reuses it. Never changed once built.
+        self.placed: dict[str, Amount] = {}
         self.waiting: dict[str, int] = {}
         # Scores by tenant (and by tenant's own work), dropped when its usage changes.
         self._scores: dict[str, tuple[int, float]] = {}
         self._own_scores: dict[str, tuple[int, float]] = {}
         self._vecs: dict[str, tuple[int, int, int]] = {}
         self._own_vecs: dict[str, tuple[int, int, int]] = {}
+        # `effective` by tenant, dropped with `_vecs` (read-only to its users).
+        self._effs: dict[str, Amount] = {}
         # Everything held, whoever holds it (tenants may join the tree later).
         self.held_total = Amount()
         # (tenant, own) -> (recent usage, guarantee, weight): fixed for the pass.
@@ -327,7 +332,7 @@ class Ledger:
         decay = math.log(2) / self.half_life if self.half_life > 0 else 0.0
         for a in sorted(allocs, key=lambda a: a.id):
             if a.holds_capacity(now):
-                amt = Amount.of_placed(a, self.gpu_models)
+                amt = self.placed[a.id] = Amount.of_placed(a, self.gpu_models)
                 self.add_held(a.tenant, amt)
                 if a.state == AllocationState.PREEMPTED:
                     self.add_leaving(a.tenant, amt)
@@ -390,12 +395,14 @@ class Ledger:
             self._bump(self.held, t, amt, sign)
             self._scores.pop(t, None)
             self._vecs.pop(t, None)
+            self._effs.pop(t, None)
 
     def add_leaving(self, tenant: str, amt: Amount, sign: int = 1) -> None:
         for t in self.tree.chain(tenant):
             self._bump(self.leaving, t, amt, sign)
             self._scores.pop(t, None)
             self._vecs.pop(t, None)
+            self._effs.pop(t, None)
 
     def held_of(self, t: str) -> Amount:
         return self.held.get(t) or Amount()
@@ -403,6 +410,14 @@ class Ledger:
     def effective(self, t: str) -> Amount:
         """Held minus what is already leaving (preempted, in grace)."""
         return self.held_of(t).minus(self.leaving.get(t))
+
+    def _effective_kept(self, t: str) -> Amount:
+        """`effective`, kept until the tenant's usage changes, for hot read-only checks
+        (the queue asks `within_guarantee` at every pop)."""
+        got = self._effs.get(t)
+        if got is None:
+            got = self._effs[t] = self.effective(t)
+        return got
 
     # -- ordering -------------------------------------------------------------------------
 
@@ -617,7 +632,7 @@ class Ledger:
             if not self.tree.has_explicit_guarantee(t):
                 continue
             g = self.tree.guaranteed(t)
-            eff = self.effective(t)
+            eff = self._effective_kept(t)
             for have, ask, cap in zip(eff.vector(), amt.vector(), _limit_dims(g), strict=True):
                 if ask > 0 and cap is not None:
                     if i == 0:
@@ -659,7 +674,7 @@ class Ledger:
 
     def below_fair_share(self, tenant: str, amt: Amount) -> bool:
         """Would the tenant still be at or under its fair share with the request admitted?"""
-        eff = self.effective(tenant).vector()
+        eff = self._effective_kept(tenant).vector()
         fs = self.fair.get(tenant, (0.0, 0.0, 0.0))
         ask = amt.vector()
         dims = [i for i in range(3) if ask[i] > 0 and self.contended[i]]

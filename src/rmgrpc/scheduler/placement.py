@@ -161,11 +161,7 @@ class NodeCapacity:
         node would have free if those holders left. The filters judge it as they judge the
         node (victim search asks "would it fit here without these?" thousands of times, and
         a copy is cheaper than a journaled change to the view)."""
-        t = NodeCapacity.__new__(NodeCapacity)
-        for name in NodeCapacity.__slots__:
-            setattr(t, name, getattr(self, name))
-        t.free = {m: list(v) for m, v in self.free.items()}
-        t.indexes = []
+        t = self._copy()
         for gpus, cpu, mem in released:
             t.cpu_free += cpu
             t.mem_free += mem
@@ -176,6 +172,31 @@ class NodeCapacity:
                 pos = bisect.bisect_left(lst, i)
                 if pos == len(lst) or lst[pos] != i:
                     lst.insert(pos, i)
+        return t
+
+    def _copy(self) -> NodeCapacity:
+        """A detached copy (its own free lists, in no index). Every slot written out: a
+        loop over `__slots__` costs several times more, and trials are the victim
+        search's inner loop (test_scheduler_speedups checks that no slot is missed)."""
+        t = NodeCapacity.__new__(NodeCapacity)
+        t.cls = self.cls
+        t.cpu_free = self.cpu_free
+        t.cpu_total = self.cpu_total
+        t.end_time = self.end_time
+        t.free = {m: list(v) for m, v in self.free.items()}
+        t.gpu_models = self.gpu_models
+        t.healthy = self.healthy
+        t.healthy_by_model = self.healthy_by_model
+        t.held_for = self.held_for
+        t.held_priority = self.held_priority
+        t.id = self.id
+        t.indexes = []
+        t.labels = self.labels
+        t.mem_free = self.mem_free
+        t.mem_total = self.mem_total
+        t.schedulable = self.schedulable
+        t.state = self.state
+        t.total_by_model = self.total_by_model
         return t
 
     def replicas_fit(self, shape: Shape, models: Sequence[str] | None, *, empty: bool) -> int:
@@ -332,7 +353,13 @@ def has_free_gpus(node: NodeCapacity, req: ReplicaRequest) -> bool:
     g = req.shape.gpus
     if g <= 0:
         return True
-    return any(node.free_count(m) >= g for m in _models_for(req.shape, req.models, node.free))
+    # `_models_for` written out: the placer asks this of every node it scores.
+    model = req.shape.gpu_model
+    if model:
+        return (req.models is None or model in req.models) and node.free_count(model) >= g
+    if req.models is None:
+        return any(len(lst) >= g for lst in node.free.values())
+    return any(node.free_count(m) >= g for m in req.models)
 
 
 def has_free_cpu(node: NodeCapacity, req: ReplicaRequest) -> bool:
@@ -594,6 +621,8 @@ class CapacityView:
         self._verdicts: dict[tuple[object, ...], list[str | None]] = {}
         # (shape, count) -> why it never fits, or None.
         self._never: dict[tuple[Shape, int], str | None] = {}
+        # The nodes grouped by what the static filters read (`static_groups`), on first use.
+        self._static_groups: list[tuple[NodeCapacity, int]] | None = None
 
     # -- building -------------------------------------------------------------------
 
@@ -686,6 +715,23 @@ class CapacityView:
             why = self._judge(verdicts, n.cls, req)
         return why
 
+    def class_passing(self, node_ids: Iterable[str], req: ReplicaRequest) -> list[str]:
+        """Those of `node_ids` in the view whose class CLASS_FILTERS pass, in order
+        (`class_rejection` of each, with the verdict list looked up once)."""
+        nodes = self.nodes
+        verdicts = self._class_verdicts(req)
+        out = []
+        for nid in node_ids:
+            n = nodes.get(nid)
+            if n is None:
+                continue
+            why = verdicts[n.cls]
+            if why is _UNJUDGED:
+                why = self._judge(verdicts, n.cls, req)
+            if why is None:
+                out.append(nid)
+        return out
+
     # -- changes ----------------------------------------------------------------------
 
     def _change(self, n: NodeCapacity, indices: Sequence[int], take: bool) -> None:
@@ -774,7 +820,9 @@ class CapacityView:
         if key not in self._never:
             if len(self._never) >= _VERDICTS_KEPT:
                 self._never.clear()
-            self._never[key] = never_fits_text(self.nodes.values(), shape, count)
+            if self._static_groups is None:
+                self._static_groups = static_groups(self.nodes.values())
+            self._never[key] = _never_fits_grouped(self._static_groups, shape, count)
         return self._never[key]
 
     # -- placing --------------------------------------------------------------------------
@@ -966,24 +1014,53 @@ class CapacityView:
         return ex
 
 
+def _static_key(n: NodeCapacity) -> tuple[object, ...]:
+    """Everything STATIC_FILTERS and `replicas_ever` read: equal keys, equal answers."""
+    return (
+        tuple(sorted(n.labels.items())),
+        tuple(sorted(n.total_by_model.items())),
+        n.cpu_total,
+        n.mem_total,
+    )
+
+
+def static_groups(nodes: Iterable[NodeCapacity]) -> list[tuple[NodeCapacity, int]]:
+    """Nodes alike for `never_fits_text`, as (one of them, how many): a cluster of
+    thousands of nodes has a handful of kinds, and each request shape asks them all."""
+    first: dict[tuple[object, ...], NodeCapacity] = {}
+    counts: dict[tuple[object, ...], int] = {}
+    for n in nodes:
+        key = _static_key(n)
+        first.setdefault(key, n)
+        counts[key] = counts.get(key, 0) + 1
+    return [(n, counts[key]) for key, n in first.items()]
+
+
 def never_fits_text(nodes: Iterable[NodeCapacity], shape: Shape, count: int) -> str | None:
     """Why no registered node, in any state, could ever host the gang (every GPU healthy,
     nothing else running), or None. With no node registered at all nothing is decided:
     the first agent to register may bring the right one."""
+    return _never_fits_grouped(static_groups(nodes), shape, count)
+
+
+def _never_fits_grouped(
+    groups: Iterable[tuple[NodeCapacity, int]], shape: Shape, count: int
+) -> str | None:
+    """`never_fits_text` over nodes grouped by `static_groups`."""
     req = ReplicaRequest(shape)
     ex = Explanation(shape, count)
     room = 0
-    for n in nodes:
-        ex.nodes += 1
+    for n, k in groups:
+        ex.nodes += k
         why = rejection(STATIC_FILTERS, n, req)
         if why is not None:
-            ex.counters[why] = ex.counters.get(why, 0) + 1
+            ex.counters[why] = ex.counters.get(why, 0) + k
             continue
         r = replicas_ever(n, shape)
         if r > 0:
-            ex.fitting_nodes += 1
-            ex.replica_room += r
-        room += r
+            ex.fitting_nodes += k
+            ex.replica_room += r * k
+        room += r * k
     if ex.nodes == 0 or room >= count:
         return None
     need = shape_text(shape)

@@ -70,6 +70,8 @@ COMBINATIONS = 256
 QUOTA_CANDIDATES = 12
 # Feasibility checks one search may spend before it settles for the best found.
 CHECK_BUDGET = 20_000
+# Most victim sets a pool keeps for searches alike (`_Search._allowed`).
+_ALLOWED_KEPT = 64
 
 
 class Mode(enum.Enum):
@@ -148,6 +150,29 @@ def set_cost(vs: Sequence[Victim]) -> tuple[int, int, int, float, int, tuple[str
     )
 
 
+class AllowedVictims:
+    """The victims one search may take, in victim order (shared, never changed, by the
+    searches that allow the same)."""
+
+    __slots__ = ("_by_node", "ids", "victims")
+
+    def __init__(self, victims: list[Victim]) -> None:
+        self.victims = victims
+        self.ids = {v.id for v in victims}
+        self._by_node: tuple[dict[str, list[Victim]], list[str]] | None = None
+
+    def by_node(self) -> tuple[dict[str, list[Victim]], list[str]]:
+        """The victims by node (in victim order), and those nodes in id order: what each
+        replica's search ranks, grouped once."""
+        if self._by_node is None:
+            on: dict[str, list[Victim]] = {}
+            for v in self.victims:
+                for nid in v.on_node:
+                    on.setdefault(nid, []).append(v)
+            self._by_node = (on, sorted(on))
+        return self._by_node
+
+
 class VictimPool:
     """Every placed allocation that may be preempted this cycle, by node."""
 
@@ -166,7 +191,9 @@ class VictimPool:
         self.ordered: list[Victim] = []
         self.by_node: dict[str, list[Victim]] = {}
         for a in eligible:
-            amt = Amount.of_placed(a, ledger.gpu_models)
+            amt = ledger.placed.get(a.id)
+            if amt is None:
+                amt = Amount.of_placed(a, ledger.gpu_models)
             v = Victim(a, amt, ledger.tree.chain(a.tenant), vec=amt.vector())
             for p in a.placements:
                 gpus, cpu, mem = v.on_node.get(p.node_id, ([], 0, 0))
@@ -179,6 +206,24 @@ class VictimPool:
             for nid in v.on_node:
                 self.by_node.setdefault(nid, []).append(v)
         self.node_ids = sorted(self.by_node)
+        # Victims alike for `_Search._admissible` (tenant, priority, amount freed), so a
+        # search decides once per class, not per victim: class id per victim of `ordered`,
+        # and each class's (tenant, priority, members in victim order). A rule there that
+        # reads more of another tenant's victim must widen this key
+        # (tests/unit/test_scheduler_speedups.py compares with judging one by one).
+        ids: dict[tuple[str, int, tuple[int, int, int]], int] = {}
+        self.class_of: list[int] = []
+        self.classes: list[tuple[str, int, list[Victim]]] = []
+        for v in self.ordered:
+            key = (v.tenant, v.priority, v.vec)
+            cid = ids.get(key)
+            if cid is None:
+                cid = ids[key] = len(self.classes)
+                self.classes.append((v.tenant, v.priority, []))
+            self.classes[cid][2].append(v)
+            self.class_of.append(cid)
+        # Verdicts of `_Search._allowed` (per class, taken count, own tenant's) -> answer.
+        self.allowed_memo: dict[tuple[object, ...], AllowedVictims] = {}
         # Chosen this cycle: never chosen twice.
         self.taken: set[str] = set()
         self.min_priority = min((v.priority for v in self.ordered), default=math.inf)
@@ -189,11 +234,7 @@ class VictimPool:
     def candidate_nodes(self, view: CapacityView, req: ReplicaRequest) -> list[str]:
         """Nodes with victims whose class passes the placement filters (ready, not held
         for another gang, labels, enough healthy GPUs of an allowed model)."""
-        return [
-            nid
-            for nid in self.node_ids
-            if nid in view.nodes and view.class_rejection(nid, req) is None
-        ]
+        return view.class_passing(self.node_ids, req)
 
 
 class _Search:
@@ -233,13 +274,9 @@ class _Search:
         # The pool is in victim order (lowest priority first): stop at the first victim
         # no rule of this mode could accept by priority.
         top = self._max_victim_priority()
-        self.allowed: list[Victim] = []
-        for v in pool.ordered:
-            if v.priority > top:
-                break
-            if self._admissible(v):
-                self.allowed.append(v)
-        self.allowed_ids = {v.id for v in self.allowed}
+        self._allowed_set = self._allowed(top)
+        self.allowed: list[Victim] = self._allowed_set.victims
+        self.allowed_ids = self._allowed_set.ids
         self.chosen: list[Victim] = []
         self.checks = 0
 
@@ -294,6 +331,47 @@ class _Search:
         if ok is None:
             ok = self._alone[key] = self._tenants_ok([v])
         return ok
+
+    def _allowed(self, top: float) -> AllowedVictims:
+        """The pool's victims `_admissible` accepts, in victim order, none above `top`.
+
+        Decided once per class of alike victims (`VictimPool.classes`: tenant, priority,
+        amount), on the class's first member not taken yet; the requester's own tenant's
+        one by one (the equal-priority rule reads each one's arrival). Searches that
+        reach the same verdicts share one answer (`VictimPool.allowed_memo`).
+        """
+        pool = self.pool
+        taken = pool.taken
+        tenant = self.request.tenant
+        verdict: list[bool | None] = []
+        own: list[str] = []
+        for t, priority, members in pool.classes:
+            if priority > top:
+                verdict.append(False)
+            elif t == tenant:
+                verdict.append(None)  # per victim
+                own.extend(v.id for v in members if self._admissible(v))
+            else:
+                first = next((v for v in members if v.id not in taken), None)
+                verdict.append(first is not None and self._admissible(first))
+        key = (tuple(verdict), len(taken), tuple(own))
+        got = pool.allowed_memo.get(key)
+        if got is not None:
+            return got
+        own_ok = set(own)
+        out = []
+        for v, cid in zip(pool.ordered, pool.class_of, strict=True):
+            ok = verdict[cid]
+            if ok is None:
+                ok = v.id in own_ok
+            elif ok:
+                ok = v.id not in taken
+            if ok:
+                out.append(v)
+        if len(pool.allowed_memo) >= _ALLOWED_KEPT:
+            pool.allowed_memo.clear()
+        got = pool.allowed_memo[key] = AllowedVictims(out)
+        return got
 
     def _inside_own_tree(self, v: Victim) -> bool:
         return v.tenant in self.tset or self.request.tenant in v.chain
@@ -491,11 +569,14 @@ class _Search:
             consider(self._cheapest(self._quota_candidates(taken), None, True, 1))
         qc = self._quota_candidates(taken) if quota else []
         ranked: list[tuple[float, tuple[int, float, int, str], str, list[Victim]]] = []
-        for nid in self.pool.candidate_nodes(view, self.req):
-            on = [v for v in self.pool.by_node[nid] if v.id in self.allowed_ids]
-            on = [v for v in on if v.id not in taken]
-            if not on:
-                continue
+        # The candidate nodes (`VictimPool.candidate_nodes`) that hold allowed victims.
+        allowed_on, allowed_nodes = self._allowed_set.by_node()
+        for nid in view.class_passing(allowed_nodes, self.req):
+            on = allowed_on[nid]
+            if taken:
+                on = [v for v in on if v.id not in taken]
+                if not on:
+                    continue
             lb = self._lower_bound(view.nodes[nid], on)
             if lb == math.inf:
                 continue
