@@ -778,8 +778,9 @@ async def _mixed_crash_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
 async def test_kill_9_mixed_load_five_rounds(tmp_path: Path) -> None:
     """Durability under kill -9 with 24 clients on 16 x 8 GPUs, five rounds on one database:
     every acknowledged Allocate (PENDING or ALLOCATED), Release, SetQuota, Cordon/Uncordon
-    and CreateReservation/CancelReservation survives, allocations only move forward in their lifecycle, no GPU is held twice, the
-    log has no gap, and a watcher resumed at last_seen + 1 reads exactly the full replay."""
+    and CreateReservation/CancelReservation survives, allocations only move forward in
+    their lifecycle, no GPU is held twice, the log has no gap, and a watcher resumed at
+    last_seen + 1 reads exactly the full replay."""
     await _mixed_crash_rounds(tmp_path, rounds=5, seed=11)
 
 
