@@ -251,3 +251,19 @@ async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_be
     events = await engine.store.read_events(0, 10_000)
     updated = {e.object_id for e in events if e.type == 3}
     assert updated >= {a.id for a in waiting}
+
+
+async def test_a_grace_over_by_the_clock_is_handled_before_the_pass_looks(
+    engine_factory: Any,
+) -> None:
+    """The timer loop may fire a grace deadline late (the loop was busy); a pass taken in
+    between must not plan onto GPUs the state still counts as held (the apply would refuse
+    the plan and leave the preemptor waiting, unranked, a pass longer)."""
+    engine, clock = await engine_factory(nodes=1, gpus=8, preemption_grace_seconds=30.0)
+    low, _ = await engine.allocate(request(gpus=8, priority=0), dry_run=False)
+    high, _ = await engine.allocate(request(gpus=8, priority=5), dry_run=False)
+    assert low.state == AllocationState.PREEMPTED and high.state == AllocationState.PENDING
+    clock.advance(31)  # past the grace; the timer loop has not run since
+    await engine.schedule_now()
+    assert high.state == AllocationState.ALLOCATED, high.pending_reason
+    assert not engine.state.holds(low)

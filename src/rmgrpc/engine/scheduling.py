@@ -366,6 +366,12 @@ class Scheduling:
         def take() -> Snapshot:
             # Called by the runner when it is ready: what the pass will have seen.
             nonlocal epoch, marks, seen, graced
+            # Deadlines already past are handled first: a grace over by the snapshot's
+            # clock but not yet by the timer loop (late while the loop was busy) would
+            # otherwise look free to the pass and still held to the apply, which then
+            # refuses the plan that used it (and its request waits unranked a pass).
+            with contextlib.suppress(Unavailable):
+                self.engine.fire_timers()
             snap = self.snapshot()
             epoch = self.epoch
             marks = (self.engine.quotas_version, self._quick_placed)
