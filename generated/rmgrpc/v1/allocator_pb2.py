@@ -26,43 +26,43 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rmgrpc.v1 import resources_pb2 as rmgrpc_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rmgrpc/v1/allocator.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rmgrpc/v1/resources.proto\"\xae\x06\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12\x1f\n\x05shape\x18\x05 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x15\n\rlease_seconds\x18\x07 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x08 \x01(\x03\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12)\n\x05state\x18\n \x01(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12(\n\nplacements\x18\x0b \x03(\x0b\x32\x14.rmgrpc.v1.Placement\x12\x16\n\x0epending_reason\x18\x0c \x01(\t\x12\x16\n\x0equeue_position\x18\r \x01(\x05\x12\x14\n\x0cstate_reason\x18\x0e \x01(\t\x12\x10\n\x08revision\x18\x0f \x01(\x03\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rallocate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cmax_end_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0egrace_end_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpreempted_by\x18\x16 \x01(\t\x12\x17\n\x0f\x63reate_revision\x18\x17 \x01(\x03\x12\x15\n\rrequeued_from\x18( \x01(\t\x12\x13\n\x0brequeued_as\x18) \x01(\t\x12\x12\n\nno_requeue\x18* \x01(\x08\x12\x16\n\x0erequest_digest\x18< \x01(\t\"\xe9\x01\n\x0f\x41llocateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x1f\n\x05shape\x18\x04 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x15\n\rlease_seconds\x18\x06 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x07 \x01(\x03\x12\x16\n\x0ereservation_id\x18\x08 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x12\n\nno_requeue\x18( \x01(\x08\"p\n\x10\x41llocateResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12 \n\x18preempted_allocation_ids\x18\x02 \x03(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\"\n\x14GetAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x15GetAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"\x8c\x01\n\x16ListAllocationsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"p\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.rmgrpc.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"&\n\x18ReleaseAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19ReleaseAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\";\n\x16RenewAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x03\"D\n\x17RenewAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"i\n\x17WatchAllocationsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x15\n\rallocation_id\x18\x04 \x01(\t\"\xac\x01\n\x0f\x41llocationEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.rmgrpc.v1.AllocationEventType\x12)\n\nallocation\x18\x03 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa8\x02\n\x0f\x41llocationState\x12 \n\x1c\x41LLOCATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41LLOCATION_STATE_PENDING\x10\x01\x12\x1e\n\x1a\x41LLOCATION_STATE_ALLOCATED\x10\x02\x12\x1d\n\x19\x41LLOCATION_STATE_RELEASED\x10\x03\x12\x1c\n\x18\x41LLOCATION_STATE_EXPIRED\x10\x04\x12\x1e\n\x1a\x41LLOCATION_STATE_PREEMPTED\x10\x05\x12\x19\n\x15\x41LLOCATION_STATE_LOST\x10\x06\x12\x1d\n\x19\x41LLOCATION_STATE_REJECTED\x10\x07\x12\x1e\n\x1a\x41LLOCATION_STATE_CANCELLED\x10\x08*\xe9\x01\n\x13\x41llocationEventType\x12%\n!ALLOCATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_CREATED\x10\x01\x12 \n\x1c\x41LLOCATION_EVENT_TYPE_PLACED\x10\x02\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_UPDATED\x10\x03\x12\x1f\n\x1b\x41LLOCATION_EVENT_TYPE_ENDED\x10\x04\x12\"\n\x1e\x41LLOCATION_EVENT_TYPE_PROGRESS\x10\x05\x32\x95\x04\n\x10\x41llocatorService\x12\x43\n\x08\x41llocate\x12\x1a.rmgrpc.v1.AllocateRequest\x1a\x1b.rmgrpc.v1.AllocateResponse\x12R\n\rGetAllocation\x12\x1f.rmgrpc.v1.GetAllocationRequest\x1a .rmgrpc.v1.GetAllocationResponse\x12X\n\x0fListAllocations\x12!.rmgrpc.v1.ListAllocationsRequest\x1a\".rmgrpc.v1.ListAllocationsResponse\x12^\n\x11ReleaseAllocation\x12#.rmgrpc.v1.ReleaseAllocationRequest\x1a$.rmgrpc.v1.ReleaseAllocationResponse\x12X\n\x0fRenewAllocation\x12!.rmgrpc.v1.RenewAllocationRequest\x1a\".rmgrpc.v1.RenewAllocationResponse\x12T\n\x10WatchAllocations\x12\".rmgrpc.v1.WatchAllocationsRequest\x1a\x1a.rmgrpc.v1.AllocationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rmgrpc/v1/allocator.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rmgrpc/v1/resources.proto\"\x81\x07\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12\x1f\n\x05shape\x18\x05 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x15\n\rlease_seconds\x18\x07 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x08 \x01(\x03\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12)\n\x05state\x18\n \x01(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12(\n\nplacements\x18\x0b \x03(\x0b\x32\x14.rmgrpc.v1.Placement\x12\x16\n\x0epending_reason\x18\x0c \x01(\t\x12\x16\n\x0equeue_position\x18\r \x01(\x05\x12\x14\n\x0cstate_reason\x18\x0e \x01(\t\x12\x10\n\x08revision\x18\x0f \x01(\x03\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rallocate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cmax_end_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0egrace_end_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpreempted_by\x18\x16 \x01(\t\x12\x17\n\x0f\x63reate_revision\x18\x17 \x01(\x03\x12\x15\n\rrequeued_from\x18( \x01(\t\x12\x13\n\x0brequeued_as\x18) \x01(\t\x12\x12\n\nno_requeue\x18* \x01(\x08\x12\x16\n\x0erequest_digest\x18< \x01(\t\x12\x38\n\x14\x65stimated_start_time\x18Z \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65stimate_reason\x18[ \x01(\t\"\xe9\x01\n\x0f\x41llocateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x1f\n\x05shape\x18\x04 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x15\n\rlease_seconds\x18\x06 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x07 \x01(\x03\x12\x16\n\x0ereservation_id\x18\x08 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x12\n\nno_requeue\x18( \x01(\x08\"p\n\x10\x41llocateResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12 \n\x18preempted_allocation_ids\x18\x02 \x03(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\"\n\x14GetAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x15GetAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"\x8c\x01\n\x16ListAllocationsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"p\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.rmgrpc.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"&\n\x18ReleaseAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19ReleaseAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\";\n\x16RenewAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x03\"D\n\x17RenewAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"i\n\x17WatchAllocationsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x15\n\rallocation_id\x18\x04 \x01(\t\"\xac\x01\n\x0f\x41llocationEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.rmgrpc.v1.AllocationEventType\x12)\n\nallocation\x18\x03 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa8\x02\n\x0f\x41llocationState\x12 \n\x1c\x41LLOCATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41LLOCATION_STATE_PENDING\x10\x01\x12\x1e\n\x1a\x41LLOCATION_STATE_ALLOCATED\x10\x02\x12\x1d\n\x19\x41LLOCATION_STATE_RELEASED\x10\x03\x12\x1c\n\x18\x41LLOCATION_STATE_EXPIRED\x10\x04\x12\x1e\n\x1a\x41LLOCATION_STATE_PREEMPTED\x10\x05\x12\x19\n\x15\x41LLOCATION_STATE_LOST\x10\x06\x12\x1d\n\x19\x41LLOCATION_STATE_REJECTED\x10\x07\x12\x1e\n\x1a\x41LLOCATION_STATE_CANCELLED\x10\x08*\xe9\x01\n\x13\x41llocationEventType\x12%\n!ALLOCATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_CREATED\x10\x01\x12 \n\x1c\x41LLOCATION_EVENT_TYPE_PLACED\x10\x02\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_UPDATED\x10\x03\x12\x1f\n\x1b\x41LLOCATION_EVENT_TYPE_ENDED\x10\x04\x12\"\n\x1e\x41LLOCATION_EVENT_TYPE_PROGRESS\x10\x05\x32\x95\x04\n\x10\x41llocatorService\x12\x43\n\x08\x41llocate\x12\x1a.rmgrpc.v1.AllocateRequest\x1a\x1b.rmgrpc.v1.AllocateResponse\x12R\n\rGetAllocation\x12\x1f.rmgrpc.v1.GetAllocationRequest\x1a .rmgrpc.v1.GetAllocationResponse\x12X\n\x0fListAllocations\x12!.rmgrpc.v1.ListAllocationsRequest\x1a\".rmgrpc.v1.ListAllocationsResponse\x12^\n\x11ReleaseAllocation\x12#.rmgrpc.v1.ReleaseAllocationRequest\x1a$.rmgrpc.v1.ReleaseAllocationResponse\x12X\n\x0fRenewAllocation\x12!.rmgrpc.v1.RenewAllocationRequest\x1a\".rmgrpc.v1.RenewAllocationResponse\x12T\n\x10WatchAllocations\x12\".rmgrpc.v1.WatchAllocationsRequest\x1a\x1a.rmgrpc.v1.AllocationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rmgrpc.v1.allocator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALLOCATIONSTATE']._serialized_start=2154
-  _globals['_ALLOCATIONSTATE']._serialized_end=2450
-  _globals['_ALLOCATIONEVENTTYPE']._serialized_start=2453
-  _globals['_ALLOCATIONEVENTTYPE']._serialized_end=2686
+  _globals['_ALLOCATIONSTATE']._serialized_start=2237
+  _globals['_ALLOCATIONSTATE']._serialized_end=2533
+  _globals['_ALLOCATIONEVENTTYPE']._serialized_start=2536
+  _globals['_ALLOCATIONEVENTTYPE']._serialized_end=2769
   _globals['_ALLOCATION']._serialized_start=101
-  _globals['_ALLOCATION']._serialized_end=915
-  _globals['_ALLOCATEREQUEST']._serialized_start=918
-  _globals['_ALLOCATEREQUEST']._serialized_end=1151
-  _globals['_ALLOCATERESPONSE']._serialized_start=1153
-  _globals['_ALLOCATERESPONSE']._serialized_end=1265
-  _globals['_GETALLOCATIONREQUEST']._serialized_start=1267
-  _globals['_GETALLOCATIONREQUEST']._serialized_end=1301
-  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1303
-  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1369
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1372
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=1512
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=1514
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1626
-  _globals['_RELEASEALLOCATIONREQUEST']._serialized_start=1628
-  _globals['_RELEASEALLOCATIONREQUEST']._serialized_end=1666
-  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_start=1668
-  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_end=1738
-  _globals['_RENEWALLOCATIONREQUEST']._serialized_start=1740
-  _globals['_RENEWALLOCATIONREQUEST']._serialized_end=1799
-  _globals['_RENEWALLOCATIONRESPONSE']._serialized_start=1801
-  _globals['_RENEWALLOCATIONRESPONSE']._serialized_end=1869
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1871
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=1976
-  _globals['_ALLOCATIONEVENT']._serialized_start=1979
-  _globals['_ALLOCATIONEVENT']._serialized_end=2151
-  _globals['_ALLOCATORSERVICE']._serialized_start=2689
-  _globals['_ALLOCATORSERVICE']._serialized_end=3222
+  _globals['_ALLOCATION']._serialized_end=998
+  _globals['_ALLOCATEREQUEST']._serialized_start=1001
+  _globals['_ALLOCATEREQUEST']._serialized_end=1234
+  _globals['_ALLOCATERESPONSE']._serialized_start=1236
+  _globals['_ALLOCATERESPONSE']._serialized_end=1348
+  _globals['_GETALLOCATIONREQUEST']._serialized_start=1350
+  _globals['_GETALLOCATIONREQUEST']._serialized_end=1384
+  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1386
+  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1452
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1455
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=1595
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=1597
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1709
+  _globals['_RELEASEALLOCATIONREQUEST']._serialized_start=1711
+  _globals['_RELEASEALLOCATIONREQUEST']._serialized_end=1749
+  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_start=1751
+  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_end=1821
+  _globals['_RENEWALLOCATIONREQUEST']._serialized_start=1823
+  _globals['_RENEWALLOCATIONREQUEST']._serialized_end=1882
+  _globals['_RENEWALLOCATIONRESPONSE']._serialized_start=1884
+  _globals['_RENEWALLOCATIONRESPONSE']._serialized_end=1952
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1954
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=2059
+  _globals['_ALLOCATIONEVENT']._serialized_start=2062
+  _globals['_ALLOCATIONEVENT']._serialized_end=2234
+  _globals['_ALLOCATORSERVICE']._serialized_start=2772
+  _globals['_ALLOCATORSERVICE']._serialized_end=3305
 # @@protoc_insertion_point(module_scope)
