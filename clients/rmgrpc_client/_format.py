@@ -265,6 +265,17 @@ def _position(a: allocator_pb2.Allocation) -> str:
     return str(a.queue_position) if a.queue_position else "-"
 
 
+def _start(a: allocator_pb2.Allocation, now: float) -> str:
+    """When a PENDING allocation is estimated to start (``in 2h10m``), ``unknown`` when
+    no hard end frees what it needs, ``-`` otherwise (not pending, not estimated)."""
+    if a.state != allocator_pb2.ALLOCATION_STATE_PENDING:
+        return "-"
+    if a.HasField("estimated_start_time"):
+        delta = stamp_seconds(a.estimated_start_time) - now
+        return f"in {human_duration(delta)}" if delta >= 1 else "now"
+    return "unknown" if a.estimate_reason.startswith("unknown") else "-"
+
+
 def is_live(a: allocator_pb2.Allocation, now: float) -> bool:
     """Still holds or waits for capacity: PENDING, ALLOCATED, or PREEMPTED within its grace
     period (its GPUs are not back yet)."""
@@ -276,12 +287,13 @@ def is_live(a: allocator_pb2.Allocation, now: float) -> bool:
 def allocation_rows(
     allocations: Iterable[allocator_pb2.Allocation], now: float, *, wide: bool = False
 ) -> Rows:
-    """ID, tenant, state, queue position, shape, where it runs, AGE (since created) and
-    why it waits or ended; `wide` adds priority, lease, revision and request id."""
+    """ID, tenant, state, queue position, shape, where it runs, AGE (since created), the
+    estimated START of pending work and why it waits or ended; `wide` adds priority,
+    lease, revision and request id."""
     headers = ["ID", "TENANT", "STATE", "POS", "REPLICAS", "SHAPE", "PLACEMENTS", "AGE"]
     if wide:
         headers += ["PRIORITY", "LEASE", "REV", "REQUEST-ID"]
-    headers.append("REASON")
+    headers += ["START", "REASON"]
     rows = []
     for a in allocations:
         row = [
@@ -297,7 +309,7 @@ def allocation_rows(
         if wide:
             lease = relative(a, "lease_expire_time", now) if is_live(a, now) else "-"
             row += [a.priority, lease, a.revision, a.request_id or "-"]
-        row.append(_reason(a) or "-")
+        row += [_start(a, now), _reason(a) or "-"]
         rows.append(row)
     return _rows(headers, rows)
 
@@ -314,11 +326,12 @@ def admission_order(pending: Iterable[allocator_pb2.Allocation]) -> list[allocat
 def queue_rows(
     pending: Iterable[allocator_pb2.Allocation], now: float, *, wide: bool = False
 ) -> Rows:
-    """The queue in admission order: position, who, what, how long it has waited, why."""
+    """The queue in admission order: position, who, what, how long it has waited, when
+    it is estimated to start, why."""
     headers = ["POS", "ID", "TENANT", "PRIORITY", "REPLICAS", "SHAPE", "WAITING"]
     if wide:
         headers += ["CREATED-REV", "REQUEST-ID"]
-    headers.append("REASON")
+    headers += ["START", "REASON"]
     rows = []
     for a in admission_order(pending):
         row = [
@@ -332,7 +345,7 @@ def queue_rows(
         ]
         if wide:
             row += [a.create_revision, a.request_id or "-"]
-        row.append(a.pending_reason or "-")
+        row += [_start(a, now), a.pending_reason or "-"]
         rows.append(row)
     return _rows(headers, rows)
 
@@ -351,6 +364,8 @@ def allocation_block(a: allocator_pb2.Allocation, now: float | None = None) -> s
             ("priority", a.priority or ""),
             ("pending", a.pending_reason),
             ("queue position", a.queue_position or ""),
+            ("estimated start", when(a, "estimated_start_time", now)),
+            ("estimate", a.estimate_reason),
             ("reason", a.state_reason),
             ("preempted by", a.preempted_by),
             ("reservation", a.reservation_id),

@@ -100,10 +100,12 @@ def allocation_to_proto(
     *,
     status: bool = True,
     position: int | None = None,
+    estimate: tuple[float | None, str] | None = None,
 ) -> allocator_pb2.Allocation:
     """`status=False` leaves out what is status, not state (`queue_position`): the
     encoding of a revision (events, the store) never carries it. `position` is the
-    queue position to show (the last pass's); without it, `a.queue_position`."""
+    queue position to show (the last pass's); without it, `a.queue_position`.
+    `estimate` is a PENDING allocation's (start time or None, reason), also status."""
     if position is None:
         position = a.queue_position
     msg = allocator_pb2.Allocation(
@@ -140,6 +142,11 @@ def allocation_to_proto(
         stamp = ts(getattr(a, name))
         if stamp is not None:
             getattr(msg, name).CopyFrom(stamp)
+    if estimate is not None and status and a.state == AllocationState.PENDING:
+        start, msg.estimate_reason = estimate
+        stamp = ts(start)
+        if stamp is not None:
+            msg.estimated_start_time.CopyFrom(stamp)
     return msg
 
 

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from rmgrpc.gpu.health import HealthPolicy
 
 
+# The longest max_duration_seconds the API accepts at all (services.validate's bound).
+_MAX_DURATION = 366 * 86400
+
+
 class ConfigError(Exception):
     """A setting that cannot be used; the message names it."""
 
@@ -96,6 +100,18 @@ class Settings:
         default=0,
     )
     max_lease_seconds: int = _s("leases", "longest allocation lease", default=7 * 86400)
+    default_max_duration_seconds: int = _s(
+        "leases",
+        "hard end of an allocation whose request gives no max_duration_seconds; 0: none"
+        " (max_allowed_duration_seconds, when set, is the default then)",
+        default=0,
+    )
+    max_allowed_duration_seconds: int = _s(
+        "leases",
+        "longest max_duration_seconds a request may ask for (INVALID_ARGUMENT above);"
+        " 0: no limit but 366 days",
+        default=0,
+    )
     node_lease_seconds: float = _s(
         "leases", "a node with no heartbeat this long goes DOWN", default=30.0
     )
@@ -133,6 +149,23 @@ class Settings:
         "scheduler",
         "a request no registered node could ever host: reject (REJECTED at once) or pending",
         default="reject",
+    )
+    estimate_queue_depth: int = _s(
+        "scheduler",
+        "start-time estimates for the first this many pending requests in queue order"
+        " (the rest: not estimated); 0 turns estimates off",
+        default=200,
+    )
+    estimate_interval_seconds: float = _s(
+        "scheduler",
+        "estimates are recomputed by the first pass this long after the last (not every pass)",
+        default=60.0,
+    )
+    estimate_resolution_seconds: float = _s(
+        "scheduler",
+        "estimates replay the queue at hard ends rounded down to this step (Slurm's"
+        " bf_resolution; 0: at every hard end, exact but dearer)",
+        default=60.0,
     )
     pass_runner: str = _s(
         "scheduler",
@@ -325,6 +358,19 @@ class Settings:
                 0 <= self.default_lease_seconds <= self.max_lease_seconds,
                 "default_lease_seconds must be >= 0 and <= max_lease_seconds",
             ),
+            (
+                0 <= self.default_max_duration_seconds <= _MAX_DURATION,
+                "default_max_duration_seconds must be 0..31622400 (366 days)",
+            ),
+            (
+                0 <= self.max_allowed_duration_seconds <= _MAX_DURATION,
+                "max_allowed_duration_seconds must be 0..31622400 (366 days)",
+            ),
+            (
+                not self.max_allowed_duration_seconds
+                or self.default_max_duration_seconds <= self.max_allowed_duration_seconds,
+                "default_max_duration_seconds must be <= max_allowed_duration_seconds",
+            ),
             (self.node_lease_seconds > 0, "node_lease_seconds must be > 0"),
             (
                 0 < self.heartbeat_interval_seconds < self.node_lease_seconds,
@@ -341,6 +387,9 @@ class Settings:
                 "fair_share_half_life_seconds must be >= 0",
             ),
             (self.never_fits in ("reject", "pending"), "never_fits must be reject or pending"),
+            (self.estimate_queue_depth >= 0, "estimate_queue_depth must be >= 0"),
+            (self.estimate_interval_seconds >= 0, "estimate_interval_seconds must be >= 0"),
+            (self.estimate_resolution_seconds >= 0, "estimate_resolution_seconds must be >= 0"),
             (self.watch_buffer_events >= 16, "watch_buffer_events must be >= 16"),
             (
                 self.watch_max_lag_events >= self.watch_buffer_events,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from rmgrpc.model import Allocation, Node
 from rmgrpc.scheduler.cycle import dry_run, run_cycle
-from rmgrpc.scheduler.result import PassResult, Summariser
+from rmgrpc.scheduler.result import EstimatePolicy, PassResult, Summariser
 from rmgrpc.scheduler.snapshot import DryRun, Snapshot
 
 T = TypeVar("T")
@@ -45,6 +45,8 @@ class Delta:
     rest: dict[str, Any] = field(default_factory=dict)
     # For a dry run: the request to try.
     probe: Allocation | None = None
+    # How start-time estimates are made (the server's settings).
+    estimates: EstimatePolicy = field(default_factory=EstimatePolicy)
 
 
 def apply_delta(nodes: dict[str, Node], allocations: dict[str, Allocation], delta: Delta) -> None:
@@ -76,13 +78,14 @@ def serve(conn: Connection) -> None:
         try:
             if delta.full:
                 summarise.forget()
+            summarise.estimates = delta.estimates
             apply_delta(nodes, allocations, delta)
             snap = Snapshot(nodes=nodes, allocations=allocations, **delta.rest)
             result: PassResult | DryRun
             if kind == "pass":
                 started = time.perf_counter()
                 decisions = run_cycle(snap)
-                result = summarise(decisions, time.perf_counter() - started)
+                result = summarise(decisions, time.perf_counter() - started, snap)
             elif kind == "dry_run":
                 if delta.probe is None:
                     raise ValueError("a dry run needs a probe")

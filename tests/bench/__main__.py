@@ -21,6 +21,7 @@ BENCHMARKS = {
     "rpc": "tests.bench.rpc_bench",
     "load": "tests.bench.load_bench",
     "telemetry": "tests.bench.telemetry_bench",
+    "estimate": "tests.bench.estimate_bench",
 }
 
 

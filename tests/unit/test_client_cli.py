@@ -382,7 +382,8 @@ def test_list_walks_all_pages_and_prints_a_table(
     assert requests[0].tenant == "org"
     header, row1, row2 = out.rstrip("\n").split("\n")
     assert header.split() == [
-        "ID", "TENANT", "STATE", "POS", "REPLICAS", "SHAPE", "PLACEMENTS", "AGE", "REASON",
+        "ID", "TENANT", "STATE", "POS", "REPLICAS", "SHAPE", "PLACEMENTS", "AGE", "START",
+        "REASON",
     ]  # fmt: skip
     assert row1.split()[:5] == ["a-1", "org/team", "ALLOCATED", "-", "2"]
     assert "n1:0,1,2,3 n2:4,5,6,7" in row1

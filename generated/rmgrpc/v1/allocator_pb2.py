@@ -27,43 +27,43 @@ from rmgrpc.v1 import quota_pb2 as rmgrpc_dot_v1_dot_quota__pb2
 from rmgrpc.v1 import resources_pb2 as rmgrpc_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rmgrpc/v1/allocator.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15rmgrpc/v1/quota.proto\x1a\x19rmgrpc/v1/resources.proto\"\xae\x06\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12\x1f\n\x05shape\x18\x05 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x15\n\rlease_seconds\x18\x07 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x08 \x01(\x03\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12)\n\x05state\x18\n \x01(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12(\n\nplacements\x18\x0b \x03(\x0b\x32\x14.rmgrpc.v1.Placement\x12\x16\n\x0epending_reason\x18\x0c \x01(\t\x12\x16\n\x0equeue_position\x18\r \x01(\x05\x12\x14\n\x0cstate_reason\x18\x0e \x01(\t\x12\x10\n\x08revision\x18\x0f \x01(\x03\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rallocate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cmax_end_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0egrace_end_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpreempted_by\x18\x16 \x01(\t\x12\x17\n\x0f\x63reate_revision\x18\x17 \x01(\x03\x12\x15\n\rrequeued_from\x18( \x01(\t\x12\x13\n\x0brequeued_as\x18) \x01(\t\x12\x12\n\nno_requeue\x18* \x01(\x08\x12\x16\n\x0erequest_digest\x18< \x01(\t\"\xe9\x01\n\x0f\x41llocateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x1f\n\x05shape\x18\x04 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x15\n\rlease_seconds\x18\x06 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x07 \x01(\x03\x12\x16\n\x0ereservation_id\x18\x08 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x12\n\nno_requeue\x18( \x01(\x08\"p\n\x10\x41llocateResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12 \n\x18preempted_allocation_ids\x18\x02 \x03(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\"\n\x14GetAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x15GetAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"\x8c\x01\n\x16ListAllocationsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"p\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.rmgrpc.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"&\n\x18ReleaseAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19ReleaseAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\";\n\x16RenewAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x03\"D\n\x17RenewAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"\x80\x01\n\x17WatchAllocationsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x15\n\rallocation_id\x18\x04 \x01(\t\x12\x15\n\rbudget_alerts\x18\x46 \x01(\x08\"\xda\x01\n\x0f\x41llocationEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.rmgrpc.v1.AllocationEventType\x12)\n\nallocation\x18\x03 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0c\x62udget_alert\x18\x46 \x01(\x0b\x32\x16.rmgrpc.v1.BudgetAlert*\xa8\x02\n\x0f\x41llocationState\x12 \n\x1c\x41LLOCATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41LLOCATION_STATE_PENDING\x10\x01\x12\x1e\n\x1a\x41LLOCATION_STATE_ALLOCATED\x10\x02\x12\x1d\n\x19\x41LLOCATION_STATE_RELEASED\x10\x03\x12\x1c\n\x18\x41LLOCATION_STATE_EXPIRED\x10\x04\x12\x1e\n\x1a\x41LLOCATION_STATE_PREEMPTED\x10\x05\x12\x19\n\x15\x41LLOCATION_STATE_LOST\x10\x06\x12\x1d\n\x19\x41LLOCATION_STATE_REJECTED\x10\x07\x12\x1e\n\x1a\x41LLOCATION_STATE_CANCELLED\x10\x08*\x91\x02\n\x13\x41llocationEventType\x12%\n!ALLOCATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_CREATED\x10\x01\x12 \n\x1c\x41LLOCATION_EVENT_TYPE_PLACED\x10\x02\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_UPDATED\x10\x03\x12\x1f\n\x1b\x41LLOCATION_EVENT_TYPE_ENDED\x10\x04\x12\"\n\x1e\x41LLOCATION_EVENT_TYPE_PROGRESS\x10\x05\x12&\n\"ALLOCATION_EVENT_TYPE_BUDGET_ALERT\x10\x46\x32\x95\x04\n\x10\x41llocatorService\x12\x43\n\x08\x41llocate\x12\x1a.rmgrpc.v1.AllocateRequest\x1a\x1b.rmgrpc.v1.AllocateResponse\x12R\n\rGetAllocation\x12\x1f.rmgrpc.v1.GetAllocationRequest\x1a .rmgrpc.v1.GetAllocationResponse\x12X\n\x0fListAllocations\x12!.rmgrpc.v1.ListAllocationsRequest\x1a\".rmgrpc.v1.ListAllocationsResponse\x12^\n\x11ReleaseAllocation\x12#.rmgrpc.v1.ReleaseAllocationRequest\x1a$.rmgrpc.v1.ReleaseAllocationResponse\x12X\n\x0fRenewAllocation\x12!.rmgrpc.v1.RenewAllocationRequest\x1a\".rmgrpc.v1.RenewAllocationResponse\x12T\n\x10WatchAllocations\x12\".rmgrpc.v1.WatchAllocationsRequest\x1a\x1a.rmgrpc.v1.AllocationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rmgrpc/v1/allocator.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15rmgrpc/v1/quota.proto\x1a\x19rmgrpc/v1/resources.proto\"\x81\x07\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12\x1f\n\x05shape\x18\x05 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x15\n\rlease_seconds\x18\x07 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x08 \x01(\x03\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12)\n\x05state\x18\n \x01(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12(\n\nplacements\x18\x0b \x03(\x0b\x32\x14.rmgrpc.v1.Placement\x12\x16\n\x0epending_reason\x18\x0c \x01(\t\x12\x16\n\x0equeue_position\x18\r \x01(\x05\x12\x14\n\x0cstate_reason\x18\x0e \x01(\t\x12\x10\n\x08revision\x18\x0f \x01(\x03\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rallocate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cmax_end_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0egrace_end_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpreempted_by\x18\x16 \x01(\t\x12\x17\n\x0f\x63reate_revision\x18\x17 \x01(\x03\x12\x15\n\rrequeued_from\x18( \x01(\t\x12\x13\n\x0brequeued_as\x18) \x01(\t\x12\x12\n\nno_requeue\x18* \x01(\x08\x12\x16\n\x0erequest_digest\x18< \x01(\t\x12\x38\n\x14\x65stimated_start_time\x18Z \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65stimate_reason\x18[ \x01(\t\"\xe9\x01\n\x0f\x41llocateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x1f\n\x05shape\x18\x04 \x01(\x0b\x32\x10.rmgrpc.v1.Shape\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x15\n\rlease_seconds\x18\x06 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x07 \x01(\x03\x12\x16\n\x0ereservation_id\x18\x08 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x12\n\nno_requeue\x18( \x01(\x08\"p\n\x10\x41llocateResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12 \n\x18preempted_allocation_ids\x18\x02 \x03(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\"\n\x14GetAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x15GetAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"\x8c\x01\n\x16ListAllocationsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.rmgrpc.v1.AllocationState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"p\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.rmgrpc.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"&\n\x18ReleaseAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19ReleaseAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\";\n\x16RenewAllocationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x03\"D\n\x17RenewAllocationResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\"\x80\x01\n\x17WatchAllocationsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x15\n\rallocation_id\x18\x04 \x01(\t\x12\x15\n\rbudget_alerts\x18\x46 \x01(\x08\"\xda\x01\n\x0f\x41llocationEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.rmgrpc.v1.AllocationEventType\x12)\n\nallocation\x18\x03 \x01(\x0b\x32\x15.rmgrpc.v1.Allocation\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0c\x62udget_alert\x18\x46 \x01(\x0b\x32\x16.rmgrpc.v1.BudgetAlert*\xa8\x02\n\x0f\x41llocationState\x12 \n\x1c\x41LLOCATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41LLOCATION_STATE_PENDING\x10\x01\x12\x1e\n\x1a\x41LLOCATION_STATE_ALLOCATED\x10\x02\x12\x1d\n\x19\x41LLOCATION_STATE_RELEASED\x10\x03\x12\x1c\n\x18\x41LLOCATION_STATE_EXPIRED\x10\x04\x12\x1e\n\x1a\x41LLOCATION_STATE_PREEMPTED\x10\x05\x12\x19\n\x15\x41LLOCATION_STATE_LOST\x10\x06\x12\x1d\n\x19\x41LLOCATION_STATE_REJECTED\x10\x07\x12\x1e\n\x1a\x41LLOCATION_STATE_CANCELLED\x10\x08*\x91\x02\n\x13\x41llocationEventType\x12%\n!ALLOCATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_CREATED\x10\x01\x12 \n\x1c\x41LLOCATION_EVENT_TYPE_PLACED\x10\x02\x12!\n\x1d\x41LLOCATION_EVENT_TYPE_UPDATED\x10\x03\x12\x1f\n\x1b\x41LLOCATION_EVENT_TYPE_ENDED\x10\x04\x12\"\n\x1e\x41LLOCATION_EVENT_TYPE_PROGRESS\x10\x05\x12&\n\"ALLOCATION_EVENT_TYPE_BUDGET_ALERT\x10\x46\x32\x95\x04\n\x10\x41llocatorService\x12\x43\n\x08\x41llocate\x12\x1a.rmgrpc.v1.AllocateRequest\x1a\x1b.rmgrpc.v1.AllocateResponse\x12R\n\rGetAllocation\x12\x1f.rmgrpc.v1.GetAllocationRequest\x1a .rmgrpc.v1.GetAllocationResponse\x12X\n\x0fListAllocations\x12!.rmgrpc.v1.ListAllocationsRequest\x1a\".rmgrpc.v1.ListAllocationsResponse\x12^\n\x11ReleaseAllocation\x12#.rmgrpc.v1.ReleaseAllocationRequest\x1a$.rmgrpc.v1.ReleaseAllocationResponse\x12X\n\x0fRenewAllocation\x12!.rmgrpc.v1.RenewAllocationRequest\x1a\".rmgrpc.v1.RenewAllocationResponse\x12T\n\x10WatchAllocations\x12\".rmgrpc.v1.WatchAllocationsRequest\x1a\x1a.rmgrpc.v1.AllocationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rmgrpc.v1.allocator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALLOCATIONSTATE']._serialized_start=2247
-  _globals['_ALLOCATIONSTATE']._serialized_end=2543
-  _globals['_ALLOCATIONEVENTTYPE']._serialized_start=2546
-  _globals['_ALLOCATIONEVENTTYPE']._serialized_end=2819
+  _globals['_ALLOCATIONSTATE']._serialized_start=2330
+  _globals['_ALLOCATIONSTATE']._serialized_end=2626
+  _globals['_ALLOCATIONEVENTTYPE']._serialized_start=2629
+  _globals['_ALLOCATIONEVENTTYPE']._serialized_end=2902
   _globals['_ALLOCATION']._serialized_start=124
-  _globals['_ALLOCATION']._serialized_end=938
-  _globals['_ALLOCATEREQUEST']._serialized_start=941
-  _globals['_ALLOCATEREQUEST']._serialized_end=1174
-  _globals['_ALLOCATERESPONSE']._serialized_start=1176
-  _globals['_ALLOCATERESPONSE']._serialized_end=1288
-  _globals['_GETALLOCATIONREQUEST']._serialized_start=1290
-  _globals['_GETALLOCATIONREQUEST']._serialized_end=1324
-  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1326
-  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1392
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1395
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=1535
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=1537
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1649
-  _globals['_RELEASEALLOCATIONREQUEST']._serialized_start=1651
-  _globals['_RELEASEALLOCATIONREQUEST']._serialized_end=1689
-  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_start=1691
-  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_end=1761
-  _globals['_RENEWALLOCATIONREQUEST']._serialized_start=1763
-  _globals['_RENEWALLOCATIONREQUEST']._serialized_end=1822
-  _globals['_RENEWALLOCATIONRESPONSE']._serialized_start=1824
-  _globals['_RENEWALLOCATIONRESPONSE']._serialized_end=1892
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1895
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=2023
-  _globals['_ALLOCATIONEVENT']._serialized_start=2026
-  _globals['_ALLOCATIONEVENT']._serialized_end=2244
-  _globals['_ALLOCATORSERVICE']._serialized_start=2822
-  _globals['_ALLOCATORSERVICE']._serialized_end=3355
+  _globals['_ALLOCATION']._serialized_end=1021
+  _globals['_ALLOCATEREQUEST']._serialized_start=1024
+  _globals['_ALLOCATEREQUEST']._serialized_end=1257
+  _globals['_ALLOCATERESPONSE']._serialized_start=1259
+  _globals['_ALLOCATERESPONSE']._serialized_end=1371
+  _globals['_GETALLOCATIONREQUEST']._serialized_start=1373
+  _globals['_GETALLOCATIONREQUEST']._serialized_end=1407
+  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1409
+  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1475
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1478
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=1618
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=1620
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1732
+  _globals['_RELEASEALLOCATIONREQUEST']._serialized_start=1734
+  _globals['_RELEASEALLOCATIONREQUEST']._serialized_end=1772
+  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_start=1774
+  _globals['_RELEASEALLOCATIONRESPONSE']._serialized_end=1844
+  _globals['_RENEWALLOCATIONREQUEST']._serialized_start=1846
+  _globals['_RENEWALLOCATIONREQUEST']._serialized_end=1905
+  _globals['_RENEWALLOCATIONRESPONSE']._serialized_start=1907
+  _globals['_RENEWALLOCATIONRESPONSE']._serialized_end=1975
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1978
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=2106
+  _globals['_ALLOCATIONEVENT']._serialized_start=2109
+  _globals['_ALLOCATIONEVENT']._serialized_end=2327
+  _globals['_ALLOCATORSERVICE']._serialized_start=2905
+  _globals['_ALLOCATORSERVICE']._serialized_end=3438
 # @@protoc_insertion_point(module_scope)

@@ -139,6 +139,8 @@ class Allocation(_message.Message):
     REQUEUED_AS_FIELD_NUMBER: _builtins.int
     NO_REQUEUE_FIELD_NUMBER: _builtins.int
     REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
+    ESTIMATED_START_TIME_FIELD_NUMBER: _builtins.int
+    ESTIMATE_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     request_id: _builtins.str
@@ -182,6 +184,10 @@ class Allocation(_message.Message):
     A repeated `request_id` with a request of another digest is refused with
     FAILED_PRECONDITION naming what differs, rather than answered with this allocation.
     """
+    estimate_reason: _builtins.str
+    """What `estimated_start_time` rests on, or why there is none ("unknown: work without
+    a hard end ... holds the capacity it needs"). Status, like the estimate.
+    """
     @_builtins.property
     def shape(self) -> _resources_pb2.Shape: ...
     @_builtins.property
@@ -205,6 +211,16 @@ class Allocation(_message.Message):
     @_builtins.property
     def grace_end_time(self) -> _timestamp_pb2.Timestamp:
         """For PREEMPTED: when the GPUs are taken back."""
+
+    @_builtins.property
+    def estimated_start_time(self) -> _timestamp_pb2.Timestamp:
+        """For PENDING: the earliest time it can start, from the hard ends
+        (`max_end_time`) of the work holding capacity and its place in the queue, as
+        Slurm's `squeue --start` estimates; assumes no new arrivals and no early releases.
+        Unset when unknown (`estimate_reason` says why) or not yet estimated. Status, not
+        state, like `queue_position`: Get and List fill it in fresh; events and the stored
+        allocation never carry it.
+        """
 
     def __init__(
         self,
@@ -236,10 +252,12 @@ class Allocation(_message.Message):
         requeued_as: _builtins.str = ...,
         no_requeue: _builtins.bool = ...,
         request_digest: _builtins.str = ...,
+        estimated_start_time: _timestamp_pb2.Timestamp | None = ...,
+        estimate_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "create_time", b"create_time", "end_time", b"end_time", "grace_end_time", b"grace_end_time", "lease_expire_time", b"lease_expire_time", "max_end_time", b"max_end_time", "shape", b"shape"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "create_time", b"create_time", "end_time", b"end_time", "estimated_start_time", b"estimated_start_time", "grace_end_time", b"grace_end_time", "lease_expire_time", b"lease_expire_time", "max_end_time", b"max_end_time", "shape", b"shape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "count", b"count", "create_revision", b"create_revision", "create_time", b"create_time", "end_time", b"end_time", "grace_end_time", b"grace_end_time", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_seconds", b"lease_seconds", "max_duration_seconds", b"max_duration_seconds", "max_end_time", b"max_end_time", "no_requeue", b"no_requeue", "pending_reason", b"pending_reason", "placements", b"placements", "preempted_by", b"preempted_by", "priority", b"priority", "queue_position", b"queue_position", "request_digest", b"request_digest", "request_id", b"request_id", "requeued_as", b"requeued_as", "requeued_from", b"requeued_from", "reservation_id", b"reservation_id", "revision", b"revision", "shape", b"shape", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate_time", b"allocate_time", "count", b"count", "create_revision", b"create_revision", "create_time", b"create_time", "end_time", b"end_time", "estimate_reason", b"estimate_reason", "estimated_start_time", b"estimated_start_time", "grace_end_time", b"grace_end_time", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_seconds", b"lease_seconds", "max_duration_seconds", b"max_duration_seconds", "max_end_time", b"max_end_time", "no_requeue", b"no_requeue", "pending_reason", b"pending_reason", "placements", b"placements", "preempted_by", b"preempted_by", "priority", b"priority", "queue_position", b"queue_position", "request_digest", b"request_digest", "request_id", b"request_id", "requeued_as", b"requeued_as", "requeued_from", b"requeued_from", "reservation_id", b"reservation_id", "revision", b"revision", "shape", b"shape", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -83,6 +83,13 @@ class AllocationCommands(EngineCore):
         # No lease unless asked (default_lease_seconds is 0 unless configured): work runs
         # until released or max_duration_seconds, as Slurm and Kubernetes users expect.
         request.lease_seconds = request.lease_seconds or self.settings.default_lease_seconds
+        # A hard end unless configured otherwise (Slurm's DefaultTime, else MaxTime): it is
+        # what start-time estimates and backfill learn when capacity frees from.
+        request.max_duration_seconds = (
+            request.max_duration_seconds
+            or self.settings.default_max_duration_seconds
+            or self.settings.max_allowed_duration_seconds
+        )
         reason = fairshare.check_admissible(
             self._admission_snapshot(), request, self.scheduling.gpu_models
         )

@@ -37,7 +37,7 @@ from typing import Protocol
 from rmgrpc.model import Allocation
 from rmgrpc.passworker import Delta, snapshot_rest
 from rmgrpc.scheduler import cycle as scheduler_cycle
-from rmgrpc.scheduler.result import PassResult, Summariser
+from rmgrpc.scheduler.result import EstimatePolicy, PassResult, Summariser
 from rmgrpc.scheduler.snapshot import DryRun, Snapshot
 from rmgrpc.state import ClusterState
 
@@ -63,8 +63,8 @@ class PassRunner(Protocol):
 
 
 class ThreadRunner:
-    def __init__(self) -> None:
-        self._summarise = Summariser()
+    def __init__(self, estimates: EstimatePolicy | None = None) -> None:
+        self._summarise = Summariser(estimates)
         self._state: ClusterState | None = None
 
     async def run(self, state: ClusterState, take: SnapshotTaker) -> PassResult:
@@ -76,7 +76,7 @@ class ThreadRunner:
         def work() -> PassResult:
             started = time.perf_counter()
             decisions = scheduler_cycle.run_cycle(snap)
-            return self._summarise(decisions, time.perf_counter() - started)
+            return self._summarise(decisions, time.perf_counter() - started, snap)
 
         return await asyncio.to_thread(work)
 
@@ -92,7 +92,8 @@ class PassWorkerError(Exception):
 
 
 class ProcessRunner:
-    def __init__(self) -> None:
+    def __init__(self, estimates: EstimatePolicy | None = None) -> None:
+        self._estimates = estimates or EstimatePolicy()
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         # The state the worker mirrors; another object (a restart) means a full resend.
@@ -132,7 +133,11 @@ class ProcessRunner:
         state.touched_nodes.clear()
         self._state = state
         return Delta(
-            full=full, nodes=dict(nodes), allocations=dict(allocs), rest=snapshot_rest(snap)
+            full=full,
+            nodes=dict(nodes),
+            allocations=dict(allocs),
+            rest=snapshot_rest(snap),
+            estimates=self._estimates,
         )
 
     def _exchange(self, request: str, delta: Delta) -> tuple[str, object]:
@@ -189,9 +194,9 @@ class ProcessRunner:
                 proc.wait()
 
 
-def make_runner(kind: str) -> PassRunner:
+def make_runner(kind: str, estimates: EstimatePolicy | None = None) -> PassRunner:
     if kind == "thread":
-        return ThreadRunner()
+        return ThreadRunner(estimates)
     if kind == "process":
-        return ProcessRunner()
+        return ProcessRunner(estimates)
     raise ValueError(f"pass_runner must be one of {', '.join(RUNNERS)}, not {kind!r}")

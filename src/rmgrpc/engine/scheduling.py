@@ -48,7 +48,7 @@ from rmgrpc.scheduler import apply
 from rmgrpc.scheduler.fairshare import Amount, Ledger, UsageHistory
 from rmgrpc.scheduler.placement import CapacityView, gpus_text
 from rmgrpc.scheduler.reservations import Reserved
-from rmgrpc.scheduler.result import PassResult
+from rmgrpc.scheduler.result import EstimatePolicy, PassResult
 from rmgrpc.scheduler.snapshot import Decisions, DryRun, Snapshot
 
 if TYPE_CHECKING:
@@ -98,7 +98,18 @@ class Scheduling:
         # The reason the last pass gave each pending request, where its `pending_reason`
         # still says something else (held back by the rate limits).
         self._wanted: dict[str, str] = {}
-        self.runner: PassRunner = make_runner(engine.settings.pass_runner)
+        settings = engine.settings
+        self.runner: PassRunner = make_runner(
+            settings.pass_runner,
+            EstimatePolicy(
+                settings.estimate_queue_depth,
+                settings.estimate_interval_seconds,
+                settings.estimate_resolution_seconds,
+            ),
+        )
+        # Status: start-time estimates of pending requests (start or None, reason), as of
+        # the last pass that made them (every `estimate_interval_seconds`).
+        self.estimates: dict[str, tuple[float | None, str]] = {}
         self._quick: tuple[CapacityView, Ledger] | None = None
         # Reasons the quick view gave, while it has not changed: a full cluster explains
         # the same shape the same way, and a filter-chain walk over every node is the
@@ -425,6 +436,8 @@ class Scheduling:
             if applied.refused:
                 self.request()
             self.positions = result.positions
+            if result.estimates is not None:
+                self.estimates = result.estimates
             self._last_pending = result.pending
             self._statuses(txn, result.reasons)
             for aid in graced:

@@ -6,7 +6,8 @@ spend between two RPCs. The engine needs less: each request's position (status, 
 by Get/List) and the reasons that *changed* (state: each change is an event). So a pass
 is summed up, where it ran, as a `PassResult`: the plan without its statuses, a
 position per pending id (a plain `dict[str, int]`, cheap to move between processes), and
-only the reasons that differ from what the same summariser said last time.
+only the reasons that differ from what the same summariser said last time; and, every
+so often rather than every pass, start-time estimates (`scheduler.estimate`, status).
 
 Pure: no I/O. A `Summariser` remembers the reasons it gave, so it belongs to one runner.
 """
@@ -16,7 +17,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from rmgrpc.scheduler.snapshot import Decisions
+from rmgrpc.scheduler.estimate import estimate_starts
+from rmgrpc.scheduler.snapshot import Decisions, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class EstimatePolicy:
+    """How start-time estimates are made (`scheduler.estimate`); depth 0: never."""
+
+    depth: int = 0
+    # Seconds of snapshot time between two estimates.
+    every: float = 0.0
+    resolution: float = 0.0
 
 
 @dataclass(slots=True)
@@ -29,6 +41,9 @@ class PassResult:
     reasons: dict[str, str] = field(default_factory=dict)
     # Seconds the pure core took.
     seconds: float = 0.0
+    # Start-time estimates of pending requests, (start time or None, reason) by id, when
+    # this pass made them (None: keep the last ones; they are made only every so often).
+    estimates: dict[str, tuple[float | None, str]] | None = None
 
     @property
     def pending(self) -> int:
@@ -38,18 +53,46 @@ class PassResult:
 class Summariser:
     """Turns `Decisions` into `PassResult`s, each naming only the reasons that changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, estimates: EstimatePolicy | None = None) -> None:
         self._reasons: dict[str, str] = {}
+        self.estimates = estimates or EstimatePolicy()
+        self._estimated_at: float | None = None
+        self._estimated: set[str] = set()
+
+    def _estimate_due(self, decisions: Decisions, now: float) -> bool:
+        """Every `every` seconds; sooner (after a tenth of it) when requests wait that the
+        last estimates did not cover, so new work gets its estimate soon."""
+        policy = self.estimates
+        last = self._estimated_at
+        if policy.depth <= 0 or not decisions.pending:
+            return False
+        if last is None or not 0 <= now - last < policy.every:
+            return True
+        new = any(aid not in self._estimated for aid in decisions.pending)
+        return new and now - last >= policy.every / 10
 
     def forget(self) -> None:
         """The next result names every reason (the receiver lost track of them)."""
         self._reasons = {}
+        self._estimated_at = None
 
-    def __call__(self, decisions: Decisions, seconds: float = 0.0) -> PassResult:
+    def __call__(
+        self, decisions: Decisions, seconds: float = 0.0, snapshot: Snapshot | None = None
+    ) -> PassResult:
+        """`snapshot` is the one the pass ran on: estimates are made from it when due."""
+        estimates = None
+        if snapshot is not None and self._estimate_due(decisions, snapshot.now):
+            policy = self.estimates
+            self._estimated_at = snapshot.now
+            made = estimate_starts(snapshot, decisions, policy.depth, policy.resolution)
+            estimates = {aid: (e.start_time, e.reason) for aid, e in made.items()}
+            self._estimated = set(estimates)
         last = self._reasons
         reasons = {aid: st.reason for aid, st in decisions.pending.items()}
         changed = {aid: r for aid, r in reasons.items() if last.get(aid) != r}
         positions = {aid: st.position for aid, st in decisions.pending.items()}
         self._reasons = reasons
         plan = dataclasses.replace(decisions, pending={})
-        return PassResult(plan=plan, positions=positions, reasons=changed, seconds=seconds)
+        return PassResult(
+            plan=plan, positions=positions, reasons=changed, seconds=seconds, estimates=estimates
+        )

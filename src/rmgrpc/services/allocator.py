@@ -32,9 +32,13 @@ def request_digest(req: allocator_pb2.AllocateRequest) -> str:
 
 
 def allocation_request(
-    req: allocator_pb2.AllocateRequest, max_lease_seconds: int, max_labels: int = val.MAX_LABELS
+    req: allocator_pb2.AllocateRequest,
+    max_lease_seconds: int,
+    max_labels: int = val.MAX_LABELS,
+    max_duration_seconds: int = 0,
 ) -> Allocation:
-    """The validated request as an Allocation template; InvalidArgument lists every bad field."""
+    """The validated request as an Allocation template; InvalidArgument lists every bad field.
+    `max_duration_seconds` is the server's `max_allowed_duration_seconds` (0: none)."""
     v = val.Violations()
     v.tenant("tenant", req.tenant)
     v.identifier("request_id", req.request_id, required=False, kind="request id")
@@ -52,6 +56,12 @@ def allocation_request(
     v.int_range("priority", req.priority, -val.MAX_PRIORITY, val.MAX_PRIORITY)
     v.int_range("lease_seconds", req.lease_seconds, 0, max_lease_seconds)
     v.int_range("max_duration_seconds", req.max_duration_seconds, 0, val.MAX_DURATION_SECONDS)
+    if max_duration_seconds and req.max_duration_seconds > max_duration_seconds:
+        v.add(
+            "max_duration_seconds",
+            f"must be at most {max_duration_seconds} (the server's "
+            f"max_allowed_duration_seconds; got {req.max_duration_seconds})",
+        )
     v.identifier("reservation_id", req.reservation_id, required=False, kind="reservation id")
     v.raise_if_any()
     return Allocation(
@@ -95,8 +105,12 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         return msg
 
     def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
+        scheduling = self.engine.scheduling
         return codec.allocation_to_proto(
-            a, self.engine.state.uuid_of, position=self.engine.scheduling.positions.get(a.id)
+            a,
+            self.engine.state.uuid_of,
+            position=scheduling.positions.get(a.id),
+            estimate=scheduling.estimates.get(a.id),
         )
 
     async def _visible(self, allocation_id: str) -> None:
@@ -116,7 +130,12 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         self, request: allocator_pb2.AllocateRequest, context: Ctx
     ) -> allocator_pb2.AllocateResponse:
         settings = self.engine.settings
-        template = allocation_request(request, settings.max_lease_seconds, settings.max_labels)
+        template = allocation_request(
+            request,
+            settings.max_lease_seconds,
+            settings.max_labels,
+            settings.max_allowed_duration_seconds,
+        )
         authorize.write_tenant(auth.current(), request.tenant)
         if request.reservation_id:
             # One the caller may not see is NOT_FOUND, as an unknown one.

@@ -1,0 +1,427 @@
+"""Start-time estimates for pending work: when will it run, and on what does that rest?
+
+Slurm's `squeue --start` answers from the time limits of running jobs; so does this: a
+pure simulation over a snapshot and the decisions of the pass that ran on it.
+
+- What holds capacity (and what the pass just placed or preempted) gives it back at its
+  *hard end*: `max_end_time` (placed time + `max_duration_seconds`), or for a preempted
+  victim the end of its grace. Work without a hard end never gives it back.
+- At each hard end, earliest first, a pass is replayed over the waiting requests with
+  the core's own rules: preemptors first, then the hierarchical fair order
+  (`fairshare.FairQueue`, with fair shares recomputed from the demand left), quota and
+  lending limits (`fairshare.Ledger`), placement by the filter chain and best fit on a
+  view indexed as a fresh pass's is (`placement.CapacityView`), gangs whole, smaller
+  requests passing a blocked larger one, nodes held for starving gangs at their turn.
+  A request placed there starts then, and holds its capacity until its own hard end.
+- What is still waiting when no hard end is left is "unknown", with the reason.
+
+It assumes no new arrivals, no early releases and no preemption after this pass, and
+usage decay (the fair-share half-life) frozen at the snapshot's time. Under those
+assumptions the replay makes the decisions the passes will, so the estimate is never
+later than the real start (tested as a property); work released early only brings the
+real start forward.
+
+Bounded: only the first `limit` requests in queue order are simulated (the rest get
+"not estimated"), an end that frees too little for any of them costs one check per kind
+of request, and the engine asks for estimates only every so often, not every pass.
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rmgrpc.model import Allocation, AllocationState, Placement
+from rmgrpc.scheduler.cycle import queue_key
+from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, fair_shares
+from rmgrpc.scheduler.placement import CapacityView, NodeCapacity, nodes_to_hold
+from rmgrpc.scheduler.snapshot import Decisions, Snapshot
+
+NO_HARD_END = (
+    "unknown: work without a hard end (no max_duration_seconds) holds the capacity it needs"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    # Earliest time the request can start (seconds since the epoch); None: unknown.
+    start_time: float | None
+    # What the estimate rests on, in words.
+    reason: str
+
+
+@dataclass(slots=True)
+class _Running:
+    alloc: Allocation
+    end: float | None
+
+
+def _end_of(a: Allocation) -> float | None:
+    if a.state == AllocationState.PREEMPTED:
+        return a.grace_end_time
+    return a.max_end_time
+
+
+class _Estimator:
+    def __init__(
+        self, snapshot: Snapshot, decisions: Decisions, limit: int, resolution: float
+    ) -> None:
+        self.now = now = snapshot.now
+        self.resolution = resolution
+        # Nodes whose free capacity moved since the last round (their index buckets are
+        # re-sorted) and whose holders changed (their known end is recomputed).
+        self.touched: set[str] = set()
+        self.ends_stale: set[str] = set()
+        self.on_node: dict[str, set[str]] = {}
+        self.config = snapshot.config
+        allocs = snapshot.allocations
+        holding = [a for a in allocs.values() if a.holds_capacity(now)]
+        self.view = view = CapacityView(snapshot.nodes, holding)
+        # Every change of a node's free GPUs (takes, gives, a trial's undo) moves it to the
+        # end of an index bucket; note which, to put those buckets back in order.
+        change = view._change
+        touched = self.touched
+
+        def noting(n: NodeCapacity, indices: Sequence[int], take: bool) -> None:
+            touched.add(n.id)
+            change(n, indices, take)
+
+        view._change = noting  # type: ignore[method-assign]
+        self.ledger = Ledger(snapshot)
+        self.models_of = self.ledger.gpu_models
+        # Hard ends to come: (time, tie-break, allocation id); the heap is the timeline.
+        self.ends: list[tuple[float, int, str]] = []
+        self.running: dict[str, _Running] = {}
+        # Victims in their grace: the ledger counts them as leaving until they are gone.
+        self.leaving: set[str] = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
+        grace = self.config.preemption_grace_seconds
+        victims = {p.allocation_id for p in decisions.preemptions}
+        for a in holding:
+            end = _end_of(a)
+            if a.id in victims:
+                end = now + grace  # preempted by this pass: gone when its grace ends
+                self.ledger.add_leaving(a.tenant, Amount.of_placed(a, self.models_of))
+                self.leaving.add(a.id)
+            self._run(a, end)
+        for adm in decisions.admissions:
+            placed = allocs.get(adm.allocation_id)
+            if placed is None:
+                continue
+            a = _placed(placed, adm.placements, now)
+            self.view_take(a)
+            self.ledger.add_held(a.tenant, Amount.of_placed(a, self.models_of))
+            _no_longer_pending(self.ledger, placed)
+            self._run(a, a.max_end_time)
+        # Requests whose victims are leaving: a pass tries them first.
+        self.preemptors = {p.preemptor_id for p in decisions.preemptions} | {
+            a.preempted_by for a in holding if a.state == AllocationState.PREEMPTED
+        }
+        # Capacity the pass set aside for preemptors, given to them at their turn.
+        self.reserved: dict[str, list[tuple[str, tuple[int, ...], int, int]]] = {}
+        for pid, nid, gpus, cpu, mem in decisions.reserved:
+            if nid in self.view.nodes:
+                self.view.take(nid, gpus, cpu, mem)
+                self.reserved.setdefault(pid, []).append((nid, gpus, cpu, mem))
+        ranked = sorted(decisions.pending.items(), key=lambda kv: kv[1].position)
+        self.queue: list[Allocation] = [
+            allocs[aid] for aid, _ in ranked[: max(0, limit)] if aid in allocs
+        ]
+        self.skipped = [(aid, st.position) for aid, st in ranked[max(0, limit) :]]
+        self.limit = limit
+        self.out: dict[str, Estimate] = {}
+        self.released = 0
+        self.last_released = ""
+
+    # -- the timeline -------------------------------------------------------------------
+
+    def view_take(self, a: Allocation) -> None:
+        for p in a.placements:
+            self.view.take(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
+
+    def _run(self, a: Allocation, end: float | None) -> None:
+        self.running[a.id] = _Running(a, end)
+        for p in a.placements:
+            self.on_node.setdefault(p.node_id, set()).add(a.id)
+            self.ends_stale.add(p.node_id)
+        if end is not None:
+            heapq.heappush(self.ends, (end, len(self.running), a.id))
+
+    def _release_until(self, t: float) -> None:
+        while self.ends and self.ends[0][0] <= t:
+            _, _, aid = heapq.heappop(self.ends)
+            a = self.running.pop(aid).alloc
+            self.view.release(a)
+            for p in a.placements:
+                self.ends_stale.add(p.node_id)
+                self.on_node[p.node_id].discard(aid)
+            amt = Amount.of_placed(a, self.models_of)
+            self.ledger.add_held(a.tenant, amt, -1)
+            if aid in self.leaving:
+                self.leaving.discard(aid)
+                self.ledger.add_leaving(a.tenant, amt, -1)
+            self.released += 1
+            self.last_released = aid
+
+    def run(self) -> dict[str, Estimate]:
+        # The pass at `now` placed what fits now: the next can start at the first end.
+        step = self.resolution
+        while self.queue and self.ends:
+            t = self.ends[0][0]
+            if step > 0:
+                # Slurm's bf_resolution: ends within one step are handed back together,
+                # at the step's start, so the estimate errs early, never late.
+                t = max(self.now, math.floor(t / step) * step)
+                self._release_until(t + step - 1e-9)
+            else:
+                self._release_until(t)
+            # Each pass holds nodes for starving gangs afresh, at their turn.
+            _clear_holds(self.view)
+            if self._may_fit():
+                self._round(t)
+        for a in self.queue:
+            self.out[a.id] = Estimate(None, self._unknown(a))
+        for aid, pos in self.skipped:
+            self.out[aid] = Estimate(
+                None,
+                f"not estimated: queue position {pos} is past the first {self.limit} "
+                "(estimate_queue_depth)",
+            )
+        return self.out
+
+    def _may_fit(self) -> bool:
+        """Could anything waiting fit now, by capacity (any model, no holds) and quota?
+        A necessary condition, one check per kind of request: an end that frees too
+        little for any of them costs no replay."""
+        seen: set[tuple[object, ...]] = set()
+        led = self.ledger
+        for a in self.queue:
+            key = (a.tenant, a.shape, a.count, a.id if a.id in self.reserved else "")
+            if key in seen:
+                continue
+            seen.add(key)
+            amt = Amount.of_request(a)
+            if led.limit_block(a.tenant, amt) is not None or led.lending_block(a.tenant, amt):
+                continue
+            if self._fits(a):
+                return True
+        return False
+
+    def _fits(self, a: Allocation) -> bool:
+        st = self.view.statement()
+        try:
+            for nid, gpus, cpu, mem in self.reserved.get(a.id, ()):
+                self.view.give(nid, gpus, cpu, mem)
+            return self.view.fits(a.shape, a.count, owner=a.id, priority=a.priority)
+        finally:
+            st.discard()
+
+    def _round(self, t: float) -> None:
+        """Place, in queue order, every waiting request that fits at time `t`: what a
+        pass at `t` would do, on a view as a fresh pass would build it. (Every waiting
+        request takes part, even one that cannot fit: a tenant's first request in line
+        decides when the tenant's turn comes, as in the pass.)"""
+        _sort_buckets(self.view, self.touched)
+        self.touched.clear()
+        _fresh_shares(self.ledger)
+        if self.config.max_held_gangs > 0 and any(a.total_gpus > 1 for a in self.queue):
+            self._node_ends()  # as of the round's start, as a pass builds its view
+        left: list[Allocation] = []
+        first = sorted((a for a in self.queue if a.id in self.preemptors), key=queue_key)
+        rest = [w for w in self.queue if w.id not in self.preemptors]
+        for p in first:
+            if not self._attempt(p, t):
+                left.append(p)
+        fair = FairQueue(self.ledger, rest, Amount.of_request, queue_key)
+        while (a := fair.pop()) is not None:
+            if self._attempt(a, t):
+                fair.touch(a.tenant)
+            else:
+                self._maybe_hold(a, t)
+                left.append(a)
+        self.queue = left
+
+    def _attempt(self, a: Allocation, t: float) -> bool:
+        placements = self._try(a)
+        if placements is None:
+            return False
+        placed = _placed(a, placements, t)
+        self.ledger.add_held(a.tenant, Amount.of_placed(placed, self.models_of))
+        _no_longer_pending(self.ledger, a)
+        self.reserved.pop(a.id, None)
+        self.preemptors.discard(a.id)
+        self._run(placed, placed.max_end_time)
+        self.out[a.id] = Estimate(t, self._reason(a, t))
+        return True
+
+    def _try(self, a: Allocation) -> tuple[Placement, ...] | None:
+        amt = Amount.of_request(a)
+        led = self.ledger
+        if led.limit_block(a.tenant, amt) is not None or led.lending_block(a.tenant, amt):
+            return None
+        models: tuple[str, ...] | None = None
+        if a.shape.gpus > 0 and not a.shape.gpu_model:
+            models = led.allowed_models(a.tenant, amt.gpus, self.view.models)
+            if models == ():
+                return None
+        reserved = self.reserved.get(a.id)
+        if not reserved:
+            # Outside a statement, so the view remembers what did not fit until capacity
+            # grows: requests alike cost one search per end.
+            return self.view.place_gang(
+                a.shape, a.count, owner=a.id, priority=a.priority, models=models
+            )
+        st = self.view.statement()
+        for nid, gpus, cpu, mem in reserved:
+            self.view.give(nid, gpus, cpu, mem)
+        placements = self.view.place_gang(
+            a.shape, a.count, owner=a.id, priority=a.priority, models=models
+        )
+        if placements is None:
+            st.discard()
+        else:
+            st.commit()
+        return placements
+
+    def _maybe_hold(self, a: Allocation, t: float) -> None:
+        """The cycle's rule for starving gangs, at the time it would apply."""
+        view = self.view
+        c = self.config
+        if (
+            a.id in view.holders
+            or len(view.holders) >= c.max_held_gangs
+            or a.total_gpus <= 1
+            or t - a.create_time < c.starvation_seconds
+        ):
+            return
+        nodes = nodes_to_hold(view, a.shape, a.count, owner=a.id, priority=a.priority)
+        if nodes is not None:
+            view.hold(nodes, a.id, a.priority)
+
+    def _node_ends(self) -> None:
+        """When each node's holders are known to end, as a fresh view counts it: what
+        `nodes_to_hold` ranks nodes by."""
+        for nid in self.ends_stale:
+            n = self.view.nodes.get(nid)
+            if n is None:
+                continue
+            n.end_time = 0.0
+            for aid in self.on_node.get(nid, ()):
+                end = self.running[aid].end
+                n.end_time = max(n.end_time, math.inf if end is None else end)
+        self.ends_stale.clear()
+
+    # -- words ----------------------------------------------------------------------------
+
+    def _reason(self, a: Allocation, t: float) -> str:
+        n = self.released
+        ends = "1 hard end" if n == 1 else f"{n} hard ends"
+        return (
+            f"capacity frees at the hard end of {self.last_released} ({ends} from now), "
+            "if work runs to its hard end and nothing new arrives; sooner if work ends early"
+        )
+
+    def _unknown(self, a: Allocation) -> str:
+        block = self.ledger.limit_block(a.tenant, Amount.of_request(a))
+        if block is not None:
+            return f"unknown: {block.text()}, and that quota is held by work without a hard end"
+        never = self.view.never_fits(a.shape, a.count)
+        if never is not None:
+            return "unknown: " + never
+        return NO_HARD_END
+
+
+def _placed(a: Allocation, placements: Sequence[Placement], t: float) -> Allocation:
+    """`a` as the simulation places it at `t` (a copy: the snapshot is never changed)."""
+    end = t + a.max_duration_seconds if a.max_duration_seconds > 0 else None
+    return Allocation(
+        id=a.id,
+        tenant=a.tenant,
+        count=a.count,
+        shape=a.shape,
+        priority=a.priority,
+        max_duration_seconds=a.max_duration_seconds,
+        state=AllocationState.ALLOCATED,
+        placements=tuple(placements),
+        create_time=a.create_time,
+        allocate_time=t,
+        max_end_time=end,
+        seq=a.seq,
+    )
+
+
+def _no_longer_pending(ledger: Ledger, a: Allocation) -> None:
+    """Take a placed request out of the ledger's pending demand, as the next pass's
+    ledger (built from its snapshot) would not count it."""
+    amt = Amount.of_request(a)
+    ledger._bump(ledger.own_pending, a.tenant, amt, -1)
+    for t in ledger.tree.chain(a.tenant):
+        ledger._bump(ledger.pending, t, amt, -1)
+        ledger.waiting[t] = ledger.waiting.get(t, 0) - 1
+        ledger.running[t] = ledger.running.get(t, 0) + 1
+
+
+def _fresh_shares(ledger: Ledger) -> None:
+    """Fair shares from the demand and holdings of now, as a fresh ledger computes them
+    (the queue serves tenants below their fair share first)."""
+    ledger.own_fair = {}
+    ledger.fair = fair_shares(ledger)
+    demand = [0, 0, 0]
+    for t in ledger.tree.roots:
+        d = ledger.effective(t).vector()
+        p = (ledger.pending.get(t) or Amount()).vector()
+        for i in range(3):
+            demand[i] += d[i] + p[i]
+    tot = ledger.total.vector()
+    ledger.contended = (demand[0] > tot[0], demand[1] > tot[1], demand[2] > tot[2])
+
+
+def _sort_buckets(view: CapacityView, touched: set[str]) -> None:
+    """Put the index buckets that `touched` nodes moved into back in node order, as a
+    fresh view builds them: a best-fit tie then goes to the node a pass would pick."""
+    buckets: dict[int, dict[str, None]] = {}
+    for nid in touched:
+        n = view.nodes.get(nid)
+        if n is None:
+            continue
+        total = n.total_free
+        for idx in n.indexes:
+            for m, lst in n.free.items():
+                b = idx.by_model[m][len(lst)]
+                buckets[id(b)] = b
+            if total < len(idx.by_total):
+                b = idx.by_total[total]
+                buckets[id(b)] = b
+    for b in buckets.values():
+        order = sorted(b)
+        if list(b) != order:
+            b.clear()
+            b.update(dict.fromkeys(order))
+
+
+def _clear_holds(view: CapacityView) -> None:
+    """Lift every hold for starving gangs: each pass of the cycle builds a fresh view and
+    holds again at the gang's turn; the simulation keeps one view across its timeline."""
+    if not view.holders:
+        return
+    for nodes in view.holders.values():
+        for nid in nodes:
+            n = view.nodes[nid]
+            n.held_for = ""
+            n.held_priority = 0
+            view._classify(n)
+    view.holders.clear()
+    view._verdicts.clear()
+    view.generation += 1  # others may use those nodes now: forget what did not fit
+
+
+def estimate_starts(
+    snapshot: Snapshot, decisions: Decisions, limit: int, resolution: float = 0.0
+) -> dict[str, Estimate]:
+    """An estimate for every request still pending after `decisions` (the pass run on
+    `snapshot`): the first `limit` in queue order simulated, the rest "not estimated".
+    `resolution` > 0 replays passes only every so many seconds (Slurm's bf_resolution),
+    each handing back what ends in its step: fewer replays, estimates rounded down."""
+    return _Estimator(snapshot, decisions, limit, resolution).run()
