@@ -13,7 +13,7 @@ from rmgrpc.engine.passes import ProcessRunner, ThreadRunner, make_runner
 from rmgrpc.model import Allocation, AllocationState, NodeState, Placement, Shape
 from rmgrpc.scheduler import cycle as scheduler_cycle
 from rmgrpc.scheduler.cycle import run_cycle
-from rmgrpc.scheduler.result import Summariser
+from rmgrpc.scheduler.result import EstimatePolicy, Summariser
 from rmgrpc.scheduler.simulate import make_node
 from rmgrpc.scheduler.snapshot import Decisions, PendingStatus, Snapshot
 from rmgrpc.state import ClusterState
@@ -205,3 +205,21 @@ def test_change_marks_are_kept_only_for_a_mirror_and_bounded() -> None:
     assert state.touched_overflow and len(state.touched) < 4200
     assert runner._delta(state, _snapshot(state)).full
     assert not state.touched_overflow
+
+
+async def test_a_thread_runner_hands_estimates_over_after_the_pass() -> None:
+    """Estimates (seconds of work at a deep queue) never hold up a pass's result: they are
+    made afterwards, one at a time, and handed to the sink; without a sink, inline."""
+    state = _state()
+    for i in range(20):
+        _request(state, i, gpus=1)
+    got: list[dict[str, tuple[float | None, str]]] = []
+    policy = EstimatePolicy(depth=50, every=60.0)
+    runner = ThreadRunner(policy, on_estimates=got.append)
+    first = await runner.run(state, lambda: _snapshot(state))
+    assert first.estimates is None and first.pending == 8
+    await runner.run(state, lambda: _snapshot(state))  # not due again within `every`
+    await runner.estimates_made()
+    assert len(got) == 1 and set(got[0]) == set(first.positions)
+    inline = await ThreadRunner(policy).run(state, lambda: _snapshot(state))
+    assert inline.estimates == got[0]

@@ -148,7 +148,8 @@ class EngineCore:
         self.committer.close()
 
     async def schedule_now(self) -> None:
-        """Runs a scheduling pass (coalesced with any pending one) and waits for its commit."""
+        """Runs a scheduling pass (coalesced with any pending one) and waits for its commit
+        (and for the start-time estimates it began, if they were due)."""
         await self.scheduling.run_now()
 
     # -- timers ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from rmgrpc.model import Allocation
 from rmgrpc.passworker import Delta, snapshot_rest
 from rmgrpc.scheduler import cycle as scheduler_cycle
 from rmgrpc.scheduler.result import EstimatePolicy, PassResult, Summariser
-from rmgrpc.scheduler.snapshot import DryRun, Snapshot
+from rmgrpc.scheduler.snapshot import Decisions, DryRun, Snapshot
 from rmgrpc.state import ClusterState
 
 log = logging.getLogger("rmgrpc.engine")
@@ -59,32 +59,73 @@ class PassRunner(Protocol):
         """What `probe` would get on the snapshot `take()` makes."""
         ...
 
+    async def estimates_made(self) -> None:
+        """Until estimates begun after the last pass (if any) are handed over."""
+        ...
+
     def close(self) -> None: ...
 
 
+EstimatesSink = Callable[[dict[str, tuple[float | None, str]]], None]
+
+
 class ThreadRunner:
-    def __init__(self, estimates: EstimatePolicy | None = None) -> None:
+    """Passes in a worker thread. With `on_estimates`, start-time estimates (seconds of
+    work at a deep queue) are made after the pass in a thread of their own, one at a time,
+    and handed to `on_estimates` on the event loop: the pass's waiters never wait for
+    them. Without it they are made inline and carried by the pass's result."""
+
+    def __init__(
+        self, estimates: EstimatePolicy | None = None, on_estimates: EstimatesSink | None = None
+    ) -> None:
         self._summarise = Summariser(estimates)
         self._state: ClusterState | None = None
+        self._on_estimates = on_estimates
+        self._estimating: asyncio.Task[None] | None = None
 
     async def run(self, state: ClusterState, take: SnapshotTaker) -> PassResult:
         if state is not self._state:
             self._state = state
             self._summarise.forget()
         snap = take()
+        later = self._on_estimates is not None
+        # One estimate at a time: while one runs, passes do not ask whether another is due.
+        idle = self._estimating is None or self._estimating.done()
 
-        def work() -> PassResult:
+        def work() -> tuple[PassResult, Decisions | None]:
             started = time.perf_counter()
             decisions = scheduler_cycle.run_cycle(snap)
-            return self._summarise(decisions, time.perf_counter() - started, snap)
+            seconds = time.perf_counter() - started
+            if not later:
+                return self._summarise(decisions, seconds, snap), None
+            due = idle and self._summarise.estimate_due(decisions, snap.now)
+            return self._summarise(decisions, seconds), decisions if due else None
 
-        return await asyncio.to_thread(work)
+        result, due = await asyncio.to_thread(work)
+        if due is not None:
+            self._estimating = asyncio.create_task(self._estimate(snap, due))
+        return result
+
+    async def _estimate(self, snap: Snapshot, decisions: Decisions) -> None:
+        try:
+            made = await asyncio.to_thread(self._summarise.estimate, snap, decisions)
+        except Exception:
+            log.exception("start-time estimates failed; trying again after a later pass")
+            return
+        assert self._on_estimates is not None
+        self._on_estimates(made)
 
     async def dry_run(self, state: ClusterState, take: SnapshotTaker, probe: Allocation) -> DryRun:
         return await asyncio.to_thread(scheduler_cycle.dry_run, take(), probe)
 
+    async def estimates_made(self) -> None:
+        task = self._estimating
+        if task is not None:
+            await asyncio.shield(task)
+
     def close(self) -> None:
-        pass
+        if self._estimating is not None:
+            self._estimating.cancel()
 
 
 class PassWorkerError(Exception):
@@ -180,6 +221,9 @@ class ProcessRunner:
         assert isinstance(body, DryRun)
         return body
 
+    async def estimates_made(self) -> None:
+        return None  # made in the worker with the pass, returned with its result
+
     def close(self) -> None:
         conn, proc = self._conn, self._proc
         self._conn = self._proc = None
@@ -194,9 +238,14 @@ class ProcessRunner:
                 proc.wait()
 
 
-def make_runner(kind: str, estimates: EstimatePolicy | None = None) -> PassRunner:
+def make_runner(
+    kind: str, estimates: EstimatePolicy | None = None, on_estimates: EstimatesSink | None = None
+) -> PassRunner:
+    """`on_estimates`: where a thread runner hands estimates it made after a pass (the
+    process runner makes them in its worker, right after the pass, and returns them with
+    the pass's result)."""
     if kind == "thread":
-        return ThreadRunner(estimates)
+        return ThreadRunner(estimates, on_estimates)
     if kind == "process":
         return ProcessRunner(estimates)
     raise ValueError(f"pass_runner must be one of {', '.join(RUNNERS)}, not {kind!r}")

@@ -106,6 +106,7 @@ class Scheduling:
                 settings.estimate_interval_seconds,
                 settings.estimate_resolution_seconds,
             ),
+            on_estimates=self._estimated,
         )
         # Status: start-time estimates of pending requests (start or None, reason), as of
         # the last pass that made them (every `estimate_interval_seconds`).
@@ -266,7 +267,9 @@ class Scheduling:
         await fut
 
     async def run_now(self) -> None:
+        """A pass, committed, and the start-time estimates it began (if due) handed over."""
         await self.wait(self.request())
+        await self.runner.estimates_made()
 
     @property
     def pending_total(self) -> int:
@@ -348,6 +351,10 @@ class Scheduling:
             else:
                 keep.append((wanted, fut))
         self._waiters = keep
+
+    def _estimated(self, estimates: dict[str, tuple[float | None, str]]) -> None:
+        """Estimates made after a pass (status: no event, no revision)."""
+        self.estimates = estimates
 
     def snapshot(self) -> Snapshot:
         """The read model's private copies at this moment: safe to read from a thread."""

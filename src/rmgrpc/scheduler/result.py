@@ -59,7 +59,7 @@ class Summariser:
         self._estimated_at: float | None = None
         self._estimated: set[str] = set()
 
-    def _estimate_due(self, decisions: Decisions, now: float) -> bool:
+    def estimate_due(self, decisions: Decisions, now: float) -> bool:
         """Every `every` seconds; sooner (after a tenth of it) when requests wait that the
         last estimates did not cover, so new work gets its estimate soon."""
         policy = self.estimates
@@ -71,6 +71,18 @@ class Summariser:
         new = any(aid not in self._estimated for aid in decisions.pending)
         return new and now - last >= policy.every / 10
 
+    def estimate(
+        self, snapshot: Snapshot, decisions: Decisions
+    ) -> dict[str, tuple[float | None, str]]:
+        """Start-time estimates from the pass `decisions` made on `snapshot` (call when
+        `estimate_due`; safe in another thread than the next passes' summaries)."""
+        policy = self.estimates
+        self._estimated_at = snapshot.now
+        made = estimate_starts(snapshot, decisions, policy.depth, policy.resolution)
+        estimates = {aid: (e.start_time, e.reason) for aid, e in made.items()}
+        self._estimated = set(estimates)
+        return estimates
+
     def forget(self) -> None:
         """The next result names every reason (the receiver lost track of them)."""
         self._reasons = {}
@@ -81,12 +93,8 @@ class Summariser:
     ) -> PassResult:
         """`snapshot` is the one the pass ran on: estimates are made from it when due."""
         estimates = None
-        if snapshot is not None and self._estimate_due(decisions, snapshot.now):
-            policy = self.estimates
-            self._estimated_at = snapshot.now
-            made = estimate_starts(snapshot, decisions, policy.depth, policy.resolution)
-            estimates = {aid: (e.start_time, e.reason) for aid, e in made.items()}
-            self._estimated = set(estimates)
+        if snapshot is not None and self.estimate_due(decisions, snapshot.now):
+            estimates = self.estimate(snapshot, decisions)
         last = self._reasons
         reasons = {aid: st.reason for aid, st in decisions.pending.items()}
         changed = {aid: r for aid, r in reasons.items() if last.get(aid) != r}
