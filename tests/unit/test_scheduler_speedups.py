@@ -1,7 +1,9 @@
 """The scheduler's shortcuts answer exactly what the plain computations they replace do.
 
 Each shortcut (nodes grouped by kind for `never_fits_text`, victims judged once per
-class in `_Search._allowed`, the written-out `has_free_gpus`) is compared with the plain
+class in `_Search._allowed`, the written-out `has_free_gpus`, the ledger's remembered
+guarantee and queue scores, CPU-only scans skipping nodes known to lack room, the victim
+bound from running sums) is compared with the plain
 per-item computation on the bench's clusters at a small scale, including the cases that
 make a shortcut step aside (taken victims, the requester's own tenant at equal priority).
 `test_scheduler_decisions_digest` checks that whole cycles decide the same.
@@ -18,12 +20,13 @@ import pytest
 from rmgrpc.model import (
     Allocation,
     AllocationState,
+    Placement,
     Quota,
     ReclaimPolicy,
     Shape,
     WithinTenantPreemption,
 )
-from rmgrpc.scheduler.fairshare import Ledger
+from rmgrpc.scheduler.fairshare import Amount, Ledger
 from rmgrpc.scheduler.placement import (
     STATIC_FILTERS,
     CapacityView,
@@ -224,3 +227,122 @@ def test_victims_judged_per_class_match_one_by_one(seed: int) -> None:
                 assert on[nid] == [v for v in pool.by_node[nid] if v.id in s.allowed_ids]
             compared += bool(want)
     assert compared > 10
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_remembered_guarantee_and_queue_scores_match_the_plain_ones(seed: int) -> None:
+    """`Ledger.within_guarantee` and `queue_score` answer from a memo until a usage
+    version on the chain moves; after every kind of change (held, leaving, either sign,
+    own work of a parent) they must equal `_within_guarantee` and `_queue_score`."""
+    rng = random.Random(seed)
+    snap = small_snapshot(seed)
+    quotas = dict(snap.quotas)
+    # Guarantees on a parent and in CPU too, so ancestors' and other resources' rules bind.
+    quotas["org2"] = dataclasses.replace(
+        quotas["org2"], guaranteed=dataclasses.replace(quotas["org2"].guaranteed, gpus=40)
+    )
+    quotas["lab"] = dataclasses.replace(
+        quotas["lab"],
+        guaranteed=dataclasses.replace(quotas["lab"].guaranteed, cpu_millis=200_000),
+    )
+    ledger = Ledger(dataclasses.replace(snap, quotas=quotas))
+    tenants = sorted(set(ledger.tree.parent))
+    asks = [Amount.of_request(a) for a in requests(rng, 30)]
+    asks.append(Amount(3, 0, 0, {"H100": 3}))
+    placed = list(ledger.placed.values())
+    compared = hits = 0
+    for step in range(120):
+        for t in tenants:
+            for ask in rng.sample(asks, 6):
+                before = len(ledger._within_memo)
+                got = ledger.within_guarantee(t, ask)
+                hits += len(ledger._within_memo) == before
+                assert got == ledger._within_guarantee(t, ask), (step, t, ask)
+                vec = ask.vector()
+                for own in (False, True):
+                    assert ledger.queue_score(t, own, vec) == ledger._queue_score(t, own, vec)
+                compared += 1
+        # One change of usage, of every kind the cycle makes.
+        who = rng.choice(tenants)
+        amt = rng.choice(placed + asks)
+        kind = rng.randrange(4)
+        if kind == 0:
+            ledger.add_held(who, amt)
+        elif kind == 1:
+            ledger.add_held(who, amt, -1)
+        elif kind == 2:
+            ledger.add_leaving(who, amt)
+        else:
+            ledger.add_leaving(who, amt, -1)
+    assert compared > 1000 and hits > 100
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cpu_only_scan_skipping_short_nodes_matches_a_full_scan(seed: int) -> None:
+    """CPU-only placement skips nodes remembered to lack CPU or memory (`_short`); through
+    takes, gives and discarded trials it must choose what a scan with nothing remembered
+    chooses, and every remembered node must really lack room."""
+    rng = random.Random(seed)
+    snap = small_snapshot(seed, nodes=40)
+    view = CapacityView(snap.nodes, [a for a in snap.allocations.values() if a.placements])
+    gib = 1024**3
+    shapes = [Shape.of(0, "", c, m) for c in (4000, 16_000, 40_000) for m in (16 * gib, 300 * gib)]
+    shapes.append(Shape.of(0, "", 8000, 32 * gib, {"zone": "a"}))
+    placed: list[Placement] = []
+    skipped = compared = 0
+    for _ in range(300):
+        shape = rng.choice(shapes)
+        remembered = {k: set(v) for k, v in view._short.items()}
+        for (cpu, mem), nids in remembered.items():
+            for nid in nids:
+                n = view.nodes[nid]
+                assert n.cpu_free < cpu or n.mem_free < mem
+        skipped += sum(map(len, remembered.values()))
+        got = view.find_node(shape)
+        view._short.clear()
+        want = view.find_node(shape)
+        view._short = remembered
+        assert (got and got[0].id) == (want and want[0].id)
+        compared += 1
+        op = rng.random()
+        if op < 0.6:
+            gang = view.place_gang(shape, rng.choice((1, 2)))
+            if gang:
+                placed.extend(gang)
+        elif op < 0.8 and placed:
+            p = placed.pop(rng.randrange(len(placed)))
+            view.give(p.node_id, p.gpu_indices, 4000, 16 * gib)  # a partial leave
+        else:
+            st = view.statement()
+            view.place_gang(rng.choice(shapes), 3)
+            st.discard()
+    assert compared == 300 and skipped > 100
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_victim_bound_from_running_sums_matches_the_sorting_one(seed: int) -> None:
+    """`_Search._bound` (running sums kept per node, bisected) against `_lower_bound`
+    (sorting the node's victims each time), on every candidate node, as the view fills."""
+    rng = random.Random(seed)
+    snap = small_snapshot(seed)
+    ledger = Ledger(snap)
+    view = CapacityView(snap.nodes, [a for a in snap.allocations.values() if a.placements])
+    pool = VictimPool(snap, ledger)
+    compared = finite = infinite = 0
+    for req in requests(rng, 60):
+        # Some CPU- and memory-hungry asks too, so every resource's bound is exercised.
+        if rng.random() < 0.3:
+            req = dataclasses.replace(
+                req, shape=dataclasses.replace(req.shape, cpu_millis=rng.choice((60_000, 95_000)))
+            )
+        s = _Search(view, ledger, pool, req, Mode.PRIORITY, None, None, Policy())
+        on, nodes = s._allowed_set.by_node()
+        for nid in nodes:
+            n = view.nodes[nid]
+            want = s._lower_bound(n, on[nid])
+            assert s._bound(n, s._allowed_set.sums_on(nid)) == want, (req.shape, nid)
+            compared += 1
+            finite += 0 < want < float("inf")
+            infinite += want == float("inf")
+        view.place_gang(req.shape, 1)  # the view fills between searches
+    assert compared > 1000 and finite > 100 and infinite > 10

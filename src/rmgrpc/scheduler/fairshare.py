@@ -290,6 +290,10 @@ class QuotaBlock:
 # The ledger of one pass.
 
 
+# Most answers a ledger remembers per memo (`Ledger.within_guarantee`, `queue_score`).
+_MEMO_KEPT = 4096
+
+
 class Ledger:
     """Per-tenant (subtree) held, leaving and pending amounts, fair shares, and quota checks."""
 
@@ -319,6 +323,17 @@ class Ledger:
         self._own_vecs: dict[str, tuple[int, int, int]] = {}
         # `effective` by tenant, dropped with `_vecs` (read-only to its users).
         self._effs: dict[str, Amount] = {}
+        # Usage versions: bumped for a tenant whenever its subtree's held or leaving
+        # amounts change (and, in `_own_ver`, its own held). Memoized answers that read
+        # only those amounts (`within_guarantee`, `queue_score`) stay valid while the
+        # versions they were computed at hold: the queue asks the same few request
+        # classes over and over between admissions.
+        self._ver: dict[str, int] = {}
+        self._own_ver: dict[str, int] = {}
+        self._within_memo: dict[tuple[object, ...], tuple[tuple[int, ...], bool]] = {}
+        self._score_memo: dict[
+            tuple[str, bool, tuple[int, int, int]], tuple[int, tuple[int, int, float, float]]
+        ] = {}
         # Everything held, whoever holds it (tenants may join the tree later).
         self.held_total = Amount()
         # (tenant, own) -> (recent usage, guarantee, weight): fixed for the pass.
@@ -391,11 +406,13 @@ class Ledger:
         self._bump(self.own_held, tenant, amt, sign)
         self._own_scores.pop(tenant, None)
         self._own_vecs.pop(tenant, None)
+        self._own_ver[tenant] = self._own_ver.get(tenant, 0) + 1
         for t in self.tree.chain(tenant):
             self._bump(self.held, t, amt, sign)
             self._scores.pop(t, None)
             self._vecs.pop(t, None)
             self._effs.pop(t, None)
+            self._ver[t] = self._ver.get(t, 0) + 1
 
     def add_leaving(self, tenant: str, amt: Amount, sign: int = 1) -> None:
         for t in self.tree.chain(tenant):
@@ -403,6 +420,7 @@ class Ledger:
             self._scores.pop(t, None)
             self._vecs.pop(t, None)
             self._effs.pop(t, None)
+            self._ver[t] = self._ver.get(t, 0) + 1
 
     def held_of(self, t: str) -> Amount:
         return self.held.get(t) or Amount()
@@ -496,6 +514,21 @@ class Ledger:
         return (tier, now)
 
     def queue_score(
+        self, t: str, own: bool, ask: tuple[int, int, int]
+    ) -> tuple[int, int, float, float]:
+        """`_queue_score`, remembered per (level, ask) until the level's usage changes."""
+        ver = (self._own_ver if own else self._ver).get(t, 0)
+        key = (t, own, ask)
+        got = self._score_memo.get(key)
+        if got is not None and got[0] == ver:
+            return got[1]
+        score = self._queue_score(t, own, ask)
+        if len(self._score_memo) >= _MEMO_KEPT:
+            self._score_memo.clear()  # a long-lived ledger (the engine's) stays bounded
+        self._score_memo[key] = (ver, score)
+        return score
+
+    def _queue_score(
         self, t: str, own: bool, ask: tuple[int, int, int]
     ) -> tuple[int, int, float, float]:
         """How the queue compares one level: (weight-0 tier, 0 while below its fair share
@@ -625,6 +658,21 @@ class Ledger:
         return tuple(out)
 
     def within_guarantee(self, tenant: str, amt: Amount) -> bool:
+        """`_within_guarantee`, remembered per (tenant, amount) until the usage of a
+        tenant on its chain changes (the queue asks it at every pop)."""
+        chain = self.tree.chain(tenant)
+        vers = tuple(self._ver.get(t, 0) for t in chain)
+        key = (tenant, amt.gpus, amt.cpu, amt.mem, *sorted(amt.models.items()))
+        got = self._within_memo.get(key)
+        if got is not None and got[0] == vers:
+            return got[1]
+        ok = self._within_guarantee(tenant, amt)
+        if len(self._within_memo) >= _MEMO_KEPT:
+            self._within_memo.clear()
+        self._within_memo[key] = (vers, ok)
+        return ok
+
+    def _within_guarantee(self, tenant: str, amt: Amount) -> bool:
         """Does the request fit inside the tenant's guarantee (and its ancestors' explicit ones)?"""
         chain = self.tree.chain(tenant)
         explicit = False

@@ -608,6 +608,11 @@ class CapacityView:
         self.holders: dict[str, tuple[str, ...]] = {}
         # Nodes, by id, that scans visited: a measure of the index's work.
         self.visited = 0
+        # (CPU millis, memory bytes) of CPU-only requests -> nodes seen without that much
+        # CPU or memory free. CPU-only scans start at the nodes with the fewest free GPUs,
+        # which fill up with CPU-only work first: without this every later one walks past
+        # them all again. A node leaves every set when its capacity grows (`_grew`).
+        self._short: dict[tuple[int, int], set[str]] = {}
         # Class id -> its members grouped by free GPU counts, valid while `_changes` is.
         self._changes = 0
         self._groups: dict[int, list[list[NodeCapacity]]] = {}
@@ -778,6 +783,7 @@ class CapacityView:
         self._change(n, indices, take=False)
         n.cpu_free += cpu
         n.mem_free += mem
+        self._grew(n)
         self._journal.append((_GIVE, n, tuple(indices), cpu, mem))
         self.generation += 1
 
@@ -797,6 +803,7 @@ class CapacityView:
                 self._change(n, indices, take=False)
                 n.cpu_free += cpu
                 n.mem_free += mem
+                self._grew(n)
             else:
                 self._change(n, indices, take=True)
                 n.cpu_free -= cpu
@@ -866,17 +873,21 @@ class CapacityView:
         best_score = math.inf
         if g <= 0:
             # CPU-only: nodes with the fewest free GPUs first, so GPUs are not stranded.
+            short = self._short_for(shape)
             for bucket in idx.by_total:
                 found = 0
                 for nid in bucket:
+                    if nid in short:
+                        continue  # known to lack CPU or memory for it: it would fail
                     n = nodes[nid]
                     self.visited += 1
                     why = verdicts[n.cls]
                     if why is _UNJUDGED:
                         why = self._judge(verdicts, n.cls, req)
-                    if why is not None or not (
-                        check1(n, req) and check2(n, req) and check3(n, req)
-                    ):
+                    if why is not None:
+                        continue
+                    if not (check1(n, req) and check2(n, req) and check3(n, req)):
+                        short.add(nid)
                         continue
                     s = leftover_score(n, shape)
                     if s < best_score:
@@ -915,6 +926,21 @@ class CapacityView:
             if best is not None:
                 return best, best_model
         return None
+
+    def _short_for(self, shape: Shape) -> set[str]:
+        """The nodes known to lack the CPU or memory of a CPU-only `shape` (`_short`)."""
+        key = (shape.cpu_millis, shape.memory_bytes)
+        got = self._short.get(key)
+        if got is None:
+            if len(self._short) >= _VERDICTS_KEPT:
+                self._short.clear()
+            got = self._short[key] = set()
+        return got
+
+    def _grew(self, n: NodeCapacity) -> None:
+        """`n` has more free than before: it may fit what it lacked room for."""
+        for short in self._short.values():
+            short.discard(n.id)
 
     def place_gang(
         self,

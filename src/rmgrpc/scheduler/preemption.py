@@ -39,6 +39,7 @@ Allocations younger than the minimum runtime are never victims.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 import math
@@ -154,12 +155,33 @@ class AllowedVictims:
     """The victims one search may take, in victim order (shared, never changed, by the
     searches that allow the same)."""
 
-    __slots__ = ("_by_node", "ids", "victims")
+    __slots__ = ("_by_node", "_sums", "ids", "victims")
 
     def __init__(self, victims: list[Victim]) -> None:
         self.victims = victims
         self.ids = {v.id for v in victims}
         self._by_node: tuple[dict[str, list[Victim]], list[str]] | None = None
+        self._sums: dict[str, tuple[list[int], list[int], list[int]]] = {}
+
+    def sums_on(self, nid: str) -> tuple[list[int], list[int], list[int]]:
+        """Per resource (GPUs, CPU, memory), the running sums of what the node's victims
+        free there, largest first: `[0, top one, top two, ...]` (`_Search._bound`)."""
+        got = self._sums.get(nid)
+        if got is None:
+            on = self.by_node()[0][nid]
+            sizes = (
+                [len(v.on_node[nid][0]) for v in on],
+                [v.on_node[nid][1] for v in on],
+                [v.on_node[nid][2] for v in on],
+            )
+            out = []
+            for vals in sizes:
+                acc = [0]
+                for val in sorted(vals, reverse=True):
+                    acc.append(acc[-1] + val)
+                out.append(acc)
+            got = self._sums[nid] = (out[0], out[1], out[2])
+        return got
 
     def by_node(self) -> tuple[dict[str, list[Victim]], list[str]]:
         """The victims by node (in victim order), and those nodes in id order: what each
@@ -519,6 +541,22 @@ class _Search:
             need = max(need, k)
         return need
 
+    def _bound(self, n: NodeCapacity, sums: tuple[list[int], list[int], list[int]]) -> float:
+        """`_lower_bound` over all the node's allowed victims, from their running sums
+        (`AllowedVictims.sums_on`, built once per node): the fewest whose sum covers
+        each lacking resource, by bisection instead of a sort per replica and node."""
+        s = self.request.shape
+        lack = (s.gpus - n.total_free, s.cpu_millis - n.cpu_free, s.memory_bytes - n.mem_free)
+        need = 0
+        for x, acc in zip(lack, sums, strict=True):
+            if x <= 0:
+                continue
+            k = bisect.bisect_left(acc, x)
+            if k == len(acc):
+                return math.inf
+            need = max(need, k)
+        return need
+
     def _quota_candidates(self, exclude: set[str]) -> list[Victim]:
         assert self.block is not None
         # The topmost tenant on the chain whose limit binds: victims anywhere in its
@@ -577,7 +615,10 @@ class _Search:
                 on = [v for v in on if v.id not in taken]
                 if not on:
                     continue
-            lb = self._lower_bound(view.nodes[nid], on)
+            if len(on) == len(allowed_on[nid]):
+                lb = self._bound(view.nodes[nid], self._allowed_set.sums_on(nid))
+            else:
+                lb = self._lower_bound(view.nodes[nid], on)
             if lb == math.inf:
                 continue
             ranked.append((lb, victim_order(on[0].alloc), nid, on))
