@@ -12,7 +12,7 @@ from rmgrpc.errors import FailedPrecondition
 from rmgrpc.events import Progress, WatchFilter
 from rmgrpc.model import Allocation, AllocationState, Event, EventKind
 from rmgrpc.services import validate as val
-from rmgrpc.services.pagination import decode_token, fingerprint, take_page
+from rmgrpc.services.pagination import decode_seq_token, fingerprint, take_page
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import stream, unary
 from rmgrpc.v1 import allocator_pb2, allocator_pb2_grpc, quota_pb2
@@ -178,18 +178,14 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
             auth.current(), request.tenant, request.node_id
         )
         fp = fingerprint("allocations", tenant, node_id, states)
-        after = decode_token(request.page_token, fp, v)
-        if after is not None and not isinstance(after, int):
-            v.add(
-                "page_token", "is not a page token issued for this query; start again without one"
-            )
+        after = decode_seq_token(request.page_token, fp, v)
         v.raise_if_any()
         revision = self.engine.revision
         items = self.engine.list_allocations(
             tenant,
             node_id,
             frozenset(AllocationState(s) for s in states),
-            after_seq=after if isinstance(after, int) else 0,
+            after_seq=after,
         )
         page, token = take_page(
             items, lambda a: a.seq, page_size, fp, self._proto, settings.max_page_bytes

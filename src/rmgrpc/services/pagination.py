@@ -96,6 +96,15 @@ def decode_token(token: str, fp: str, v: Violations, field: str = "page_token") 
     return key
 
 
+def decode_seq_token(token: str, fp: str, v: Violations, field: str = "page_token") -> int:
+    """The sequence number a page token continues after (0 without a token), for lists
+    paged by `seq`; any other token is a field violation."""
+    after = decode_token(token, fp, v, field)
+    if after is not None and not isinstance(after, int):
+        v.add(field, "is not a page token issued for this query; start again without one")
+    return after if isinstance(after, int) else 0
+
+
 def take_page(
     items: Iterable[T],
     key: Callable[[T], Key],

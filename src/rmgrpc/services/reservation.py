@@ -11,7 +11,7 @@ from rmgrpc.errors import FailedPrecondition
 from rmgrpc.events import Progress, WatchFilter
 from rmgrpc.model import Event, EventKind, Reservation, ReservationState
 from rmgrpc.services import validate as val
-from rmgrpc.services.pagination import decode_token, fingerprint, take_page
+from rmgrpc.services.pagination import decode_seq_token, fingerprint, take_page
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import stream, unary
 from rmgrpc.v1 import reservation_pb2, reservation_pb2_grpc
@@ -146,17 +146,13 @@ class ReservationService(reservation_pb2_grpc.ReservationServiceServicer):
         states = sorted(set(request.states))
         tenant = authorize.tenant_scope(auth.current(), request.tenant)
         fp = fingerprint("reservations", tenant, states)
-        after = decode_token(request.page_token, fp, v)
-        if after is not None and not isinstance(after, int):
-            v.add(
-                "page_token", "is not a page token issued for this query; start again without one"
-            )
+        after = decode_seq_token(request.page_token, fp, v)
         v.raise_if_any()
         revision = self.engine.revision
         items = self.engine.list_reservations(
             tenant,
             frozenset(ReservationState(s) for s in states),
-            after_seq=after if isinstance(after, int) else 0,
+            after_seq=after,
         )
         page, token = take_page(
             items, lambda r: r.seq, page_size, fp, self._proto, settings.max_page_bytes
