@@ -695,24 +695,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def shape_flags(p: argparse.ArgumentParser, count_help: str) -> None:
+        """Count and shape of one replica: the same flags for allocate and reserve."""
+        p.add_argument("-n", "--count", type=_int_arg, default=1, help=count_help)
+        p.add_argument("--gpus", type=_int_arg, default=0, help="GPUs per replica")
+        p.add_argument("--gpu-model", default="", help="e.g. H100; empty for any model")
+        p.add_argument(
+            "--cpu-millis", type=_int_arg, default=0, help="CPU per replica, 1000 = 1 core"
+        )
+        p.add_argument("--memory", type=_bytes_arg, default=0, help="per replica, e.g. 64Gi")
+        p.add_argument(
+            "--selector",
+            action="append",
+            default=[],
+            type=_label_arg,
+            metavar="KEY=VALUE",
+            help="node label the replicas need (repeatable)",
+        )
+
     alloc_states = list(allocator_pb2.AllocationState.keys())
     node_states = list(gpu_manager_pb2.NodeState.keys())
 
     p = command("allocate", _allocate, "request GPUs, CPU and memory for a tenant")
     p.add_argument("tenant", help="who asks, e.g. org/team")
-    p.add_argument("-n", "--count", type=_int_arg, default=1, help="replicas (a gang)")
-    p.add_argument("--gpus", type=_int_arg, default=0, help="GPUs per replica")
-    p.add_argument("--gpu-model", default="", help="e.g. H100; empty for any model")
-    p.add_argument("--cpu-millis", type=_int_arg, default=0, help="CPU per replica, 1000 = 1 core")
-    p.add_argument("--memory", type=_bytes_arg, default=0, help="per replica, e.g. 64Gi")
-    p.add_argument(
-        "--selector",
-        action="append",
-        default=[],
-        type=_label_arg,
-        metavar="KEY=VALUE",
-        help="node label the replicas need (repeatable)",
-    )
+    shape_flags(p, "replicas (a gang)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first, may preempt lower")
     p.add_argument(
         "--lease",
@@ -977,19 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("reserve", _reserve, "book capacity for a tenant over a future window")
     p.add_argument("tenant", help="who books, e.g. org/team")
-    p.add_argument("-n", "--count", type=_int_arg, default=1, help="replicas")
-    p.add_argument("--gpus", type=_int_arg, default=0, help="GPUs per replica")
-    p.add_argument("--gpu-model", default="", help="e.g. H100; empty for any model")
-    p.add_argument("--cpu-millis", type=_int_arg, default=0, help="CPU per replica, 1000 = 1 core")
-    p.add_argument("--memory", type=_bytes_arg, default=0, help="per replica, e.g. 64Gi")
-    p.add_argument(
-        "--selector",
-        action="append",
-        default=[],
-        type=_label_arg,
-        metavar="KEY=VALUE",
-        help="node label the replicas need (repeatable)",
-    )
+    shape_flags(p, "replicas")
     p.add_argument(
         "--start", required=True, metavar="WHEN", help="now, +SECONDS, +2h, +1d or RFC 3339"
     )
