@@ -56,8 +56,12 @@ async def test_parent_and_sibling_split_by_the_tree_and_usage_agrees(
     """Issue 9's case on 16 GPUs: p's three busy children against sibling s end at 8 and
     8 (flat ordering gave 12 and 4), and GetUsage's fair shares say the same. A filler
     holds the cluster while the flood queues up, so a pass serves it in the fair order
-    (on an idle cluster requests are simply placed as they come)."""
-    fill = [(await alloc.Allocate(gpus("filler", 8))).allocation for _ in range(2)]
+    (on an idle cluster requests are simply placed as they come). The filler runs at a
+    higher priority, so no pass during the flood reclaims it for a tenant below its fair
+    share (which would place flood requests before the flood is complete)."""
+    filler = gpus("filler", 8)
+    filler.priority = 1
+    fill = [(await alloc.Allocate(filler)).allocation for _ in range(2)]
     assert all(a.state == ALLOCATED for a in fill)
     for _ in range(8):
         for t in ("p/a", "p/b", "p/c", "s"):
