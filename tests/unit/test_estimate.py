@@ -242,6 +242,16 @@ def test_estimates_are_made_every_so_often_not_every_pass() -> None:
     sim.advance(1)
     assert result() is not None  # the interval since the last
     assert Summariser()(run_cycle(sim.snapshot()), 0.0, sim.snapshot()).estimates is None
+    # Newcomers behind the first `depth` of the queue would only be "not estimated": they
+    # do not bring the next estimate forward.
+    shallow = Summariser(EstimatePolicy(depth=2, every=60.0))
+    snap = sim.snapshot()
+    assert shallow(run_cycle(snap), 0.0, snap).estimates is not None
+    sim.submit("t", Shape(gpus=8), duration=10)  # third in the queue
+    sim.advance(10)
+    snap = sim.snapshot()
+    assert len(run_cycle(snap).pending) == 3
+    assert shallow(run_cycle(snap), 0.0, snap).estimates is None
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

@@ -60,15 +60,21 @@ class Summariser:
         self._estimated: set[str] = set()
 
     def estimate_due(self, decisions: Decisions, now: float) -> bool:
-        """Every `every` seconds; sooner (after a tenth of it) when requests wait that the
-        last estimates did not cover, so new work gets its estimate soon."""
+        """Every `every` seconds; sooner (after a tenth of it) when requests wait within
+        the first `depth` of the queue that the last estimates did not cover, so new work
+        gets its estimate soon."""
         policy = self.estimates
         last = self._estimated_at
         if policy.depth <= 0 or not decisions.pending:
             return False
         if last is None or not 0 <= now - last < policy.every:
             return True
-        new = any(aid not in self._estimated for aid in decisions.pending)
+        # Only newcomers the estimate would cover: arrivals behind the first `depth` would
+        # only be told "not estimated", not worth a replay of the queue.
+        new = any(
+            st.position <= policy.depth and aid not in self._estimated
+            for aid, st in decisions.pending.items()
+        )
         return new and now - last >= policy.every / 10
 
     def estimate(
