@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from rmgrpc import auth, authorize, codec, limits
 from rmgrpc.engine import Engine
-from rmgrpc.errors import FailedPrecondition
 from rmgrpc.events import Progress, WatchFilter
 from rmgrpc.model import Allocation, AllocationState, Event, EventKind
 from rmgrpc.services import validate as val
@@ -238,18 +237,7 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
                     f"budget alerts are per tenant: not with {name}",
                 )
         v.raise_if_any()
-        # A List's revision may still be committing, so its + 1 is fine; past that, the
-        # client holds a revision this server never issued (another cluster, a lost
-        # database): it must list again rather than wait for history that differs.
-        current = self.engine.revision
-        if request.start_revision > current + 1:
-            raise FailedPrecondition(
-                "REVISION_NOT_YET_ISSUED",
-                f"revision:{request.start_revision}",
-                f"start_revision {request.start_revision} is past the current revision "
-                f"{current}: list again and watch from the list's revision + 1 "
-                "(or 0 for what happens from now on)",
-            )
+        val.refuse_unissued_revision(request.start_revision, self.engine.revision)
         tenant, node_id = authorize.allocation_scope(
             auth.current(), request.tenant, request.node_id
         )

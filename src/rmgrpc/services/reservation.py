@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 from rmgrpc import auth, authorize, codec, limits
 from rmgrpc.engine import Engine
-from rmgrpc.errors import FailedPrecondition
 from rmgrpc.events import Progress, WatchFilter
 from rmgrpc.model import Event, EventKind, Reservation, ReservationState
 from rmgrpc.services import validate as val
@@ -185,14 +184,7 @@ class ReservationService(reservation_pb2_grpc.ReservationServiceServicer):
             "reservation_id", request.reservation_id, required=False, kind="reservation id"
         )
         v.raise_if_any()
-        current = self.engine.revision
-        if request.start_revision > current + 1:
-            raise FailedPrecondition(
-                "REVISION_NOT_YET_ISSUED",
-                f"revision:{request.start_revision}",
-                f"start_revision {request.start_revision} is past the current revision "
-                f"{current}: list again and watch from the list's revision + 1",
-            )
+        val.refuse_unissued_revision(request.start_revision, self.engine.revision)
         tenant = authorize.tenant_scope(auth.current(), request.tenant)
         flt = WatchFilter(
             kind=EventKind.RESERVATION, tenant=tenant, object_id=request.reservation_id

@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from rmgrpc.errors import FieldViolation, InvalidArgument
+from rmgrpc.errors import FailedPrecondition, FieldViolation, InvalidArgument
 
 MAX_COUNT = 4096
 MAX_GPUS_PER_REPLICA = 64
@@ -132,3 +132,18 @@ class Violations:
     def size(self, field: str, count: int, most: int, what: str = "entries") -> bool:
         """At most `most` entries in a list or map; False (and a violation) above."""
         return self.check(count <= most, field, f"must have at most {most} {what} (got {count})")
+
+
+def refuse_unissued_revision(start_revision: int, current: int) -> None:
+    """A watch's `start_revision` must have been issued: a List's revision may still be
+    committing, so its + 1 is fine; past that, the client holds a revision this server
+    never issued (another cluster, a lost database) and must list again rather than wait
+    for history that differs."""
+    if start_revision > current + 1:
+        raise FailedPrecondition(
+            "REVISION_NOT_YET_ISSUED",
+            f"revision:{start_revision}",
+            f"start_revision {start_revision} is past the current revision "
+            f"{current}: list again and watch from the list's revision + 1 "
+            "(or 0 for what happens from now on)",
+        )
