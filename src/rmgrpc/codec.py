@@ -8,7 +8,7 @@ streamed to a watcher as it is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -43,6 +43,14 @@ def ts(seconds: float | None) -> Timestamp | None:
     out.seconds = whole
     out.nanos = min(round((seconds - whole) * 1e9), 999_999_999)
     return out
+
+
+def set_stamps(msg: Any, times: Iterable[tuple[str, float | None]]) -> None:
+    """Sets each named Timestamp field of `msg` whose time is not None."""
+    for name, seconds in times:
+        stamp = ts(seconds)
+        if stamp is not None:
+            getattr(msg, name).CopyFrom(stamp)
 
 
 def from_ts(msg: Timestamp, present: bool) -> float | None:
@@ -131,22 +139,18 @@ def allocation_to_proto(
         requeued_as=a.requeued_as,
         no_requeue=a.no_requeue,
     )
-    for name in (
+    times = (
         "create_time",
         "allocate_time",
         "lease_expire_time",
         "max_end_time",
         "end_time",
         "grace_end_time",
-    ):
-        stamp = ts(getattr(a, name))
-        if stamp is not None:
-            getattr(msg, name).CopyFrom(stamp)
+    )
+    set_stamps(msg, ((name, getattr(a, name)) for name in times))
     if estimate is not None and status and a.state == AllocationState.PENDING:
         start, msg.estimate_reason = estimate
-        stamp = ts(start)
-        if stamp is not None:
-            msg.estimated_start_time.CopyFrom(stamp)
+        set_stamps(msg, (("estimated_start_time", start),))
     return msg
 
 
@@ -260,13 +264,13 @@ def node_to_proto(
         msg.allocated.CopyFrom(resources_to_proto(allocated))
     if not status:
         return msg
-    for name, value in (
-        ("last_heartbeat_time", n.last_heartbeat_time or None),
-        ("lease_expire_time", n.lease_expire_time),
-    ):
-        stamp = ts(value)
-        if stamp is not None:
-            getattr(msg, name).CopyFrom(stamp)
+    set_stamps(
+        msg,
+        (
+            ("last_heartbeat_time", n.last_heartbeat_time or None),
+            ("lease_expire_time", n.lease_expire_time),
+        ),
+    )
     return msg
 
 
@@ -387,14 +391,10 @@ def reservation_to_proto(
         create_revision=r.seq,
         request_digest=r.request_digest,
     )
-    for name, value in (
-        ("start_time", r.start_time),
-        ("end_time", r.end_time),
-        ("create_time", r.create_time),
-    ):
-        stamp = ts(value)
-        if stamp is not None:
-            getattr(msg, name).CopyFrom(stamp)
+    set_stamps(
+        msg,
+        (("start_time", r.start_time), ("end_time", r.end_time), ("create_time", r.create_time)),
+    )
     return msg
 
 

@@ -269,9 +269,7 @@ def _allocation_event(event: Event) -> allocator_pb2.AllocationEvent:
         type=event.type,  # type: ignore[arg-type]
         allocation=allocator_pb2.Allocation.FromString(event.data),
     )
-    stamp = codec.ts(event.time)
-    if stamp is not None:
-        msg.event_time.CopyFrom(stamp)
+    codec.set_stamps(msg, (("event_time", event.time),))
     return msg
 
 
@@ -282,7 +280,5 @@ def _budget_event(event: Event) -> allocator_pb2.AllocationEvent:
         type=allocator_pb2.ALLOCATION_EVENT_TYPE_BUDGET_ALERT,
         budget_alert=quota_pb2.BudgetAlert.FromString(event.data),
     )
-    stamp = codec.ts(event.time)
-    if stamp is not None:
-        msg.event_time.CopyFrom(stamp)
+    codec.set_stamps(msg, (("event_time", event.time),))
     return msg

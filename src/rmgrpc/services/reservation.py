@@ -207,7 +207,5 @@ def _reservation_event(event: Event) -> reservation_pb2.WatchReservationsRespons
         type=event.type,  # type: ignore[arg-type]
         reservation=reservation_pb2.Reservation.FromString(event.data),
     )
-    stamp = codec.ts(event.time)
-    if stamp is not None:
-        msg.event_time.CopyFrom(stamp)
+    codec.set_stamps(msg, (("event_time", event.time),))
     return msg
