@@ -698,13 +698,18 @@ async def test_idle_streams_get_progress_with_the_current_revision(servers: Serv
 
 
 def watch_buffer_probe(hub: EventHub) -> list[int]:
-    """Wraps `hub.publish` to record the largest per-subscriber buffer after every publish."""
+    """Wraps `hub.publish` to record the largest per-subscriber buffer after every event.
+
+    A commit publishes its events in one call, and a buffer that overflows inside that call
+    is cleared before the call returns; publishing them one by one (which the hub treats
+    the same) lets the probe see the buffer full."""
     peaks: list[int] = []
     publish = hub.publish
 
     def recording(events: Any) -> None:
-        publish(events)
-        peaks.append(max((len(s.buffer) for s in hub._all()), default=0))
+        for event in events:
+            publish([event])
+            peaks.append(max((len(s.buffer) for s in hub._all()), default=0))
 
     hub.publish = recording  # type: ignore[method-assign]
     return peaks
