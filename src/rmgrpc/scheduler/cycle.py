@@ -17,7 +17,11 @@ The pass, in order (KAI's session running its actions over one snapshot):
    `starvation_seconds` that does not fit when its turn comes gets nodes held for it
    (up to `max_held_gangs`): those that would host it soonest and most cheaply. Nothing
    after it in the queue (of its priority or lower) is placed on them, so capacity
-   freeing there piles up for it instead of going to smaller requests behind it.
+   freeing there piles up for it instead of going to smaller requests behind it —
+   except work whose hard end comes no later than the earliest the gang could start
+   (`placement.earliest_start`, over the whole cluster): that conservative backfill is
+   gone before the gang could use the nodes. Unknown (work without a hard end in the
+   way): nothing passes.
 
 Reservations (`reservations.Reserved`): the idle capacity of every accepted reservation
 whose window is not over is kept out of the view. Work naming a reservation is placed in
@@ -32,6 +36,7 @@ snapshot always gives the same decisions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from rmgrpc.model import (
@@ -43,7 +48,13 @@ from rmgrpc.model import (
     WithinTenantPreemption,
 )
 from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, QuotaBlock, check_admissible
-from rmgrpc.scheduler.placement import CapacityView, gpus_text, nodes_to_hold
+from rmgrpc.scheduler.placement import (
+    CapacityView,
+    Held,
+    earliest_start,
+    gpus_text,
+    nodes_to_hold,
+)
 from rmgrpc.scheduler.preemption import (
     Mode,
     Policy,
@@ -72,7 +83,7 @@ _RESERVATION = "reservation"
 
 DRY_RUN_ID = "dry-run"
 
-_FailKey = tuple[Shape, int, str, int, "tuple[str, ...] | None"]
+_FailKey = tuple[Shape, int, str, int, "tuple[str, ...] | None", float]
 
 
 def arrival_key(a: Allocation) -> tuple[int, float, str]:
@@ -86,6 +97,11 @@ def queue_key(a: Allocation) -> tuple[int, int, float, str]:
 
 def _seconds(x: float) -> str:
     return f"{max(0, round(x))} s"
+
+
+def hard_end(a: Allocation, now: float) -> float:
+    """When `a` would have to end if placed at `now` (inf: it has no hard end)."""
+    return now + a.max_duration_seconds if a.max_duration_seconds > 0 else math.inf
 
 
 class _Cycle:
@@ -114,7 +130,7 @@ class _Cycle:
         self.handled: set[str] = set()
         self._preempt_failed: set[tuple[object, ...]] = set()
         self._amounts: dict[str, Amount] = {}
-        self._explained: dict[_FailKey, str] = {}
+        self._explained: dict[tuple[object, ...], str] = {}
         self._initial: CapacityView | None = None
         self._initial_fits: dict[_FailKey, bool] = {}
         self._sharing: bool | None = None
@@ -259,7 +275,8 @@ class _Cycle:
         )
         if nodes is None:
             return
-        self.view.hold(nodes, a.id, a.priority)
+        until = self._gang_start(a, models)
+        self.view.hold(nodes, a.id, a.priority, until)
         self.decisions.held_nodes[a.id] = nodes
         what = (
             "1 node for this gang as it frees"
@@ -269,6 +286,39 @@ class _Cycle:
         self.prefix[a.id] = (
             f"pending {_seconds(self.now - a.create_time)}: holding {what} ({', '.join(nodes)})"
         )
+        if until > self.now:
+            self.prefix[a.id] += (
+                f", backfilled meanwhile only by work ending within {_seconds(until - self.now)}"
+            )
+
+    def _gang_start(self, a: Allocation, models: tuple[str, ...] | None) -> float:
+        """The earliest `a` could start if nothing new were placed and all running work
+        (this pass's admissions included) ran to its hard end (`earliest_start`): what its
+        hold lets backfill run to. -inf when unknown (work without a hard end stands in
+        the way): then the hold keeps all its priority or lower off, as it always did."""
+        now = self.now
+        gone = now + max(0.0, self.config.preemption_grace_seconds)
+        victims = {p.allocation_id for p in self.decisions.preemptions}
+        held: dict[str, list[Held]] = {}
+
+        def add(x: Allocation, placements: Sequence[Placement], end: float) -> None:
+            for p in placements:
+                held.setdefault(p.node_id, []).append(
+                    (end, p.gpu_indices, x.shape.cpu_millis, x.shape.memory_bytes)
+                )
+
+        windows = self.snapshot.reservations
+        for h in self.holding:
+            end = h.grace_end_time if h.grace_end_time is not None else h.max_end_time
+            end = math.inf if end is None else end
+            if h.reservation_id in windows:
+                end = min(end, windows[h.reservation_id].end_time)  # expires with it
+            add(h, h.placements, min(end, gone) if h.id in victims else end)
+        for adm in self.decisions.admissions:
+            x = self.by_id[adm.allocation_id]
+            add(x, adm.placements, hard_end(x, now))
+        start = earliest_start(self.snapshot.nodes, held, a.shape, a.count, now=now, models=models)
+        return -math.inf if start is None else start
 
     def _queue(self) -> None:
         self.fair_queue = FairQueue(
@@ -332,23 +382,25 @@ class _Cycle:
             outcome = self._try_preempt(a, models)
             if outcome is not None:
                 return outcome
-        self.fail_keys[a.id] = (a.shape, a.count, a.id, a.priority, models)
+        self.fail_keys[a.id] = (a.shape, a.count, a.id, a.priority, models, hard_end(a, self.now))
         blocking = self.reserved.blocking(a) if self.reserved else []
         if blocking and a.id not in self.reasons:
             self.reasons[a.id] = _reserved_text(a, blocking)
         return _CAPACITY
 
     def _place(self, a: Allocation, models: tuple[str, ...] | None) -> tuple[Placement, ...] | None:
-        """Places ordinary work, lending it the idle reserved capacity it may backfill."""
+        """Places ordinary work, lending it the idle reserved capacity it may backfill (and
+        nodes held for a starving gang it ends in time for)."""
         lent = self.reserved.lendable(a) if self.reserved else []
+        end = hard_end(a, self.now)
         if not lent:
             return self.view.place_gang(
-                a.shape, a.count, owner=a.id, priority=a.priority, models=models
+                a.shape, a.count, owner=a.id, priority=a.priority, models=models, end=end
             )
         st = self.view.statement()
         Reserved.lend(self.view, lent)
         placements = self.view.place_gang(
-            a.shape, a.count, owner=a.id, priority=a.priority, models=models
+            a.shape, a.count, owner=a.id, priority=a.priority, models=models, end=end
         )
         if placements is None:
             st.discard()
@@ -489,19 +541,29 @@ class _Cycle:
     # -- explanations -----------------------------------------------------------------
 
     def _capacity_text(self, key: _FailKey) -> str:
-        shape, count, owner, priority, models = key
-        # Only holds make the owner and priority matter: requests alike share one text.
+        shape, count, owner, priority, models, end = key
+        # Only holds make the owner, priority and end matter: requests alike share one text.
         holders = self.view.holders
-        key = (shape, count, owner if owner in holders else "", priority if holders else 0, models)
-        text = self._explained.get(key)
+        memo = (
+            shape,
+            count,
+            owner if owner in holders else "",
+            priority if holders else 0,
+            models,
+            self.view.end_key(end) if holders else (),
+        )
+        text = self._explained.get(memo)
         if text is None:
-            ex = self.view.explain(shape, count, owner=owner, priority=priority, models=models)
+            ex = self.view.explain(
+                shape, count, owner=owner, priority=priority, models=models, end=end
+            )
             text = ex.text()
-            if self._fitted_at_start(key):
+            # The view at the start has no holds: owner, priority and end do not matter.
+            if self._fitted_at_start((shape, count, "", 0, models, math.inf)):
                 text = (
                     "waiting behind higher-priority or earlier requests placed first; now " + text
                 )
-            self._explained[key] = text
+            self._explained[memo] = text
         return text
 
     def _fitted_at_start(self, key: _FailKey) -> bool:
@@ -513,7 +575,7 @@ class _Cycle:
                 Reserved(snap.reservations, snap.nodes, self.holding, self.now).withhold(
                     self._initial
                 )
-            shape, count, _, _, models = key
+            shape, count, _, _, models, _ = key
             got = self._initial.fits(shape, count, models=models)
             self._initial_fits[key] = got
         return got

@@ -11,8 +11,14 @@ pure simulation over a snapshot and the decisions of the pass that ran on it.
   (`fairshare.FairQueue`, with fair shares recomputed from the demand left), quota and
   lending limits (`fairshare.Ledger`), placement by the filter chain and best fit on a
   view indexed as a fresh pass's is (`placement.CapacityView`), gangs whole, smaller
-  requests passing a blocked larger one, nodes held for starving gangs at their turn.
+  requests passing a blocked larger one, nodes held for starving gangs at their turn
+  (with the conservative backfill the pass allows on them).
   A request placed there starts then, and holds its capacity until its own hard end.
+- Reservations as a pass sees them (`reservations.Reserved`, made afresh each round):
+  their idle capacity is kept from the queue but for backfill ending by their start;
+  work naming one is placed inside it once its window begins and leaves when it ends;
+  work still waiting when its window ends is rejected. Window starts and ends are
+  points on the timeline beside the hard ends.
 - What is still waiting when no hard end is left is "unknown", with the reason.
 
 It assumes no new arrivals, no early releases and no preemption after this pass, and
@@ -31,13 +37,22 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from rmgrpc.model import Allocation, AllocationState, Placement
-from rmgrpc.scheduler.cycle import queue_key
+from rmgrpc.model import Allocation, AllocationState, Placement, Shape
+from rmgrpc.scheduler.cycle import hard_end, queue_key
 from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, fair_shares
-from rmgrpc.scheduler.placement import CapacityView, NodeCapacity, nodes_to_hold
+from rmgrpc.scheduler.placement import (
+    CapacityView,
+    Held,
+    NodeCapacity,
+    Timeline,
+    nodes_to_hold,
+    replica_timeline,
+    start_from,
+)
+from rmgrpc.scheduler.reservations import Reserved, live, may_backfill, when
 from rmgrpc.scheduler.snapshot import Decisions, Snapshot
 
 NO_HARD_END = (
@@ -76,7 +91,20 @@ class _Estimator:
         self.touched: set[str] = set()
         self.ends_stale: set[str] = set()
         self.on_node: dict[str, set[str]] = {}
+        # Nodes whose holders changed, in order: the replica timelines summed for a
+        # starving gang's shape (`_Timelines`) catch up from where they last read.
+        self.changed: list[str] = []
+        self.timelines: dict[tuple[Shape, tuple[str, ...] | None], _Timelines] = {}
+        # Each node as built, nothing taken: what its timelines start from.
+        self.bases: dict[str, NodeCapacity] = {}
         self.config = snapshot.config
+        self.nodes = snapshot.nodes
+        # Accepted reservations not over: each round keeps their idle capacity from the
+        # queue as a pass does (`reservations.Reserved`, made afresh per round).
+        self.reservations = {
+            rid: r for rid, r in sorted(snapshot.reservations.items()) if live(r, now)
+        }
+        self.booked: Reserved | None = None
         allocs = snapshot.allocations
         holding = [a for a in allocs.values() if a.holds_capacity(now)]
         self.view = view = CapacityView(snapshot.nodes, holding)
@@ -92,8 +120,14 @@ class _Estimator:
         view._change = noting  # type: ignore[method-assign]
         self.ledger = Ledger(snapshot)
         self.models_of = self.ledger.gpu_models
-        # Hard ends to come: (time, tie-break, allocation id); the heap is the timeline.
-        self.ends: list[tuple[float, int, str]] = []
+        # Hard ends to come: (time, tie-break, allocation id, ""), and the starts and ends
+        # of reservation windows: (time, 0, "", what); the heap is the timeline.
+        self.ends: list[tuple[float, int, str, str]] = []
+        for rid, r in self.reservations.items():
+            if r.start_time > now:
+                self.ends.append((r.start_time, 0, "", f"the start of reservation {rid}"))
+            self.ends.append((r.end_time, 0, "", f"the end of reservation {rid}"))
+        heapq.heapify(self.ends)
         self.running: dict[str, _Running] = {}
         # Victims in their grace: the ledger counts them as leaving until they are gone.
         self.leaving: set[str] = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
@@ -134,6 +168,7 @@ class _Estimator:
         self.out: dict[str, Estimate] = {}
         self.released = 0
         self.last_released = ""
+        self.last_event = ""
 
     # -- the timeline -------------------------------------------------------------------
 
@@ -142,21 +177,30 @@ class _Estimator:
             self.view.take(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
 
     def _run(self, a: Allocation, end: float | None) -> None:
+        r = self.reservations.get(a.reservation_id) if a.reservation_id else None
+        if r is not None:
+            # Work inside a reservation never outlives its window: it expires then.
+            end = r.end_time if end is None else min(end, r.end_time)
         self.running[a.id] = _Running(a, end)
         for p in a.placements:
             self.on_node.setdefault(p.node_id, set()).add(a.id)
             self.ends_stale.add(p.node_id)
+            self.changed.append(p.node_id)
         if end is not None:
-            heapq.heappush(self.ends, (end, len(self.running), a.id))
+            heapq.heappush(self.ends, (end, len(self.running), a.id, ""))
 
     def _release_until(self, t: float) -> None:
         while self.ends and self.ends[0][0] <= t:
-            _, _, aid = heapq.heappop(self.ends)
+            _, _, aid, what = heapq.heappop(self.ends)
+            if not aid:
+                self.last_event = what  # a reservation window starts or ends
+                continue
             a = self.running.pop(aid).alloc
             self.view.release(a)
             for p in a.placements:
                 self.ends_stale.add(p.node_id)
                 self.on_node[p.node_id].discard(aid)
+                self.changed.append(p.node_id)
             amt = Amount.of_placed(a, self.models_of)
             self.ledger.add_held(a.tenant, amt, -1)
             if aid in self.leaving:
@@ -164,6 +208,29 @@ class _Estimator:
                 self.ledger.add_leaving(a.tenant, amt, -1)
             self.released += 1
             self.last_released = aid
+            self.last_event = f"the hard end of {aid}"
+        if self.reservations:
+            self._windows_over(t)
+
+    def _windows_over(self, t: float) -> None:
+        """Work still waiting for a reservation whose window is over by `t` is rejected
+        (the engine does so when the window ends): out of the queue and its demand."""
+        over = {rid: r for rid, r in self.reservations.items() if r.end_time <= t}
+        if not over:
+            return
+        keep: list[Allocation] = []
+        for a in self.queue:
+            r = over.get(a.reservation_id) if a.reservation_id else None
+            if r is None:
+                keep.append(a)
+                continue
+            _no_longer_pending(self.ledger, a, placed=False)
+            self.out[a.id] = Estimate(
+                None,
+                f"unknown: reservation {r.id} ends at {when(r.end_time)} before there is "
+                "room in it; it is rejected then",
+            )
+        self.queue = keep
 
     def run(self) -> dict[str, Estimate]:
         # The pass at `now` placed what fits now: the next can start at the first end.
@@ -174,13 +241,14 @@ class _Estimator:
                 # Slurm's bf_resolution: ends within one step are handed back together,
                 # at the step's start, so the estimate errs early, never late.
                 t = max(self.now, math.floor(t / step) * step)
-                self._release_until(t + step - 1e-9)
+                upto = t + step - 1e-9
             else:
-                self._release_until(t)
+                upto = t
+            self._release_until(upto)
             # Each pass holds nodes for starving gangs afresh, at their turn.
             _clear_holds(self.view)
             if self._may_fit():
-                self._round(t)
+                self._round(t, upto)
         for a in self.queue:
             self.out[a.id] = Estimate(None, self._unknown(a))
         for aid, pos in self.skipped:
@@ -218,13 +286,31 @@ class _Estimator:
         finally:
             st.discard()
 
-    def _round(self, t: float) -> None:
+    def _round(self, t: float, upto: float) -> None:
         """Place, in queue order, every waiting request that fits at time `t`: what a
         pass at `t` would do, on a view as a fresh pass would build it. (Every waiting
         request takes part, even one that cannot fit: a tenant's first request in line
-        decides when the tenant's turn comes, as in the pass.)"""
+        decides when the tenant's turn comes, as in the pass.) Reservation windows are
+        taken as of `upto`, the end of the step handed back: a window that begins or
+        ends within it does so at `t`, early as every estimate errs."""
+        if self.reservations:
+            holders = [r.alloc for r in self.running.values()]
+            self.booked = Reserved(self.reservations, self.nodes, holders, upto)
+            self.booked.withhold(self.view)
+        # After withholding: a pass indexes its view once the reserved is out of it.
         _sort_buckets(self.view, self.touched)
         self.touched.clear()
+        try:
+            self._serve(t)
+        finally:
+            if self.booked is not None:
+                # Between rounds the view holds only what runs: give the idle back.
+                Reserved.lend(self.view, list(self.booked.shares.values()))
+                self.booked = None
+
+    def _serve(self, t: float) -> None:
+        """The round's pass over the queue (`_round`)."""
+        self.indexed: set[tuple[tuple[str, str], ...]] = set()
         _fresh_shares(self.ledger)
         if self.config.max_held_gangs > 0 and any(a.total_gpus > 1 for a in self.queue):
             self._node_ends()  # as of the round's start, as a pass builds its view
@@ -244,7 +330,7 @@ class _Estimator:
         self.queue = left
 
     def _attempt(self, a: Allocation, t: float) -> bool:
-        placements = self._try(a)
+        placements = self._try(a, t)
         if placements is None:
             return False
         placed = _placed(a, placements, t)
@@ -256,34 +342,63 @@ class _Estimator:
         self.out[a.id] = Estimate(t, self._reason(a, t))
         return True
 
-    def _try(self, a: Allocation) -> tuple[Placement, ...] | None:
+    def _models(self, a: Allocation) -> tuple[str, ...] | None:
+        """The GPU models `a` may take under its quota, as the pass asks (None: any)."""
+        if a.shape.gpus <= 0 or a.shape.gpu_model:
+            return None
+        return self.ledger.allowed_models(a.tenant, Amount.of_request(a).gpus, self.view.models)
+
+    def _try(self, a: Allocation, t: float) -> tuple[Placement, ...] | None:
         amt = Amount.of_request(a)
         led = self.ledger
         if led.limit_block(a.tenant, amt) is not None or led.lending_block(a.tenant, amt):
             return None
-        models: tuple[str, ...] | None = None
-        if a.shape.gpus > 0 and not a.shape.gpu_model:
-            models = led.allowed_models(a.tenant, amt.gpus, self.view.models)
-            if models == ():
-                return None
+        models = self._models(a)
+        if models == ():
+            return None
+        booked = self.booked
+        if a.reservation_id:
+            # Inside its reservation only, once the window has begun (as the pass).
+            return None if booked is None else booked.place_inside(a)[0]
+        # Its hard end if placed at `t`: held nodes take it if the gang starts no sooner,
+        # reserved capacity if the reservation starts no sooner.
+        end = hard_end(a, t)
         reserved = self.reserved.get(a.id)
-        if not reserved:
+        lent = []
+        if booked is not None:
+            lent = [x for x in booked.shares.values() if may_backfill(a, x.reservation, t)]
+        if not reserved and not lent:
+            self._indexing(a)
             # Outside a statement, so the view remembers what did not fit until capacity
             # grows: requests alike cost one search per end.
             return self.view.place_gang(
-                a.shape, a.count, owner=a.id, priority=a.priority, models=models
+                a.shape, a.count, owner=a.id, priority=a.priority, models=models, end=end
             )
         st = self.view.statement()
-        for nid, gpus, cpu, mem in reserved:
+        for nid, gpus, cpu, mem in reserved or ():
             self.view.give(nid, gpus, cpu, mem)
+        Reserved.lend(self.view, lent)
+        self._indexing(a)
         placements = self.view.place_gang(
-            a.shape, a.count, owner=a.id, priority=a.priority, models=models
+            a.shape, a.count, owner=a.id, priority=a.priority, models=models, end=end
         )
         if placements is None:
             st.discard()
-        else:
-            st.commit()
+            return None
+        if booked is not None and lent:
+            booked.take_back(self.view, lent)  # what it left stays reserved
+        st.commit()
         return placements
+
+    def _indexing(self, a: Allocation) -> None:
+        """A pass builds a node selector's index at its first placement, from what is
+        free then, in node order: what changed before (reserved capacity withheld, or
+        lent to this request) moved no node to the end of a bucket. So at the round's
+        first placement for a selector, those buckets go back in node order."""
+        sel = a.shape.node_selector
+        if sel not in self.indexed:
+            self.indexed.add(sel)
+            _sort_buckets(self.view, self.touched, sel)
 
     def _maybe_hold(self, a: Allocation, t: float) -> None:
         """The cycle's rule for starving gangs, at the time it would apply."""
@@ -294,11 +409,54 @@ class _Estimator:
             or len(view.holders) >= c.max_held_gangs
             or a.total_gpus <= 1
             or t - a.create_time < c.starvation_seconds
+            or a.reservation_id  # waits for its reservation, not for capacity
         ):
             return
-        nodes = nodes_to_hold(view, a.shape, a.count, owner=a.id, priority=a.priority)
-        if nodes is not None:
-            view.hold(nodes, a.id, a.priority)
+        # Only a gang blocked by capacity gets nodes held (not by quota), as in the pass.
+        amt = Amount.of_request(a)
+        if self.ledger.limit_block(a.tenant, amt) is not None or self.ledger.lending_block(
+            a.tenant, amt
+        ):
+            return
+        models = self._models(a)
+        if models == ():
+            return
+        nodes = nodes_to_hold(
+            view, a.shape, a.count, owner=a.id, priority=a.priority, models=models
+        )
+        if nodes is None:
+            return
+        # Conservative backfill as the pass allows it: until the gang's earliest start
+        # with what runs now (this round's placements included) ending at its hard end.
+        start = self._timelines(a.shape, models).start(a.count, t)
+        view.hold(nodes, a.id, a.priority, -math.inf if start is None else start)
+
+    def _timelines(self, shape: Shape, models: tuple[str, ...] | None) -> _Timelines:
+        """Every node's `replica_timeline` for `shape`, as its holders are now: built once
+        per gang shape, then only the nodes whose holders changed are recomputed (a round
+        changes a few, and each round holds for the gang afresh)."""
+        key = (shape, models)
+        tls = self.timelines.get(key)
+        if tls is None:
+            tls = self.timelines[key] = _Timelines(len(self.changed))
+            todo: Iterable[str] = sorted(self.nodes)
+        else:
+            todo = sorted(set(self.changed[tls.read :]))
+            tls.read = len(self.changed)
+        for nid in todo:
+            held: list[Held] = []
+            for aid in sorted(self.on_node.get(nid, ())):
+                r = self.running[aid]
+                end = math.inf if r.end is None else r.end
+                sh = r.alloc.shape
+                for p in r.alloc.placements:
+                    if p.node_id == nid:
+                        held.append((end, p.gpu_indices, sh.cpu_millis, sh.memory_bytes))
+            base = self.bases.get(nid)
+            if base is None:
+                base = self.bases[nid] = NodeCapacity(self.nodes[nid])
+            tls.put(nid, replica_timeline(base, held, shape, models))
+        return tls
 
     def _node_ends(self) -> None:
         """When each node's holders are known to end, as a fresh view counts it: what
@@ -318,12 +476,15 @@ class _Estimator:
     def _reason(self, a: Allocation, t: float) -> str:
         n = self.released
         ends = "1 hard end" if n == 1 else f"{n} hard ends"
+        where = f"in reservation {a.reservation_id}: " if a.reservation_id else ""
         return (
-            f"capacity frees at the hard end of {self.last_released} ({ends} from now), "
+            f"{where}capacity frees at {self.last_event} ({ends} from now), "
             "if work runs to its hard end and nothing new arrives; sooner if work ends early"
         )
 
     def _unknown(self, a: Allocation) -> str:
+        if a.reservation_id and a.reservation_id not in self.reservations:
+            return f"unknown: reservation {a.reservation_id} is over or cancelled"
         block = self.ledger.limit_block(a.tenant, Amount.of_request(a))
         if block is not None:
             return f"unknown: {block.text()}, and that quota is held by work without a hard end"
@@ -331,6 +492,33 @@ class _Estimator:
         if never is not None:
             return "unknown: " + never
         return NO_HARD_END
+
+
+class _Timelines:
+    """Nodes' replica timelines for one shape, summed: replicas that fit now, and the
+    replicas gained at each hard end (`placement.start_from`, kept up to date)."""
+
+    def __init__(self, read: int) -> None:
+        self.read = read  # how much of the estimator's change log is reflected
+        self.nodes: dict[str, Timeline | None] = {}
+        self.room = 0
+        self.gains: dict[float, int] = {}
+
+    def put(self, nid: str, tl: Timeline | None) -> None:
+        for sign, x in ((-1, self.nodes.get(nid)), (1, tl)):
+            if x is None:
+                continue
+            self.room += sign * x[0]
+            for end, gain in x[1]:
+                left = self.gains.get(end, 0) + sign * gain
+                if left:
+                    self.gains[end] = left
+                else:
+                    del self.gains[end]
+        self.nodes[nid] = tl
+
+    def start(self, count: int, now: float) -> float | None:
+        return start_from([(self.room, tuple(self.gains.items()))], count, now)
 
 
 def _placed(a: Allocation, placements: Sequence[Placement], t: float) -> Allocation:
@@ -343,6 +531,7 @@ def _placed(a: Allocation, placements: Sequence[Placement], t: float) -> Allocat
         shape=a.shape,
         priority=a.priority,
         max_duration_seconds=a.max_duration_seconds,
+        reservation_id=a.reservation_id,
         state=AllocationState.ALLOCATED,
         placements=tuple(placements),
         create_time=a.create_time,
@@ -352,15 +541,16 @@ def _placed(a: Allocation, placements: Sequence[Placement], t: float) -> Allocat
     )
 
 
-def _no_longer_pending(ledger: Ledger, a: Allocation) -> None:
-    """Take a placed request out of the ledger's pending demand, as the next pass's
-    ledger (built from its snapshot) would not count it."""
+def _no_longer_pending(ledger: Ledger, a: Allocation, *, placed: bool = True) -> None:
+    """Take a placed (or rejected) request out of the ledger's pending demand, as the
+    next pass's ledger (built from its snapshot) would not count it."""
     amt = Amount.of_request(a)
     ledger._bump(ledger.own_pending, a.tenant, amt, -1)
     for t in ledger.tree.chain(a.tenant):
         ledger._bump(ledger.pending, t, amt, -1)
         ledger.waiting[t] = ledger.waiting.get(t, 0) - 1
-        ledger.running[t] = ledger.running.get(t, 0) + 1
+        if placed:
+            ledger.running[t] = ledger.running.get(t, 0) + 1
 
 
 def _fresh_shares(ledger: Ledger) -> None:
@@ -368,6 +558,9 @@ def _fresh_shares(ledger: Ledger) -> None:
     (the queue serves tenants below their fair share first)."""
     ledger.own_fair = {}
     ledger.fair = fair_shares(ledger)
+    # Queue scores are remembered per usage version, and say whether a level is below its
+    # fair share: new shares make every remembered one stale, held usage changed or not.
+    ledger._score_memo.clear()
     demand = [0, 0, 0]
     for t in ledger.tree.roots:
         d = ledger.effective(t).vector()
@@ -378,9 +571,12 @@ def _fresh_shares(ledger: Ledger) -> None:
     ledger.contended = (demand[0] > tot[0], demand[1] > tot[1], demand[2] > tot[2])
 
 
-def _sort_buckets(view: CapacityView, touched: set[str]) -> None:
+def _sort_buckets(
+    view: CapacityView, touched: set[str], only: tuple[tuple[str, str], ...] | None = None
+) -> None:
     """Put the index buckets that `touched` nodes moved into back in node order, as a
-    fresh view builds them: a best-fit tie then goes to the node a pass would pick."""
+    fresh view builds them: a best-fit tie then goes to the node a pass would pick.
+    `only`: the buckets of that node selector's index alone."""
     buckets: dict[int, dict[str, None]] = {}
     for nid in touched:
         n = view.nodes.get(nid)
@@ -388,6 +584,8 @@ def _sort_buckets(view: CapacityView, touched: set[str]) -> None:
             continue
         total = n.total_free
         for idx in n.indexes:
+            if only is not None and idx.selector != only:
+                continue
             for m, lst in n.free.items():
                 b = idx.by_model[m][len(lst)]
                 buckets[id(b)] = b
@@ -411,6 +609,7 @@ def _clear_holds(view: CapacityView) -> None:
             n = view.nodes[nid]
             n.held_for = ""
             n.held_priority = 0
+            n.held_until = -math.inf
             view._classify(n)
     view.holders.clear()
     view._verdicts.clear()

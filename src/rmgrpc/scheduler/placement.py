@@ -101,6 +101,7 @@ class NodeCapacity:
         "healthy_by_model",
         "held_for",
         "held_priority",
+        "held_until",
         "id",
         "indexes",
         "labels",
@@ -140,6 +141,9 @@ class NodeCapacity:
         # Set when the node is held for a starving gang: only it (or higher priority) may use it.
         self.held_for = ""
         self.held_priority = 0
+        # Conservative backfill: work whose hard end comes no later than this (the
+        # earliest the held gang could start) may still use the held node.
+        self.held_until = -math.inf
         self.indexes: list[_Index] = []
         # Id of the node's class in its view (`_class_key`), set by the view.
         self.cls = -1
@@ -152,9 +156,16 @@ class NodeCapacity:
     def total_free(self) -> int:
         return sum(len(v) for v in self.free.values())
 
-    def blocks(self, owner: str, priority: int) -> bool:
-        """Whether a hold for a starving gang keeps this request off the node."""
-        return bool(self.held_for) and self.held_for != owner and priority <= self.held_priority
+    def blocks(self, owner: str, priority: int, end: float = math.inf) -> bool:
+        """Whether a hold for a starving gang keeps this request off the node: all of its
+        priority or lower but work whose hard end (`end`, if placed now) comes no later
+        than the gang could start anyway (conservative backfill)."""
+        return (
+            bool(self.held_for)
+            and self.held_for != owner
+            and priority <= self.held_priority
+            and end > self.held_until
+        )
 
     def trial(self, released: Iterable[tuple[Sequence[int], int, int]]) -> NodeCapacity:
         """A detached copy with `released` (GPU indices, CPU, memory) given back: what the
@@ -189,6 +200,7 @@ class NodeCapacity:
         t.healthy_by_model = self.healthy_by_model
         t.held_for = self.held_for
         t.held_priority = self.held_priority
+        t.held_until = self.held_until
         t.id = self.id
         t.indexes = []
         t.labels = self.labels
@@ -250,6 +262,8 @@ class ReplicaRequest:
     priority: int = 0
     # GPU models the tenant's quota still allows when the shape names none (None: any).
     models: tuple[str, ...] | None = None
+    # Its hard end if placed now (inf: none): what a hold's conservative backfill reads.
+    end: float = math.inf
 
 
 Filter = Callable[[NodeCapacity, ReplicaRequest], str | None]
@@ -260,7 +274,7 @@ def node_ready(node: NodeCapacity, req: ReplicaRequest) -> str | None:
 
 
 def not_held(node: NodeCapacity, req: ReplicaRequest) -> str | None:
-    if node.blocks(req.owner, req.priority):
+    if node.blocks(req.owner, req.priority, req.end):
         return f"held for starving gang {node.held_for}"
     return None
 
@@ -423,6 +437,8 @@ PREDICATES: dict[Filter, Predicate] = {
 if set(PREDICATES) != {check for _, check in NODE_FILTERS}:
     raise RuntimeError("every node filter needs its predicate in PREDICATES")
 _PLACE_CHECKS: tuple[Predicate, ...] = tuple(PREDICATES.values())
+# The class filters but the hold: what `replica_timeline` judges a node by.
+_CLASS_CHECKS = tuple(f for f in CLASS_FILTERS if f[1] is not not_held)
 # gpus_free reads only free GPU counts (besides the class), so `explain` runs it once per
 # group of nodes alike in those; CPU and memory per node.
 _GPU_FILTERS = NODE_FILTERS[:1]
@@ -435,6 +451,7 @@ def _class_key(n: NodeCapacity) -> tuple[object, ...]:
         n.state,
         n.held_for,
         n.held_priority,
+        n.held_until,
         tuple(sorted(n.labels.items())),
         tuple(sorted(n.healthy_by_model.items())),
         tuple(sorted(n.total_by_model.items())),
@@ -690,14 +707,15 @@ class CapacityView:
     def _class_verdicts(self, req: ReplicaRequest) -> list[str | None]:
         """CLASS_FILTERS' verdict by class id, `_UNJUDGED` until `_judge` runs them (on one
         member of the class): a placement only looks at classes its index buckets hold."""
-        # Owner and priority only matter against a hold (`not_held`): requests alike share
-        # one list, as they share a remembered no-fit (`_key`).
+        # Owner, priority and hard end only matter against a hold (`not_held`): requests
+        # alike share one list, as they share a remembered no-fit (`_key`).
         holds = self.holders
         key = (
             req.shape,
             req.models,
             req.owner if req.owner in holds else "",
             req.priority if holds else 0,
+            self.end_key(req.end) if holds else (),
         )
         got = self._verdicts.get(key)
         if got is None:
@@ -811,11 +829,16 @@ class CapacityView:
 
     # -- holds for starving gangs -------------------------------------------------------
 
-    def hold(self, node_ids: Sequence[str], owner: str, priority: int) -> None:
+    def hold(
+        self, node_ids: Sequence[str], owner: str, priority: int, until: float = -math.inf
+    ) -> None:
+        """Hold nodes for starving gang `owner` against work of its priority or lower, but
+        work ending by `until` (the earliest the gang could start; -inf: unknown)."""
         for nid in node_ids:
             n = self.nodes[nid]
             n.held_for = owner
             n.held_priority = priority
+            n.held_until = until
             self._classify(n)
         self.holders[owner] = tuple(node_ids)
         self._verdicts.clear()
@@ -834,11 +857,25 @@ class CapacityView:
 
     # -- placing --------------------------------------------------------------------------
 
+    def end_key(self, end: float) -> tuple[bool, ...]:
+        """What a hard end means against the holds: whether it ends in time for each.
+        Requests alike but for their ends then share remembered verdicts and no-fits."""
+        return tuple(
+            end <= self.nodes[held[0]].held_until for held in self.holders.values() if held
+        )
+
     def _key(
-        self, shape: Shape, count: int, owner: str, priority: int, models: tuple[str, ...] | None
+        self,
+        shape: Shape,
+        count: int,
+        owner: str,
+        priority: int,
+        models: tuple[str, ...] | None,
+        end: float = math.inf,
     ) -> tuple[object, ...]:
         if self.holders:
-            return (shape, count, models, owner if owner in self.holders else "", priority)
+            owner = owner if owner in self.holders else ""
+            return (shape, count, models, owner, priority, self.end_key(end))
         return (shape, count, models)
 
     def find_node(
@@ -950,12 +987,14 @@ class CapacityView:
         owner: str = "",
         priority: int = 0,
         models: tuple[str, ...] | None = None,
+        end: float = math.inf,
     ) -> tuple[Placement, ...] | None:
-        """Place `count` replicas whole, taking their capacity; None (nothing taken) if not."""
-        key = self._key(shape, count, owner, priority, models)
+        """Place `count` replicas whole, taking their capacity; None (nothing taken) if not.
+        `end`: the gang's hard end if placed now, for holds' conservative backfill."""
+        key = self._key(shape, count, owner, priority, models, end)
         if self._no_fit.get(key) == self.generation:
             return None
-        req = ReplicaRequest(shape, owner, priority, models)
+        req = ReplicaRequest(shape, owner, priority, models, end)
         verdicts = self._class_verdicts(req)  # takes do not change classes
         mark = len(self._journal)
         placements: list[Placement] = []
@@ -984,12 +1023,15 @@ class CapacityView:
         owner: str = "",
         priority: int = 0,
         models: tuple[str, ...] | None = None,
+        end: float = math.inf,
     ) -> bool:
         """Would the gang fit now? Changes nothing."""
         st = self.statement()
         try:
             return (
-                self.place_gang(shape, count, owner=owner, priority=priority, models=models)
+                self.place_gang(
+                    shape, count, owner=owner, priority=priority, models=models, end=end
+                )
                 is not None
             )
         finally:
@@ -1003,13 +1045,14 @@ class CapacityView:
         owner: str = "",
         priority: int = 0,
         models: tuple[str, ...] | None = None,
+        end: float = math.inf,
     ) -> Explanation:
         """Run the filter chain over every node and count who rejected it and why.
 
         The same verdicts and filters `find_node` accepts nodes by: a node counted as
         fitting is one the placer may choose.
         """
-        req = ReplicaRequest(shape, owner, priority, models)
+        req = ReplicaRequest(shape, owner, priority, models, end)
         ex = Explanation(
             shape, count, nodes=len(self.nodes), never=self.never_fits(shape, count) or ""
         )
@@ -1191,6 +1234,97 @@ def nodes_to_hold(
         if total >= count:
             return tuple(chosen)
     return None
+
+
+# Capacity one holder keeps on a node until it leaves: (hard end, inf if none; GPU
+# indices; CPU millis; memory bytes).
+Held = tuple[float, Sequence[int], int, int]
+
+
+# How many replicas of a shape fit on one node now, and how many more at each hard end
+# as its holders leave: (room now, ((hard end, replicas gained), ...) by end).
+Timeline = tuple[int, tuple[tuple[float, int], ...]]
+
+
+def replica_timeline(
+    node: Node | NodeCapacity,
+    held: Sequence[Held],
+    shape: Shape,
+    models: tuple[str, ...] | None = None,
+) -> Timeline | None:
+    """`node`'s `Timeline` for `shape` with `held` taken from it; None when the class
+    filters reject the node (its hold aside: holds come and go with each pass). A
+    `NodeCapacity` given must be as built, nothing taken (it is copied, not changed)."""
+    n = node._copy() if isinstance(node, NodeCapacity) else NodeCapacity(node)
+    req = ReplicaRequest(shape, models=models)
+    if rejection(_CLASS_CHECKS, n, req) is not None:
+        return None
+    on = sorted(held, key=lambda h: h[0])
+    for _, gpus, cpu, mem in on:
+        n.cpu_free -= cpu
+        n.mem_free -= mem
+        for i in gpus:
+            lst = n.free.get(n.gpu_models.get(i, ""))
+            if lst is not None and i in lst:
+                lst.remove(i)
+    room = first = n.replicas_fit(shape, models, empty=False)
+    gains: list[tuple[float, int]] = []
+    for end, gpus, cpu, mem in on:
+        if end == math.inf:
+            break
+        n = n.trial([(gpus, cpu, mem)])
+        grown = n.replicas_fit(shape, models, empty=False)
+        if grown != room:
+            gains.append((end, grown - room))
+            room = grown
+    return first, tuple(gains)
+
+
+def start_from(timelines: Iterable[Timeline | None], count: int, now: float) -> float | None:
+    """The first time the nodes' timelines together make room for `count` replicas."""
+    total = 0
+    gains: list[tuple[float, int]] = []
+    for tl in timelines:
+        if tl is not None:
+            total += tl[0]
+            gains.extend(tl[1])
+    if total >= count:
+        return now
+    gains.sort()
+    for end, gain in gains:
+        total += gain
+        if total >= count:
+            return max(now, end)
+    return None
+
+
+def earliest_start(
+    nodes: Mapping[str, Node],
+    held: Mapping[str, Sequence[Held]],
+    shape: Shape,
+    count: int,
+    *,
+    now: float,
+    models: tuple[str, ...] | None = None,
+) -> float | None:
+    """The earliest time the gang could fit if nothing new were placed and every holder
+    left at its hard end: `now` if it fits on what is free, else the hard end after which
+    it would, or None if no known end frees enough (work without a hard end holds it).
+
+    Counted over the whole cluster, not only the nodes held for the gang: the gang may
+    start on any mix of nodes. New placements only take capacity, so this is a lower
+    bound on when the gang can start, and work on its held nodes that ends by then is
+    gone before the gang could use them (conservative backfill). Replicas are counted
+    per node as `replicas_fit` counts them, on every node the class filters pass (holds
+    aside: another gang's hold lifts once it is placed, and more nodes only lower the
+    bound); capacity nobody in `held` holds (set aside for a preemptor or a
+    reservation) counts as free, which only lowers it too.
+    """
+    return start_from(
+        (replica_timeline(nodes[nid], held.get(nid, ()), shape, models) for nid in sorted(nodes)),
+        count,
+        now,
+    )
 
 
 def node_state_text(state: NodeState) -> str:
