@@ -288,16 +288,19 @@ class AsyncClient:
         tenant: str = "",
         node_id: str = "",
         allocation_id: str = "",
+        budget_alerts: bool = False,
     ) -> AsyncGenerator[allocator_pb2.AllocationEvent, None]:
         """One raw WatchAllocations stream, PROGRESS events included; it ends on the first
         error (raised as `RmgrpcError`). Most callers want `watch_allocations` instead,
-        which resumes and relists by itself."""
+        which resumes and relists by itself. `budget_alerts`: the budget alerts of
+        `tenant`'s subtree too (BUDGET_ALERT events)."""
         call = self._allocator.WatchAllocations(
             allocator_pb2.WatchAllocationsRequest(
                 start_revision=start_revision,
                 tenant=tenant,
                 node_id=node_id,
                 allocation_id=allocation_id,
+                budget_alerts=budget_alerts,
             ),
             metadata=self._metadata,
         )
@@ -319,6 +322,7 @@ class AsyncClient:
         relist: Relister | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
+        budget_alerts: bool = False,
     ) -> AllocationWatch:
         """A resumable watch; see `rmgrpc_client.watch.watch_allocations`."""
         from rmgrpc_client.watch import watch_allocations
@@ -332,6 +336,7 @@ class AsyncClient:
             relist=relist,
             backoff_initial=backoff_initial,
             backoff_max=backoff_max,
+            budget_alerts=budget_alerts,
         )
 
     # -- GpuManagerService ------------------------------------------------------------

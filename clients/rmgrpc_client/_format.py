@@ -391,6 +391,8 @@ def dry_run_block(response: allocator_pb2.AllocateResponse, now: float | None = 
 
 def event_line(event: allocator_pb2.AllocationEvent) -> str:
     """``42 PLACED a-1 org/team ALLOCATED n1:0,1`` — revision, change, allocation."""
+    if event.HasField("budget_alert"):
+        return budget_alert_line(event)
     a = event.allocation
     fields = [
         str(event.revision),
@@ -403,6 +405,25 @@ def event_line(event: allocator_pb2.AllocationEvent) -> str:
     if _reason(a):
         fields.append(f"({_reason(a)})")
     return " ".join(fields)
+
+
+def budget_alert_line(event: allocator_pb2.AllocationEvent) -> str:
+    """``57 BUDGET_ALERT org 75% spent 75.00 of 100.00 this month (from 2027-02-01)``."""
+    b = event.budget_alert
+    if b.period:
+        period = f"this {budget_period_name(b.period)}"
+    elif b.period_seconds:
+        period = f"per {human_duration(b.period_seconds)}"
+    else:
+        period = "in total"
+    since = ""
+    if b.HasField("period_start"):
+        since = " (from " + time.strftime("%Y-%m-%d %H:%M", time.gmtime(b.period_start.seconds))
+        since = since.removesuffix(" 00:00") + ")"
+    return (
+        f"{event.revision} {event_type_name(event.type)} {b.tenant} {b.percent}% spent "
+        f"{b.spent:.2f} of {b.amount:.2f} {period}{since}"
+    )
 
 
 def relisted_lines(allocations: Sequence[allocator_pb2.Allocation], revision: int) -> str:
@@ -532,7 +553,18 @@ def _budget(q: quota_pb2.Quota) -> str:
     if not q.HasField("budget") or not q.budget.amount:
         return "-"
     period = f"/{q.budget.period_seconds}s" if q.budget.period_seconds else ""
+    if q.budget.period:
+        period = "/" + budget_period_name(q.budget.period)
     return f"{q.budget.amount:g}{period}"
+
+
+def budget_period_name(period: int) -> str:
+    """A calendar budget period as the CLI spells it: day, week, month."""
+    return (
+        quota_pb2.BudgetPeriod.Name(quota_pb2.BudgetPeriod.ValueType(period))
+        .removeprefix("BUDGET_PERIOD_")
+        .lower()
+    )
 
 
 def quota_rows(quotas: Iterable[quota_pb2.Quota]) -> Rows:
@@ -608,6 +640,8 @@ def usage_block(u: quota_pb2.TenantUsage) -> str:
             ("guaranteed", format_resources(u.guaranteed)),
             ("limit", format_resources(u.limit, empty="unbounded")),
             ("borrowed", format_resources(u.borrowed)),
+            ("reserved", format_resources(u.reserved)),
+            ("reserved later", format_resources(u.reserved_upcoming)),
             ("running", u.running_allocations),
             ("waiting", u.pending_allocations),
             ("dominant share", f"{u.dominant_share:.3f}"),

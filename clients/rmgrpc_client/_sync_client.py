@@ -285,6 +285,7 @@ class Client:
         tenant: str = "",
         node_id: str = "",
         allocation_id: str = "",
+        budget_alerts: bool = False,
     ) -> Generator[allocator_pb2.AllocationEvent, None, None]:
         """One raw WatchAllocations stream, PROGRESS events included; it ends on the first
         error (raised as `RmgrpcError`) and does not resume. For a watch that survives
@@ -295,6 +296,7 @@ class Client:
                 tenant=tenant,
                 node_id=node_id,
                 allocation_id=allocation_id,
+                budget_alerts=budget_alerts,
             ),
             metadata=self._metadata,
         )

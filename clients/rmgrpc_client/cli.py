@@ -3,6 +3,7 @@
     rmgrpcctl allocate org/team --count 2 --gpus 4 --gpu-model H100
     rmgrpcctl list --tenant org --state allocated
     rmgrpcctl watch --node n1            # resumes across disconnects and compaction
+    rmgrpcctl watch --tenant org --budget-alerts   # allocations and budget alerts
     rmgrpcctl quota set org/team --guaranteed-gpus 8 --limit-gpus 16 --weight 2
     rmgrpcctl tenants; rmgrpcctl queue; rmgrpcctl nodes -o wide; rmgrpcctl top
     rmgrpcctl reserve org/team --gpus 8 --start +1h --end +3h; rmgrpcctl reservations
@@ -309,6 +310,7 @@ async def _watch(client: AsyncClient, args: argparse.Namespace) -> None:
         tenant=args.tenant,
         node_id=args.node,
         allocation_id=args.allocation,
+        budget_alerts=args.budget_alerts,
     ) as watch:
         async for item in watch:
             if isinstance(item, Relisted):
@@ -384,9 +386,15 @@ def _resources(args: argparse.Namespace, kind: str) -> resources_pb2.Resources |
 async def _quota_set(client: AsyncClient, args: argparse.Namespace) -> None:
     budget = None
     stop = args.budget_stop_running
+    # --budget-period is a length in seconds or a calendar period (day, week, month).
+    seconds = args.budget_period if isinstance(args.budget_period, int) else 0
+    calendar = _BUDGET_PERIODS.get(args.budget_period, 0) if seconds == 0 else 0
     if args.budget is not None or args.budget_period is not None or stop is not None:
         budget = quota_pb2.Budget(
-            amount=args.budget or 0, period_seconds=args.budget_period or 0, stop_running=bool(stop)
+            amount=args.budget or 0,
+            period_seconds=seconds,
+            stop_running=bool(stop),
+            period=quota_pb2.BudgetPeriod.ValueType(calendar),
         )
     guaranteed, limit = _resources(args, "guaranteed"), _resources(args, "limit")
     policy = _preemption_policy(args)
@@ -409,7 +417,8 @@ async def _quota_set(client: AsyncClient, args: argparse.Namespace) -> None:
         if args.budget is not None:
             mask.append("budget" if args.budget_period is not None else "budget.amount")
         elif args.budget_period is not None:
-            mask.append("budget.period_seconds")
+            # Both: a calendar period and a length never stand together.
+            mask += ["budget.period_seconds", "budget.period"]
         if stop is not None and "budget" not in mask:
             mask.append("budget.stop_running")
         mask += [f for f, flag in _POLICY_FLAGS.items() if getattr(args, flag) is not None]
@@ -521,7 +530,10 @@ async def _cost(client: AsyncClient, args: argparse.Namespace) -> None:
             budget, period = "-", t.budget_period_seconds
             if t.budget_amount:
                 budget = f"{t.budget_spent:.2f}/{t.budget_amount:g}"
-                budget += f" per {fmt.human_duration(period)}" if period else " (no reset)"
+                if t.budget_period:
+                    budget += f" per {fmt.budget_period_name(t.budget_period)}"
+                else:
+                    budget += f" per {fmt.human_duration(period)}" if period else " (no reset)"
             used = f"{t.budget_spent / t.budget_amount:.0%}" if t.budget_amount else "-"
             rows.append(
                 [
@@ -618,6 +630,25 @@ def _completion_cmd(args: argparse.Namespace) -> None:
 
 
 # -- arguments --------------------------------------------------------------------------
+
+
+_BUDGET_PERIODS = {
+    "day": quota_pb2.BUDGET_PERIOD_DAY,
+    "week": quota_pb2.BUDGET_PERIOD_WEEK,
+    "month": quota_pb2.BUDGET_PERIOD_MONTH,
+}
+
+
+def _budget_period_arg(text: str) -> int | str:
+    """A budget period: day, week or month (calendar, UTC), or a length in seconds."""
+    if text.lower() in _BUDGET_PERIODS:
+        return text.lower()
+    try:
+        return _int_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"not day, week, month or a number of seconds: {text!r}"
+        ) from None
 
 
 def _int_arg(text: str) -> int:
@@ -800,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="first revision to show; 0 for from now",
     )
     p.add_argument("--limit", type=_int_arg, default=0, help="stop after this many; 0: never")
+    p.add_argument(
+        "--budget-alerts",
+        action="store_true",
+        help="also the budget alerts (50/75/90/100 %%) of --tenant's subtree's budgets",
+    )
 
     node_state = _enum_arg(node_states, "NODE_STATE_")
     p = command("nodes", _nodes, "list nodes with state, free GPUs and heartbeat age")
@@ -937,9 +973,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="cost units per period")
     p.add_argument(
         "--budget-period",
-        type=_int_arg,
-        metavar="SECONDS",
-        help="length of a budget period; 0: the budget never resets",
+        type=_budget_period_arg,
+        metavar="PERIOD",
+        help="day, week (ISO, from Monday) or month, in UTC; or a length in seconds "
+        "(0: the budget never resets)",
     )
     p.add_argument(
         "--budget-stop-running",

@@ -79,6 +79,7 @@ def watch_allocations(
     relist: Relister | None = None,
     backoff_initial: float = 0.2,
     backoff_max: float = 5.0,
+    budget_alerts: bool = False,
 ) -> AllocationWatch:
     """Watch allocation events matching the filters, resuming across failures.
 
@@ -86,7 +87,8 @@ def watch_allocations(
     live. Use it as ``async for item in watch_allocations(client, node_id="n1"): ...`` and
     close it with ``await watch.aclose()`` or ``async with`` when you stop early. The
     default relist is ListAllocations with the same tenant/node_id filters (all pages,
-    every state); pass `relist` to list differently.
+    every state); pass `relist` to list differently. `budget_alerts` adds the budget
+    alerts of `tenant`'s subtree (BUDGET_ALERT events; a relist lists allocations only).
     """
     return AllocationWatch(
         client,
@@ -97,6 +99,7 @@ def watch_allocations(
         relist=relist,
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,
+        budget_alerts=budget_alerts,
     )
 
 
@@ -115,6 +118,7 @@ class AllocationWatch:
         relist: Relister | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
+        budget_alerts: bool = False,
     ) -> None:
         if start_revision < 0:
             raise ValueError("start_revision must be >= 0")
@@ -122,6 +126,7 @@ class AllocationWatch:
         self._tenant = tenant
         self._node_id = node_id
         self._allocation_id = allocation_id
+        self._budget_alerts = budget_alerts
         self._relist = relist or self._list_everything
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -182,6 +187,7 @@ class AllocationWatch:
                 tenant=self._tenant,
                 node_id=self._node_id,
                 allocation_id=self._allocation_id,
+                budget_alerts=self._budget_alerts,
             )
             try:
                 async for event in stream:

@@ -18,6 +18,7 @@ from rmgrpc.model import (
     AllocationState,
     BorrowingPreemption,
     Budget,
+    BudgetPeriod,
     Gpu,
     GpuHealth,
     GpuMetrics,
@@ -324,6 +325,7 @@ def quota_to_proto(q: Quota) -> quota_pb2.Quota:
                 amount=q.budget.amount,
                 period_seconds=q.budget.period_seconds,
                 stop_running=q.budget.stop_running,
+                period=quota_pb2.BudgetPeriod.ValueType(q.budget.period),
             )
         )
     stamp = ts(q.update_time or None)
@@ -341,7 +343,12 @@ def quota_from_proto(msg: quota_pb2.Quota) -> Quota:
         # Rows written before weight had presence never held 0: absent means 1.
         weight=msg.weight if msg.HasField("weight") else 1.0,
         lending_limit=resources_from_proto(msg.lending_limit),
-        budget=Budget(msg.budget.amount, msg.budget.period_seconds, msg.budget.stop_running)
+        budget=Budget(
+            msg.budget.amount,
+            msg.budget.period_seconds,
+            msg.budget.stop_running,
+            BudgetPeriod(msg.budget.period),
+        )
         if msg.HasField("budget")
         else None,
         revision=msg.revision,

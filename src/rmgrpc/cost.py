@@ -4,7 +4,9 @@ Pure and synchronous (no clock, no I/O): the engine's accrual loop (`engine/cost
 feeds it times and placed resources. Prices are per hour: a GPU-hour by GPU model (a
 default for models the table does not list), a CPU core-hour (1000 millicores) and a
 GiB-hour of memory. Periods are whole multiples of their length since the Unix epoch, in
-UTC: a 86400 s period (and the ledger's day) starts at midnight UTC.
+UTC: a 86400 s period (and the ledger's day) starts at midnight UTC; calendar periods
+(`Period.calendar`) are a UTC day, an ISO week from Monday 00:00 UTC, or a month from the
+1st 00:00 UTC.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from rmgrpc.model import Allocation, Budget, BudgetPeriod, parent_of
 
 DAY_SECONDS = 86400
 HOUR_SECONDS = 3600.0
@@ -109,6 +114,11 @@ def hourly(held: Held, prices: PriceTable) -> Amounts:
     return Amounts(cost, float(held.gpus), cores, gib)
 
 
+WEEK_SECONDS = 7 * DAY_SECONDS
+# 1970-01-05, the first Monday after the epoch (a Thursday): ISO weeks start from it.
+_MONDAY = 4 * DAY_SECONDS
+
+
 def period_start(t: float, period_seconds: int) -> float:
     """Start of the period holding `t`; 0 for a period of 0 (never resets)."""
     if period_seconds <= 0:
@@ -116,13 +126,64 @@ def period_start(t: float, period_seconds: int) -> float:
     return math.floor(t / period_seconds) * float(period_seconds)
 
 
-def split(start: float, end: float, period_seconds: int) -> Iterator[tuple[float, float]]:
-    """[start, end) cut at period boundaries: (period start, seconds in it) per piece."""
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A budget period: a calendar one (UTC), else `seconds` long from the epoch (0: one
+    period that never ends)."""
+
+    seconds: int = 0
+    calendar: BudgetPeriod = BudgetPeriod.NONE
+
+    @classmethod
+    def of(cls, budget: Budget) -> Period:
+        if budget.period != BudgetPeriod.NONE:
+            return cls(0, budget.period)
+        return cls(budget.period_seconds)
+
+    @property
+    def resets(self) -> bool:
+        return self.calendar != BudgetPeriod.NONE or self.seconds > 0
+
+    def start(self, t: float) -> float:
+        """Start of the period holding `t` (0 for one that never resets)."""
+        if self.calendar == BudgetPeriod.DAY:
+            return period_start(t, DAY_SECONDS)
+        if self.calendar == BudgetPeriod.WEEK:
+            return math.floor((t - _MONDAY) / WEEK_SECONDS) * float(WEEK_SECONDS) + _MONDAY
+        if self.calendar == BudgetPeriod.MONTH:
+            d = datetime.fromtimestamp(t, UTC)
+            return datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+        return period_start(t, self.seconds)
+
+    def end(self, start: float) -> float:
+        """End of the period that begins at `start` (infinity for one that never resets)."""
+        if self.calendar == BudgetPeriod.DAY:
+            return start + DAY_SECONDS
+        if self.calendar == BudgetPeriod.WEEK:
+            return start + WEEK_SECONDS
+        if self.calendar == BudgetPeriod.MONTH:
+            d = datetime.fromtimestamp(start, UTC)
+            year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+            return datetime(year, month, 1, tzinfo=UTC).timestamp()
+        return start + self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def name(self) -> str:
+        """The period in words, for reasons: "this month", "this period"."""
+        if self.calendar != BudgetPeriod.NONE:
+            return f"this {self.calendar.name.lower()}"
+        return "this period" if self.seconds > 0 else "in total"
+
+
+def split(start: float, end: float, period: int | Period) -> Iterator[tuple[float, float]]:
+    """[start, end) cut at period boundaries (a length in seconds, or a `Period`):
+    (period start, seconds in it) per piece."""
+    p = period if isinstance(period, Period) else Period(period)
     t = start
     while t < end:
-        p = period_start(t, period_seconds)
-        stop = end if period_seconds <= 0 else min(end, p + period_seconds)
-        yield p, stop - t
+        first = p.start(t)
+        stop = min(end, p.end(first))
+        yield first, stop - t
         t = stop
 
 
@@ -170,3 +231,74 @@ def reached(spent: float, amount: float, alerted: int) -> int:
     """`alerted` lowered to the highest threshold `spent` still reaches (after the budget
     was raised); never raised."""
     return max((p for p in THRESHOLDS if p <= alerted and spent >= amount * p / 100), default=0)
+
+
+def ancestors(tenant: str) -> Iterator[str]:
+    """`tenant`, then its parent, up to the root."""
+    while tenant:
+        yield tenant
+        tenant = parent_of(tenant)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLeft:
+    """A budgeted tenant's subtree spend in its current period, as admission reads it."""
+
+    spent: float
+    amount: float
+    period: Period = Period()
+
+
+def budget_block(
+    request: Allocation, budgets: Mapping[str, BudgetLeft], prices: PriceTable
+) -> tuple[str, str] | None:
+    """(budgeted tenant, why) when a budget of `request`'s tenant or an ancestor cannot
+    cover it: its cost for `max_duration_seconds` is more than is left (count * shape *
+    price), or, without a duration, nothing is left. The one rule for Allocate and for
+    queued work the scheduler would start."""
+    if not budgets:
+        return None
+    need: float | None = None
+    for tenant in ancestors(request.tenant):
+        left = budgets.get(tenant)
+        if left is None or left.amount <= 0:
+            continue
+        remaining = left.amount - left.spent
+        if request.max_duration_seconds > 0:
+            if need is None:
+                shape, n = request.shape, request.count
+                need = request_cost(
+                    n * shape.gpus,
+                    shape.gpu_model,
+                    n * shape.cpu_millis,
+                    n * shape.memory_bytes,
+                    float(request.max_duration_seconds),
+                    prices,
+                )
+            if need > remaining:
+                return tenant, (
+                    f"budget of {tenant!r} cannot cover this request: it may cost {need:.2f} "
+                    f"over max_duration_seconds {request.max_duration_seconds}, and "
+                    f"{max(remaining, 0.0):.2f} of {left.amount:.2f} is left {left.period.name}"
+                )
+        if remaining <= 0:
+            return tenant, (
+                f"budget of {tenant!r} is spent: {left.spent:.2f} of {left.amount:.2f} "
+                f"{left.period.name}"
+            )
+    return None
+
+
+def pending_budget_reason(
+    request: Allocation, budgets: Mapping[str, BudgetLeft], prices: PriceTable
+) -> str | None:
+    """Why queued work does not start for budget (the rule of `budget_block`), and what
+    would let it: the next period, or a raised budget."""
+    block = budget_block(request, budgets, prices)
+    if block is None:
+        return None
+    tenant, why = block
+    period = budgets[tenant].period
+    when = f"the next {period.calendar.name.lower()}" if period.calendar else "the next period"
+    lift = f"{when} or a raised budget" if period.resets else "a raised budget"
+    return f"{why}; starts with {lift}"

@@ -197,12 +197,23 @@ class Resources:
     gpus_by_model: dict[str, int] = field(default_factory=dict)
 
 
+class BudgetPeriod(enum.IntEnum):
+    """A budget's calendar period, in UTC; NONE: its `period_seconds` applies."""
+
+    NONE = 0
+    DAY = 1
+    WEEK = 2  # ISO: from Monday 00:00
+    MONTH = 3
+
+
 @dataclass(slots=True)
 class Budget:
     amount: float = 0.0
     period_seconds: int = 0
     # Spent: end the subtree's running work too, not only refuse new work.
     stop_running: bool = False
+    # A calendar period instead of `period_seconds` (never both).
+    period: BudgetPeriod = BudgetPeriod.NONE
 
 
 class WithinTenantPreemption(enum.IntEnum):

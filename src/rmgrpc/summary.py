@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rmgrpc.model import AllocationState, GpuHealth, Node, NodeState, Resources
+from rmgrpc.model import (
+    AllocationState,
+    GpuHealth,
+    Node,
+    NodeState,
+    Reservation,
+    ReservationState,
+    Resources,
+)
 from rmgrpc.scheduler import fairshare
 from rmgrpc.scheduler.snapshot import Snapshot
 
@@ -52,6 +60,39 @@ class ModelView:
         return self.utilization_sum / self.reporting if self.reporting else 0.0
 
 
+def _zero() -> Resources:
+    return Resources(gpus=0, cpu_millis=0, memory_bytes=0)
+
+
+@dataclass(slots=True)
+class ReservedView:
+    """Capacity booked by live reservations: ACTIVE ones (window begun) and SCHEDULED
+    ones (window to come), count x shape each."""
+
+    active: Resources = field(default_factory=_zero)
+    upcoming: Resources = field(default_factory=_zero)
+
+    def add(self, r: Reservation) -> None:
+        if r.state == ReservationState.ACTIVE:
+            into = self.active
+        elif r.state == ReservationState.SCHEDULED:
+            into = self.upcoming
+        else:
+            return  # ended or cancelled: holds nothing
+        s, n = r.shape, r.count
+        _add(into, n * s.gpus, n * s.cpu_millis, n * s.memory_bytes)
+
+
+def reserved_of(reservations: Iterable[Reservation], tenant: str = "") -> ReservedView:
+    """What the live reservations of `tenant`'s subtree (by name, as reservations are
+    authorized; all when empty) book."""
+    out = ReservedView()
+    for r in reservations:
+        if not tenant or r.tenant == tenant or r.tenant.startswith(tenant + "/"):
+            out.add(r)
+    return out
+
+
 @dataclass(slots=True)
 class TenantView:
     """One tenant with its subtree, as GetUsage counts it, and its oldest wait."""
@@ -59,10 +100,7 @@ class TenantView:
     usage: fairshare.TenantUsage
     parent: str
     oldest_pending_create_time: float | None = None
-
-
-def _zero() -> Resources:
-    return Resources(gpus=0, cpu_millis=0, memory_bytes=0)
+    reserved: ReservedView = field(default_factory=ReservedView)
 
 
 @dataclass(slots=True)
@@ -82,6 +120,7 @@ class ClusterView:
     leaving: int = 0
     pending_count: int = 0
     tenants: dict[str, TenantView] = field(default_factory=dict)
+    reserved: ReservedView = field(default_factory=ReservedView)
 
     @staticmethod
     def of(snapshot: Snapshot, revision: int) -> ClusterView:
@@ -128,11 +167,14 @@ class ClusterView:
             for t in tree.chain(tenant):
                 if t not in subtree_oldest or created < subtree_oldest[t]:
                     subtree_oldest[t] = created
+        reservations = list(snapshot.reservations.values())
+        view.reserved = reserved_of(reservations)
         for t in sorted(tree.parent):
             view.tenants[t] = TenantView(
                 usage=fairshare.usage_from(ledger, t),
                 parent=tree.parent[t],
                 oldest_pending_create_time=subtree_oldest.get(t),
+                reserved=reserved_of(reservations, t),
             )
         # A model that lost its last GPU but is still asked for stays visible (pending).
         view.models = dict(sorted(view.models.items()))
@@ -216,6 +258,7 @@ def _copy(view: ClusterView) -> ClusterView:
         leaving=view.leaving,
         pending_count=view.pending_count,
         tenants=view.tenants,
+        reserved=view.reserved,
     )
     out.models = {
         k: ModelView(m.model, m.total, m.allocated, m.unhealthy, m.pending, m.memory_total_bytes)

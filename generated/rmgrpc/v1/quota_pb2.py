@@ -27,47 +27,49 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rmgrpc.v1 import resources_pb2 as rmgrpc_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rmgrpc/v1/quota.proto\x12\trmgrpc.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rmgrpc/v1/resources.proto\"F\n\x06\x42udget\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\x12\x14\n\x0cstop_running\x18\x46 \x01(\x08\"\x97\x01\n\x0b\x42udgetAlert\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\x12\r\n\x05spent\x18\x03 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x05 \x01(\x03\x12\x30\n\x0cperiod_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x97\x04\n\x05Quota\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12(\n\nguaranteed\x18\x03 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12#\n\x05limit\x18\x04 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x13\n\x06weight\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12!\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x11.rmgrpc.v1.Budget\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x43\n\x18within_tenant_preemption\x18\x14 \x01(\x0e\x32!.rmgrpc.v1.WithinTenantPreemption\x12\x35\n\x13reclaim_from_others\x18\x15 \x01(\x0e\x32\x18.rmgrpc.v1.ReclaimPolicy\x12\x42\n\x1apreemption_while_borrowing\x18\x16 \x01(\x0e\x32\x1e.rmgrpc.v1.BorrowingPreemption\x12\x1e\n\x16\x62orrowing_max_priority\x18\x17 \x01(\x05\x12\x0c\n\x04\x65tag\x18( \x01(\t\x12+\n\rlending_limit\x18\x1e \x01(\x0b\x32\x14.rmgrpc.v1.ResourcesB\t\n\x07_weight\"q\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.rmgrpc.v1.Quota\x12/\n\x0bupdate_mask\x18( \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18) \x01(\t\"3\n\x10SetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.rmgrpc.v1.Quota\"!\n\x0fGetQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"3\n\x10GetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.rmgrpc.v1.Quota\"J\n\x11ListQuotasRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x12ListQuotasResponse\x12 \n\x06quotas\x18\x01 \x03(\x0b\x32\x10.rmgrpc.v1.Quota\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"2\n\x12\x44\x65leteQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18( \x01(\t\"\x15\n\x13\x44\x65leteQuotaResponse\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xc3\x04\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x04held\x18\x02 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12%\n\x07pending\x18\x03 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12(\n\nguaranteed\x18\x04 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12#\n\x05limit\x18\x05 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12&\n\x08\x62orrowed\x18\x06 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x16\n\x0e\x64ominant_share\x18\x07 \x01(\x01\x12\x1f\n\x17weighted_dominant_share\x18\x08 \x01(\x01\x12\x12\n\nfair_share\x18\t \x01(\x01\x12\x1b\n\x13running_allocations\x18\n \x01(\x05\x12\x1b\n\x13pending_allocations\x18\x0b \x01(\x05\x12\x0c\n\x04\x63ost\x18\x0c \x01(\x01\x12\x1c\n\x14\x62udget_used_fraction\x18\r \x01(\x01\x12*\n\x0crecent_usage\x18\x1e \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x1f\n\x17usage_half_life_seconds\x18\x1f \x01(\x01\x12\x13\n\x0border_score\x18  \x01(\x01\x12\x19\n\x11order_explanation\x18! \x01(\t\x12\x32\n\x14\x66\x61ir_share_resources\x18\" \x01(\x0b\x32\x14.rmgrpc.v1.Resources\"z\n\x10GetUsageResponse\x12%\n\x05usage\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.TenantUsage\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12-\n\tread_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xcf\x01\n\x16WithinTenantPreemption\x12(\n$WITHIN_TENANT_PREEMPTION_UNSPECIFIED\x10\x00\x12\"\n\x1eWITHIN_TENANT_PREEMPTION_NEVER\x10\x01\x12+\n\'WITHIN_TENANT_PREEMPTION_LOWER_PRIORITY\x10\x02\x12:\n6WITHIN_TENANT_PREEMPTION_LOWER_OR_NEWER_EQUAL_PRIORITY\x10\x03*\x84\x01\n\rReclaimPolicy\x12\x1e\n\x1aRECLAIM_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14RECLAIM_POLICY_NEVER\x10\x01\x12!\n\x1dRECLAIM_POLICY_LOWER_PRIORITY\x10\x02\x12\x16\n\x12RECLAIM_POLICY_ANY\x10\x03*\xa5\x01\n\x13\x42orrowingPreemption\x12$\n BORROWING_PREEMPTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42ORROWING_PREEMPTION_NEVER\x10\x01\x12\'\n#BORROWING_PREEMPTION_UP_TO_PRIORITY\x10\x02\x12\x1f\n\x1b\x42ORROWING_PREEMPTION_ALWAYS\x10\x03\x32\xf6\x02\n\x0cQuotaService\x12\x43\n\x08SetQuota\x12\x1a.rmgrpc.v1.SetQuotaRequest\x1a\x1b.rmgrpc.v1.SetQuotaResponse\x12\x43\n\x08GetQuota\x12\x1a.rmgrpc.v1.GetQuotaRequest\x1a\x1b.rmgrpc.v1.GetQuotaResponse\x12I\n\nListQuotas\x12\x1c.rmgrpc.v1.ListQuotasRequest\x1a\x1d.rmgrpc.v1.ListQuotasResponse\x12L\n\x0b\x44\x65leteQuota\x12\x1d.rmgrpc.v1.DeleteQuotaRequest\x1a\x1e.rmgrpc.v1.DeleteQuotaResponse\x12\x43\n\x08GetUsage\x12\x1a.rmgrpc.v1.GetUsageRequest\x1a\x1b.rmgrpc.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rmgrpc/v1/quota.proto\x12\trmgrpc.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rmgrpc/v1/resources.proto\"o\n\x06\x42udget\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\x12\x14\n\x0cstop_running\x18\x46 \x01(\x08\x12\'\n\x06period\x18G \x01(\x0e\x32\x17.rmgrpc.v1.BudgetPeriod\"\xc0\x01\n\x0b\x42udgetAlert\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\x12\r\n\x05spent\x18\x03 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x05 \x01(\x03\x12\x30\n\x0cperiod_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06period\x18\x64 \x01(\x0e\x32\x17.rmgrpc.v1.BudgetPeriod\"\x97\x04\n\x05Quota\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12(\n\nguaranteed\x18\x03 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12#\n\x05limit\x18\x04 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x13\n\x06weight\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12!\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x11.rmgrpc.v1.Budget\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x43\n\x18within_tenant_preemption\x18\x14 \x01(\x0e\x32!.rmgrpc.v1.WithinTenantPreemption\x12\x35\n\x13reclaim_from_others\x18\x15 \x01(\x0e\x32\x18.rmgrpc.v1.ReclaimPolicy\x12\x42\n\x1apreemption_while_borrowing\x18\x16 \x01(\x0e\x32\x1e.rmgrpc.v1.BorrowingPreemption\x12\x1e\n\x16\x62orrowing_max_priority\x18\x17 \x01(\x05\x12\x0c\n\x04\x65tag\x18( \x01(\t\x12+\n\rlending_limit\x18\x1e \x01(\x0b\x32\x14.rmgrpc.v1.ResourcesB\t\n\x07_weight\"q\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.rmgrpc.v1.Quota\x12/\n\x0bupdate_mask\x18( \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18) \x01(\t\"3\n\x10SetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.rmgrpc.v1.Quota\"!\n\x0fGetQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"3\n\x10GetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.rmgrpc.v1.Quota\"J\n\x11ListQuotasRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x12ListQuotasResponse\x12 \n\x06quotas\x18\x01 \x03(\x0b\x32\x10.rmgrpc.v1.Quota\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"2\n\x12\x44\x65leteQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18( \x01(\t\"\x15\n\x13\x44\x65leteQuotaResponse\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x9c\x05\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x04held\x18\x02 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12%\n\x07pending\x18\x03 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12(\n\nguaranteed\x18\x04 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12#\n\x05limit\x18\x05 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12&\n\x08\x62orrowed\x18\x06 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x16\n\x0e\x64ominant_share\x18\x07 \x01(\x01\x12\x1f\n\x17weighted_dominant_share\x18\x08 \x01(\x01\x12\x12\n\nfair_share\x18\t \x01(\x01\x12\x1b\n\x13running_allocations\x18\n \x01(\x05\x12\x1b\n\x13pending_allocations\x18\x0b \x01(\x05\x12\x0c\n\x04\x63ost\x18\x0c \x01(\x01\x12\x1c\n\x14\x62udget_used_fraction\x18\r \x01(\x01\x12*\n\x0crecent_usage\x18\x1e \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x1f\n\x17usage_half_life_seconds\x18\x1f \x01(\x01\x12\x13\n\x0border_score\x18  \x01(\x01\x12\x19\n\x11order_explanation\x18! \x01(\t\x12\x32\n\x14\x66\x61ir_share_resources\x18\" \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12&\n\x08reserved\x18\x64 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12/\n\x11reserved_upcoming\x18\x65 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\"z\n\x10GetUsageResponse\x12%\n\x05usage\x18\x01 \x01(\x0b\x32\x16.rmgrpc.v1.TenantUsage\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12-\n\tread_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*u\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42UDGET_PERIOD_DAY\x10\x01\x12\x16\n\x12\x42UDGET_PERIOD_WEEK\x10\x02\x12\x17\n\x13\x42UDGET_PERIOD_MONTH\x10\x03*\xcf\x01\n\x16WithinTenantPreemption\x12(\n$WITHIN_TENANT_PREEMPTION_UNSPECIFIED\x10\x00\x12\"\n\x1eWITHIN_TENANT_PREEMPTION_NEVER\x10\x01\x12+\n\'WITHIN_TENANT_PREEMPTION_LOWER_PRIORITY\x10\x02\x12:\n6WITHIN_TENANT_PREEMPTION_LOWER_OR_NEWER_EQUAL_PRIORITY\x10\x03*\x84\x01\n\rReclaimPolicy\x12\x1e\n\x1aRECLAIM_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14RECLAIM_POLICY_NEVER\x10\x01\x12!\n\x1dRECLAIM_POLICY_LOWER_PRIORITY\x10\x02\x12\x16\n\x12RECLAIM_POLICY_ANY\x10\x03*\xa5\x01\n\x13\x42orrowingPreemption\x12$\n BORROWING_PREEMPTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42ORROWING_PREEMPTION_NEVER\x10\x01\x12\'\n#BORROWING_PREEMPTION_UP_TO_PRIORITY\x10\x02\x12\x1f\n\x1b\x42ORROWING_PREEMPTION_ALWAYS\x10\x03\x32\xf6\x02\n\x0cQuotaService\x12\x43\n\x08SetQuota\x12\x1a.rmgrpc.v1.SetQuotaRequest\x1a\x1b.rmgrpc.v1.SetQuotaResponse\x12\x43\n\x08GetQuota\x12\x1a.rmgrpc.v1.GetQuotaRequest\x1a\x1b.rmgrpc.v1.GetQuotaResponse\x12I\n\nListQuotas\x12\x1c.rmgrpc.v1.ListQuotasRequest\x1a\x1d.rmgrpc.v1.ListQuotasResponse\x12L\n\x0b\x44\x65leteQuota\x12\x1d.rmgrpc.v1.DeleteQuotaRequest\x1a\x1e.rmgrpc.v1.DeleteQuotaResponse\x12\x43\n\x08GetUsage\x12\x1a.rmgrpc.v1.GetUsageRequest\x1a\x1b.rmgrpc.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rmgrpc.v1.quota_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WITHINTENANTPREEMPTION']._serialized_start=2142
-  _globals['_WITHINTENANTPREEMPTION']._serialized_end=2349
-  _globals['_RECLAIMPOLICY']._serialized_start=2352
-  _globals['_RECLAIMPOLICY']._serialized_end=2484
-  _globals['_BORROWINGPREEMPTION']._serialized_start=2487
-  _globals['_BORROWINGPREEMPTION']._serialized_end=2652
+  _globals['_BUDGETPERIOD']._serialized_start=2312
+  _globals['_BUDGETPERIOD']._serialized_end=2429
+  _globals['_WITHINTENANTPREEMPTION']._serialized_start=2432
+  _globals['_WITHINTENANTPREEMPTION']._serialized_end=2639
+  _globals['_RECLAIMPOLICY']._serialized_start=2642
+  _globals['_RECLAIMPOLICY']._serialized_end=2774
+  _globals['_BORROWINGPREEMPTION']._serialized_start=2777
+  _globals['_BORROWINGPREEMPTION']._serialized_end=2942
   _globals['_BUDGET']._serialized_start=130
-  _globals['_BUDGET']._serialized_end=200
-  _globals['_BUDGETALERT']._serialized_start=203
-  _globals['_BUDGETALERT']._serialized_end=354
-  _globals['_QUOTA']._serialized_start=357
-  _globals['_QUOTA']._serialized_end=892
-  _globals['_SETQUOTAREQUEST']._serialized_start=894
-  _globals['_SETQUOTAREQUEST']._serialized_end=1007
-  _globals['_SETQUOTARESPONSE']._serialized_start=1009
-  _globals['_SETQUOTARESPONSE']._serialized_end=1060
-  _globals['_GETQUOTAREQUEST']._serialized_start=1062
-  _globals['_GETQUOTAREQUEST']._serialized_end=1095
-  _globals['_GETQUOTARESPONSE']._serialized_start=1097
-  _globals['_GETQUOTARESPONSE']._serialized_end=1148
-  _globals['_LISTQUOTASREQUEST']._serialized_start=1150
-  _globals['_LISTQUOTASREQUEST']._serialized_end=1224
-  _globals['_LISTQUOTASRESPONSE']._serialized_start=1226
-  _globals['_LISTQUOTASRESPONSE']._serialized_end=1323
-  _globals['_DELETEQUOTAREQUEST']._serialized_start=1325
-  _globals['_DELETEQUOTAREQUEST']._serialized_end=1375
-  _globals['_DELETEQUOTARESPONSE']._serialized_start=1377
-  _globals['_DELETEQUOTARESPONSE']._serialized_end=1398
-  _globals['_GETUSAGEREQUEST']._serialized_start=1400
-  _globals['_GETUSAGEREQUEST']._serialized_end=1433
-  _globals['_TENANTUSAGE']._serialized_start=1436
-  _globals['_TENANTUSAGE']._serialized_end=2015
-  _globals['_GETUSAGERESPONSE']._serialized_start=2017
-  _globals['_GETUSAGERESPONSE']._serialized_end=2139
-  _globals['_QUOTASERVICE']._serialized_start=2655
-  _globals['_QUOTASERVICE']._serialized_end=3029
+  _globals['_BUDGET']._serialized_end=241
+  _globals['_BUDGETALERT']._serialized_start=244
+  _globals['_BUDGETALERT']._serialized_end=436
+  _globals['_QUOTA']._serialized_start=439
+  _globals['_QUOTA']._serialized_end=974
+  _globals['_SETQUOTAREQUEST']._serialized_start=976
+  _globals['_SETQUOTAREQUEST']._serialized_end=1089
+  _globals['_SETQUOTARESPONSE']._serialized_start=1091
+  _globals['_SETQUOTARESPONSE']._serialized_end=1142
+  _globals['_GETQUOTAREQUEST']._serialized_start=1144
+  _globals['_GETQUOTAREQUEST']._serialized_end=1177
+  _globals['_GETQUOTARESPONSE']._serialized_start=1179
+  _globals['_GETQUOTARESPONSE']._serialized_end=1230
+  _globals['_LISTQUOTASREQUEST']._serialized_start=1232
+  _globals['_LISTQUOTASREQUEST']._serialized_end=1306
+  _globals['_LISTQUOTASRESPONSE']._serialized_start=1308
+  _globals['_LISTQUOTASRESPONSE']._serialized_end=1405
+  _globals['_DELETEQUOTAREQUEST']._serialized_start=1407
+  _globals['_DELETEQUOTAREQUEST']._serialized_end=1457
+  _globals['_DELETEQUOTARESPONSE']._serialized_start=1459
+  _globals['_DELETEQUOTARESPONSE']._serialized_end=1480
+  _globals['_GETUSAGEREQUEST']._serialized_start=1482
+  _globals['_GETUSAGEREQUEST']._serialized_end=1515
+  _globals['_TENANTUSAGE']._serialized_start=1518
+  _globals['_TENANTUSAGE']._serialized_end=2186
+  _globals['_GETUSAGERESPONSE']._serialized_start=2188
+  _globals['_GETUSAGERESPONSE']._serialized_end=2310
+  _globals['_QUOTASERVICE']._serialized_start=2945
+  _globals['_QUOTASERVICE']._serialized_end=3319
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _BudgetPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_PERIOD_UNSPECIFIED: _BudgetPeriod.ValueType  # 0
+    """No calendar period: `Budget.period_seconds` applies."""
+    BUDGET_PERIOD_DAY: _BudgetPeriod.ValueType  # 1
+    """A UTC day, from 00:00."""
+    BUDGET_PERIOD_WEEK: _BudgetPeriod.ValueType  # 2
+    """An ISO week, from Monday 00:00 UTC."""
+    BUDGET_PERIOD_MONTH: _BudgetPeriod.ValueType  # 3
+    """A calendar month, from the 1st 00:00 UTC."""
+
+class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
+    """BudgetPeriod: a calendar budget period, in UTC."""
+
+BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod.ValueType  # 0
+"""No calendar period: `Budget.period_seconds` applies."""
+BUDGET_PERIOD_DAY: BudgetPeriod.ValueType  # 1
+"""A UTC day, from 00:00."""
+BUDGET_PERIOD_WEEK: BudgetPeriod.ValueType  # 2
+"""An ISO week, from Monday 00:00 UTC."""
+BUDGET_PERIOD_MONTH: BudgetPeriod.ValueType  # 3
+"""A calendar month, from the 1st 00:00 UTC."""
+Global___BudgetPeriod: _TypeAlias = BudgetPeriod  # noqa: Y015
+
 class _WithinTenantPreemption:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -105,24 +133,30 @@ class Budget(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
     STOP_RUNNING_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
     amount: _builtins.float
     """Most the tenant may spend per period, in cost units (price × resource × hours)."""
     period_seconds: _builtins.int
-    """Length of a budget period in seconds; 0 means the budget never resets."""
+    """Length of a budget period in seconds; 0 means the budget never resets. Not with
+    `period`.
+    """
     stop_running: _builtins.bool
     """Once the budget is spent, end the subtree's running allocations too (EXPIRED, at the
     next cost accrual); otherwise only new requests are refused.
     """
+    period: Global___BudgetPeriod.ValueType
+    """A calendar period (day, ISO week, month, in UTC) instead of `period_seconds`."""
     def __init__(
         self,
         *,
         amount: _builtins.float = ...,
         period_seconds: _builtins.int = ...,
         stop_running: _builtins.bool = ...,
+        period: Global___BudgetPeriod.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "period_seconds", b"period_seconds", "stop_running", b"stop_running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "period", b"period", "period_seconds", b"period_seconds", "stop_running", b"stop_running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -142,6 +176,7 @@ class BudgetAlert(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
     PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     percent: _builtins.int
     """50, 75, 90 or 100."""
@@ -151,6 +186,8 @@ class BudgetAlert(_message.Message):
     """The budget amount."""
     period_seconds: _builtins.int
     """The budget period (0: never resets) and when the current one started."""
+    period: Global___BudgetPeriod.ValueType
+    """The budget's calendar period (UNSPECIFIED: `period_seconds` applies)."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -162,10 +199,11 @@ class BudgetAlert(_message.Message):
         amount: _builtins.float = ...,
         period_seconds: _builtins.int = ...,
         period_start: _timestamp_pb2.Timestamp | None = ...,
+        period: Global___BudgetPeriod.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "percent", b"percent", "period_seconds", b"period_seconds", "period_start", b"period_start", "spent", b"spent", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "percent", b"percent", "period", b"period", "period_seconds", b"period_seconds", "period_start", b"period_start", "spent", b"spent", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,6 +524,8 @@ class TenantUsage(_message.Message):
     ORDER_SCORE_FIELD_NUMBER: _builtins.int
     ORDER_EXPLANATION_FIELD_NUMBER: _builtins.int
     FAIR_SHARE_RESOURCES_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    RESERVED_UPCOMING_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     dominant_share: _builtins.float
     """Largest share of any cluster resource the tenant holds (0..1)."""
@@ -539,6 +579,16 @@ class TenantUsage(_message.Message):
     def fair_share_resources(self) -> _resources_pb2.Resources:
         """The fair share in resources (GPUs, CPU, memory) the tenant is entitled to now."""
 
+    @_builtins.property
+    def reserved(self) -> _resources_pb2.Resources:
+        """Booked by the subtree's ACTIVE reservations (window begun; count x shape), used or
+        idle: capacity kept for the tenant's work that names them.
+        """
+
+    @_builtins.property
+    def reserved_upcoming(self) -> _resources_pb2.Resources:
+        """Booked by the subtree's SCHEDULED reservations (window still to come)."""
+
     def __init__(
         self,
         *,
@@ -560,10 +610,12 @@ class TenantUsage(_message.Message):
         order_score: _builtins.float = ...,
         order_explanation: _builtins.str = ...,
         fair_share_resources: _resources_pb2.Resources | None = ...,
+        reserved: _resources_pb2.Resources | None = ...,
+        reserved_upcoming: _resources_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "pending", b"pending", "recent_usage", b"recent_usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "pending", b"pending", "recent_usage", b"recent_usage", "reserved", b"reserved", "reserved_upcoming", b"reserved_upcoming"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "budget_used_fraction", b"budget_used_fraction", "cost", b"cost", "dominant_share", b"dominant_share", "fair_share", b"fair_share", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "order_explanation", b"order_explanation", "order_score", b"order_score", "pending", b"pending", "pending_allocations", b"pending_allocations", "recent_usage", b"recent_usage", "running_allocations", b"running_allocations", "tenant", b"tenant", "usage_half_life_seconds", b"usage_half_life_seconds", "weighted_dominant_share", b"weighted_dominant_share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["borrowed", b"borrowed", "budget_used_fraction", b"budget_used_fraction", "cost", b"cost", "dominant_share", b"dominant_share", "fair_share", b"fair_share", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "order_explanation", b"order_explanation", "order_score", b"order_score", "pending", b"pending", "pending_allocations", b"pending_allocations", "recent_usage", b"recent_usage", "reserved", b"reserved", "reserved_upcoming", b"reserved_upcoming", "running_allocations", b"running_allocations", "tenant", b"tenant", "usage_half_life_seconds", b"usage_half_life_seconds", "weighted_dominant_share", b"weighted_dominant_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

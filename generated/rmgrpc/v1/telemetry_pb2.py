@@ -24,44 +24,45 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from rmgrpc.v1 import gpu_manager_pb2 as rmgrpc_dot_v1_dot_gpu__manager__pb2
+from rmgrpc.v1 import quota_pb2 as rmgrpc_dot_v1_dot_quota__pb2
 from rmgrpc.v1 import resources_pb2 as rmgrpc_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rmgrpc/v1/telemetry.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1brmgrpc/v1/gpu_manager.proto\x1a\x19rmgrpc/v1/resources.proto\"\x82\x02\n\x0cModelSummary\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ntotal_gpus\x18\x02 \x01(\x05\x12\x16\n\x0e\x61llocated_gpus\x18\x03 \x01(\x05\x12\x14\n\x0chealthy_gpus\x18\x04 \x01(\x05\x12\x16\n\x0eunhealthy_gpus\x18\x05 \x01(\x05\x12\x14\n\x0cpending_gpus\x18\x06 \x01(\x05\x12\x1a\n\x12\x61llocated_fraction\x18\x07 \x01(\x01\x12 \n\x18mean_utilization_percent\x18\x08 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\t \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\n \x01(\x03\"@\n\x13ResourceUtilization\x12\x0c\n\x04gpus\x18\x01 \x01(\x01\x12\x0b\n\x03\x63pu\x18\x02 \x01(\x01\x12\x0e\n\x06memory\x18\x03 \x01(\x01\"D\n\x0eNodeStateCount\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rmgrpc.v1.NodeState\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xd3\x03\n\rTenantSummary\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\"\n\x04held\x18\x03 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12%\n\x07pending\x18\x04 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12(\n\nguaranteed\x18\x05 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12#\n\x05limit\x18\x06 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x12\n\nfair_share\x18\x07 \x01(\x01\x12\x32\n\x14\x66\x61ir_share_resources\x18\x08 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x16\n\x0e\x64ominant_share\x18\t \x01(\x01\x12\x0e\n\x06weight\x18\n \x01(\x01\x12\x1b\n\x13running_allocations\x18\x0b \x01(\x05\x12\x1b\n\x13pending_allocations\x18\x0c \x01(\x05\x12>\n\x1aoldest_pending_create_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16oldest_pending_seconds\x18\x0e \x01(\x01\"\xfe\x04\n\x0e\x43lusterSummary\x12\x13\n\x0bnodes_total\x18\x01 \x01(\x05\x12\x13\n\x0bnodes_ready\x18\x02 \x01(\x05\x12\x16\n\x0enodes_cordoned\x18\x03 \x01(\x05\x12\x16\n\x0enodes_draining\x18\x04 \x01(\x05\x12\x12\n\nnodes_down\x18\x05 \x01(\x05\x12&\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\'\n\tallocated\x18\x07 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\'\n\x06models\x18\x08 \x03(\x0b\x32\x17.rmgrpc.v1.ModelSummary\x12\x1b\n\x13\x61llocations_pending\x18\t \x01(\x05\x12\x1b\n\x13\x61llocations_running\x18\n \x01(\x05\x12$\n\x1cmean_gpu_utilization_percent\x18\x0b \x01(\x01\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12-\n\tread_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x07pending\x18\x0e \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x33\n\x0butilization\x18\x0f \x01(\x0b\x32\x1e.rmgrpc.v1.ResourceUtilization\x12\x31\n\x0enodes_by_state\x18\x10 \x03(\x0b\x32\x19.rmgrpc.v1.NodeStateCount\x12)\n\x07tenants\x18\x11 \x03(\x0b\x32\x18.rmgrpc.v1.TenantSummary\x12)\n\x0bschedulable\x18\x12 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\"\x1a\n\x18GetClusterSummaryRequest\"G\n\x19GetClusterSummaryResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.rmgrpc.v1.ClusterSummary\"c\n\x1bStreamClusterMetricsRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x05\x12\x14\n\x0cmin_revision\x18\x02 \x01(\x03\x12\x14\n\x0cmax_messages\x18\x03 \x01(\x05\"J\n\x1cStreamClusterMetricsResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.rmgrpc.v1.ClusterSummary\"\x84\x01\n\x14GetCostReportRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\nTenantCost\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\x12\x16\n\x0e\x63pu_core_hours\x18\x04 \x01(\x01\x12\x18\n\x10memory_gib_hours\x18\x05 \x01(\x01\x12\x15\n\rbudget_amount\x18\x06 \x01(\x01\x12\x0e\n\x06parent\x18\x46 \x01(\t\x12\x10\n\x08own_cost\x18G \x01(\x01\x12\x1d\n\x15\x62udget_period_seconds\x18H \x01(\x03\x12\x14\n\x0c\x62udget_spent\x18I \x01(\x01\";\n\tModelCost\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\"S\n\x07\x44\x61yCost\x12\'\n\x03\x64\x61y\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\"\xae\x02\n\x15GetCostReportResponse\x12&\n\x07tenants\x18\x01 \x03(\x0b\x32\x15.rmgrpc.v1.TenantCost\x12\x12\n\ntotal_cost\x18\x02 \x01(\x01\x12$\n\x06models\x18\x46 \x03(\x0b\x32\x14.rmgrpc.v1.ModelCost\x12 \n\x04\x64\x61ys\x18G \x03(\x0b\x32\x12.rmgrpc.v1.DayCost\x12.\n\nstart_time\x18H \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18I \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x61\x63\x63rued_through\x18J \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb1\x02\n\x10TelemetryService\x12^\n\x11GetClusterSummary\x12#.rmgrpc.v1.GetClusterSummaryRequest\x1a$.rmgrpc.v1.GetClusterSummaryResponse\x12i\n\x14StreamClusterMetrics\x12&.rmgrpc.v1.StreamClusterMetricsRequest\x1a\'.rmgrpc.v1.StreamClusterMetricsResponse0\x01\x12R\n\rGetCostReport\x12\x1f.rmgrpc.v1.GetCostReportRequest\x1a .rmgrpc.v1.GetCostReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rmgrpc/v1/telemetry.proto\x12\trmgrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1brmgrpc/v1/gpu_manager.proto\x1a\x15rmgrpc/v1/quota.proto\x1a\x19rmgrpc/v1/resources.proto\"\x82\x02\n\x0cModelSummary\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ntotal_gpus\x18\x02 \x01(\x05\x12\x16\n\x0e\x61llocated_gpus\x18\x03 \x01(\x05\x12\x14\n\x0chealthy_gpus\x18\x04 \x01(\x05\x12\x16\n\x0eunhealthy_gpus\x18\x05 \x01(\x05\x12\x14\n\x0cpending_gpus\x18\x06 \x01(\x05\x12\x1a\n\x12\x61llocated_fraction\x18\x07 \x01(\x01\x12 \n\x18mean_utilization_percent\x18\x08 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\t \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\n \x01(\x03\"@\n\x13ResourceUtilization\x12\x0c\n\x04gpus\x18\x01 \x01(\x01\x12\x0b\n\x03\x63pu\x18\x02 \x01(\x01\x12\x0e\n\x06memory\x18\x03 \x01(\x01\"D\n\x0eNodeStateCount\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.rmgrpc.v1.NodeState\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xac\x04\n\rTenantSummary\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\"\n\x04held\x18\x03 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12%\n\x07pending\x18\x04 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12(\n\nguaranteed\x18\x05 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12#\n\x05limit\x18\x06 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x12\n\nfair_share\x18\x07 \x01(\x01\x12\x32\n\x14\x66\x61ir_share_resources\x18\x08 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x16\n\x0e\x64ominant_share\x18\t \x01(\x01\x12\x0e\n\x06weight\x18\n \x01(\x01\x12\x1b\n\x13running_allocations\x18\x0b \x01(\x05\x12\x1b\n\x13pending_allocations\x18\x0c \x01(\x05\x12>\n\x1aoldest_pending_create_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16oldest_pending_seconds\x18\x0e \x01(\x01\x12&\n\x08reserved\x18\x64 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12/\n\x11reserved_upcoming\x18\x65 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\"\xd7\x05\n\x0e\x43lusterSummary\x12\x13\n\x0bnodes_total\x18\x01 \x01(\x05\x12\x13\n\x0bnodes_ready\x18\x02 \x01(\x05\x12\x16\n\x0enodes_cordoned\x18\x03 \x01(\x05\x12\x16\n\x0enodes_draining\x18\x04 \x01(\x05\x12\x12\n\nnodes_down\x18\x05 \x01(\x05\x12&\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\'\n\tallocated\x18\x07 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\'\n\x06models\x18\x08 \x03(\x0b\x32\x17.rmgrpc.v1.ModelSummary\x12\x1b\n\x13\x61llocations_pending\x18\t \x01(\x05\x12\x1b\n\x13\x61llocations_running\x18\n \x01(\x05\x12$\n\x1cmean_gpu_utilization_percent\x18\x0b \x01(\x01\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12-\n\tread_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x07pending\x18\x0e \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12\x33\n\x0butilization\x18\x0f \x01(\x0b\x32\x1e.rmgrpc.v1.ResourceUtilization\x12\x31\n\x0enodes_by_state\x18\x10 \x03(\x0b\x32\x19.rmgrpc.v1.NodeStateCount\x12)\n\x07tenants\x18\x11 \x03(\x0b\x32\x18.rmgrpc.v1.TenantSummary\x12)\n\x0bschedulable\x18\x12 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12&\n\x08reserved\x18\x64 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\x12/\n\x11reserved_upcoming\x18\x65 \x01(\x0b\x32\x14.rmgrpc.v1.Resources\"\x1a\n\x18GetClusterSummaryRequest\"G\n\x19GetClusterSummaryResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.rmgrpc.v1.ClusterSummary\"c\n\x1bStreamClusterMetricsRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x05\x12\x14\n\x0cmin_revision\x18\x02 \x01(\x03\x12\x14\n\x0cmax_messages\x18\x03 \x01(\x05\"J\n\x1cStreamClusterMetricsResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.rmgrpc.v1.ClusterSummary\"\x84\x01\n\x14GetCostReportRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x02\n\nTenantCost\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\x12\x16\n\x0e\x63pu_core_hours\x18\x04 \x01(\x01\x12\x18\n\x10memory_gib_hours\x18\x05 \x01(\x01\x12\x15\n\rbudget_amount\x18\x06 \x01(\x01\x12\x0e\n\x06parent\x18\x46 \x01(\t\x12\x10\n\x08own_cost\x18G \x01(\x01\x12\x1d\n\x15\x62udget_period_seconds\x18H \x01(\x03\x12\x14\n\x0c\x62udget_spent\x18I \x01(\x01\x12.\n\rbudget_period\x18\x64 \x01(\x0e\x32\x17.rmgrpc.v1.BudgetPeriod\";\n\tModelCost\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\"S\n\x07\x44\x61yCost\x12\'\n\x03\x64\x61y\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\"\xae\x02\n\x15GetCostReportResponse\x12&\n\x07tenants\x18\x01 \x03(\x0b\x32\x15.rmgrpc.v1.TenantCost\x12\x12\n\ntotal_cost\x18\x02 \x01(\x01\x12$\n\x06models\x18\x46 \x03(\x0b\x32\x14.rmgrpc.v1.ModelCost\x12 \n\x04\x64\x61ys\x18G \x03(\x0b\x32\x12.rmgrpc.v1.DayCost\x12.\n\nstart_time\x18H \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18I \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x61\x63\x63rued_through\x18J \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb1\x02\n\x10TelemetryService\x12^\n\x11GetClusterSummary\x12#.rmgrpc.v1.GetClusterSummaryRequest\x1a$.rmgrpc.v1.GetClusterSummaryResponse\x12i\n\x14StreamClusterMetrics\x12&.rmgrpc.v1.StreamClusterMetricsRequest\x1a\'.rmgrpc.v1.StreamClusterMetricsResponse0\x01\x12R\n\rGetCostReport\x12\x1f.rmgrpc.v1.GetCostReportRequest\x1a .rmgrpc.v1.GetCostReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rmgrpc.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSUMMARY']._serialized_start=130
-  _globals['_MODELSUMMARY']._serialized_end=388
-  _globals['_RESOURCEUTILIZATION']._serialized_start=390
-  _globals['_RESOURCEUTILIZATION']._serialized_end=454
-  _globals['_NODESTATECOUNT']._serialized_start=456
-  _globals['_NODESTATECOUNT']._serialized_end=524
-  _globals['_TENANTSUMMARY']._serialized_start=527
-  _globals['_TENANTSUMMARY']._serialized_end=994
-  _globals['_CLUSTERSUMMARY']._serialized_start=997
-  _globals['_CLUSTERSUMMARY']._serialized_end=1635
-  _globals['_GETCLUSTERSUMMARYREQUEST']._serialized_start=1637
-  _globals['_GETCLUSTERSUMMARYREQUEST']._serialized_end=1663
-  _globals['_GETCLUSTERSUMMARYRESPONSE']._serialized_start=1665
-  _globals['_GETCLUSTERSUMMARYRESPONSE']._serialized_end=1736
-  _globals['_STREAMCLUSTERMETRICSREQUEST']._serialized_start=1738
-  _globals['_STREAMCLUSTERMETRICSREQUEST']._serialized_end=1837
-  _globals['_STREAMCLUSTERMETRICSRESPONSE']._serialized_start=1839
-  _globals['_STREAMCLUSTERMETRICSRESPONSE']._serialized_end=1913
-  _globals['_GETCOSTREPORTREQUEST']._serialized_start=1916
-  _globals['_GETCOSTREPORTREQUEST']._serialized_end=2048
-  _globals['_TENANTCOST']._serialized_start=2051
-  _globals['_TENANTCOST']._serialized_end=2272
-  _globals['_MODELCOST']._serialized_start=2274
-  _globals['_MODELCOST']._serialized_end=2333
-  _globals['_DAYCOST']._serialized_start=2335
-  _globals['_DAYCOST']._serialized_end=2418
-  _globals['_GETCOSTREPORTRESPONSE']._serialized_start=2421
-  _globals['_GETCOSTREPORTRESPONSE']._serialized_end=2723
-  _globals['_TELEMETRYSERVICE']._serialized_start=2726
-  _globals['_TELEMETRYSERVICE']._serialized_end=3031
+  _globals['_MODELSUMMARY']._serialized_start=153
+  _globals['_MODELSUMMARY']._serialized_end=411
+  _globals['_RESOURCEUTILIZATION']._serialized_start=413
+  _globals['_RESOURCEUTILIZATION']._serialized_end=477
+  _globals['_NODESTATECOUNT']._serialized_start=479
+  _globals['_NODESTATECOUNT']._serialized_end=547
+  _globals['_TENANTSUMMARY']._serialized_start=550
+  _globals['_TENANTSUMMARY']._serialized_end=1106
+  _globals['_CLUSTERSUMMARY']._serialized_start=1109
+  _globals['_CLUSTERSUMMARY']._serialized_end=1836
+  _globals['_GETCLUSTERSUMMARYREQUEST']._serialized_start=1838
+  _globals['_GETCLUSTERSUMMARYREQUEST']._serialized_end=1864
+  _globals['_GETCLUSTERSUMMARYRESPONSE']._serialized_start=1866
+  _globals['_GETCLUSTERSUMMARYRESPONSE']._serialized_end=1937
+  _globals['_STREAMCLUSTERMETRICSREQUEST']._serialized_start=1939
+  _globals['_STREAMCLUSTERMETRICSREQUEST']._serialized_end=2038
+  _globals['_STREAMCLUSTERMETRICSRESPONSE']._serialized_start=2040
+  _globals['_STREAMCLUSTERMETRICSRESPONSE']._serialized_end=2114
+  _globals['_GETCOSTREPORTREQUEST']._serialized_start=2117
+  _globals['_GETCOSTREPORTREQUEST']._serialized_end=2249
+  _globals['_TENANTCOST']._serialized_start=2252
+  _globals['_TENANTCOST']._serialized_end=2521
+  _globals['_MODELCOST']._serialized_start=2523
+  _globals['_MODELCOST']._serialized_end=2582
+  _globals['_DAYCOST']._serialized_start=2584
+  _globals['_DAYCOST']._serialized_end=2667
+  _globals['_GETCOSTREPORTRESPONSE']._serialized_start=2670
+  _globals['_GETCOSTREPORTRESPONSE']._serialized_end=2972
+  _globals['_TELEMETRYSERVICE']._serialized_start=2975
+  _globals['_TELEMETRYSERVICE']._serialized_end=3280
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from rmgrpc.v1 import gpu_manager_pb2 as _gpu_manager_pb2
+from rmgrpc.v1 import quota_pb2 as _quota_pb2
 from rmgrpc.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -146,6 +147,8 @@ class TenantSummary(_message.Message):
     PENDING_ALLOCATIONS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_CREATE_TIME_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_SECONDS_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    RESERVED_UPCOMING_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     parent: _builtins.str
     """Empty for a top-level tenant: summing the top-level tenants counts everything once."""
@@ -173,6 +176,12 @@ class TenantSummary(_message.Message):
     def oldest_pending_create_time(self) -> _timestamp_pb2.Timestamp:
         """When the oldest pending allocation of the subtree was created; unset when none waits."""
 
+    @_builtins.property
+    def reserved(self) -> _resources_pb2.Resources:
+        """Booked by the subtree's ACTIVE and SCHEDULED reservations, as GetUsage counts them."""
+
+    @_builtins.property
+    def reserved_upcoming(self) -> _resources_pb2.Resources: ...
     def __init__(
         self,
         *,
@@ -190,10 +199,12 @@ class TenantSummary(_message.Message):
         pending_allocations: _builtins.int = ...,
         oldest_pending_create_time: _timestamp_pb2.Timestamp | None = ...,
         oldest_pending_seconds: _builtins.float = ...,
+        reserved: _resources_pb2.Resources | None = ...,
+        reserved_upcoming: _resources_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "oldest_pending_create_time", b"oldest_pending_create_time", "pending", b"pending"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "oldest_pending_create_time", b"oldest_pending_create_time", "pending", b"pending", "reserved", b"reserved", "reserved_upcoming", b"reserved_upcoming"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dominant_share", b"dominant_share", "fair_share", b"fair_share", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "oldest_pending_create_time", b"oldest_pending_create_time", "oldest_pending_seconds", b"oldest_pending_seconds", "parent", b"parent", "pending", b"pending", "pending_allocations", b"pending_allocations", "running_allocations", b"running_allocations", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dominant_share", b"dominant_share", "fair_share", b"fair_share", "fair_share_resources", b"fair_share_resources", "guaranteed", b"guaranteed", "held", b"held", "limit", b"limit", "oldest_pending_create_time", b"oldest_pending_create_time", "oldest_pending_seconds", b"oldest_pending_seconds", "parent", b"parent", "pending", b"pending", "pending_allocations", b"pending_allocations", "reserved", b"reserved", "reserved_upcoming", b"reserved_upcoming", "running_allocations", b"running_allocations", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,6 +232,8 @@ class ClusterSummary(_message.Message):
     NODES_BY_STATE_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
     SCHEDULABLE_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    RESERVED_UPCOMING_FIELD_NUMBER: _builtins.int
     nodes_total: _builtins.int
     nodes_ready: _builtins.int
     nodes_cordoned: _builtins.int
@@ -264,6 +277,16 @@ class ClusterSummary(_message.Message):
     def schedulable(self) -> _resources_pb2.Resources:
         """What new work can use: READY nodes, healthy GPUs only."""
 
+    @_builtins.property
+    def reserved(self) -> _resources_pb2.Resources:
+        """Booked by ACTIVE reservations (window begun; count x shape), used or idle: capacity
+        kept for the work that names them.
+        """
+
+    @_builtins.property
+    def reserved_upcoming(self) -> _resources_pb2.Resources:
+        """Booked by SCHEDULED reservations (window still to come)."""
+
     def __init__(
         self,
         *,
@@ -285,10 +308,12 @@ class ClusterSummary(_message.Message):
         nodes_by_state: _abc.Iterable[Global___NodeStateCount] | None = ...,
         tenants: _abc.Iterable[Global___TenantSummary] | None = ...,
         schedulable: _resources_pb2.Resources | None = ...,
+        reserved: _resources_pb2.Resources | None = ...,
+        reserved_upcoming: _resources_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "pending", b"pending", "read_time", b"read_time", "schedulable", b"schedulable", "utilization", b"utilization"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "pending", b"pending", "read_time", b"read_time", "reserved", b"reserved", "reserved_upcoming", b"reserved_upcoming", "schedulable", b"schedulable", "utilization", b"utilization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "allocations_pending", b"allocations_pending", "allocations_running", b"allocations_running", "capacity", b"capacity", "mean_gpu_utilization_percent", b"mean_gpu_utilization_percent", "models", b"models", "nodes_by_state", b"nodes_by_state", "nodes_cordoned", b"nodes_cordoned", "nodes_down", b"nodes_down", "nodes_draining", b"nodes_draining", "nodes_ready", b"nodes_ready", "nodes_total", b"nodes_total", "pending", b"pending", "read_time", b"read_time", "revision", b"revision", "schedulable", b"schedulable", "tenants", b"tenants", "utilization", b"utilization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "allocations_pending", b"allocations_pending", "allocations_running", b"allocations_running", "capacity", b"capacity", "mean_gpu_utilization_percent", b"mean_gpu_utilization_percent", "models", b"models", "nodes_by_state", b"nodes_by_state", "nodes_cordoned", b"nodes_cordoned", "nodes_down", b"nodes_down", "nodes_draining", b"nodes_draining", "nodes_ready", b"nodes_ready", "nodes_total", b"nodes_total", "pending", b"pending", "read_time", b"read_time", "reserved", b"reserved", "reserved_upcoming", b"reserved_upcoming", "revision", b"revision", "schedulable", b"schedulable", "tenants", b"tenants", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,6 +455,7 @@ class TenantCost(_message.Message):
     OWN_COST_FIELD_NUMBER: _builtins.int
     BUDGET_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
     BUDGET_SPENT_FIELD_NUMBER: _builtins.int
+    BUDGET_PERIOD_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     cost: _builtins.float
     gpu_hours: _builtins.float
@@ -445,6 +471,8 @@ class TenantCost(_message.Message):
     """The budget's period in seconds (0: never resets)."""
     budget_spent: _builtins.float
     """Spent in the budget's current period (subtree included); 0 without a budget."""
+    budget_period: _quota_pb2.BudgetPeriod.ValueType
+    """The budget's calendar period (UNSPECIFIED: `budget_period_seconds` applies)."""
     def __init__(
         self,
         *,
@@ -458,10 +486,11 @@ class TenantCost(_message.Message):
         own_cost: _builtins.float = ...,
         budget_period_seconds: _builtins.int = ...,
         budget_spent: _builtins.float = ...,
+        budget_period: _quota_pb2.BudgetPeriod.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_amount", b"budget_amount", "budget_period_seconds", b"budget_period_seconds", "budget_spent", b"budget_spent", "cost", b"cost", "cpu_core_hours", b"cpu_core_hours", "gpu_hours", b"gpu_hours", "memory_gib_hours", b"memory_gib_hours", "own_cost", b"own_cost", "parent", b"parent", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_amount", b"budget_amount", "budget_period", b"budget_period", "budget_period_seconds", b"budget_period_seconds", "budget_spent", b"budget_spent", "cost", b"cost", "cpu_core_hours", b"cpu_core_hours", "gpu_hours", b"gpu_hours", "memory_gib_hours", b"memory_gib_hours", "own_cost", b"own_cost", "parent", b"parent", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,23 +19,24 @@ by WatchAllocations with `budget_alerts`) once per period and tells `alert_obser
 (the metric). A spent budget with `stop_running` ends its subtree's
 running work (EXPIRED) at the tick that finds it spent.
 
-Budgets count spend from when they are set (or their period length changes); an amount
-of 0 means no budget."""
+Budgets count spend from when they are set (or their period changes); an amount of 0
+means no budget. A period is `period_seconds` long from the epoch, or a calendar day, ISO
+week or month in UTC (`Budget.period`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from rmgrpc import codec, cost
-from rmgrpc.cost import Amounts, Held
+from rmgrpc.cost import Amounts, BudgetLeft, Held, Period, ancestors
 from rmgrpc.engine.txn import Txn
 from rmgrpc.errors import QuotaExceeded, QuotaViolation
-from rmgrpc.model import Allocation, AllocationState, EventKind, parent_of
+from rmgrpc.model import Allocation, AllocationState, BudgetPeriod, EventKind
 from rmgrpc.state import in_subtree
 from rmgrpc.store import LoadedState, StoreError
 from rmgrpc.v1 import quota_pb2
@@ -62,6 +63,13 @@ class BudgetSpend:
     spent: float = 0.0
     # Highest threshold (percent) alerted in this period; 0: none yet.
     alerted: int = 0
+    # The calendar period (a `BudgetPeriod` value; 0: `period_seconds` applies). Rows
+    # stored before calendar periods lack it: 0.
+    calendar: int = 0
+
+    @property
+    def period(self) -> Period:
+        return Period(self.period_seconds, BudgetPeriod(self.calendar))
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -73,13 +81,6 @@ class Alert:
     percent: int
     spent: float
     amount: float
-
-
-def ancestors(tenant: str) -> Iterator[str]:
-    """`tenant`, then its parent, up to the root."""
-    while tenant:
-        yield tenant
-        tenant = parent_of(tenant)
 
 
 class Costs:
@@ -101,6 +102,9 @@ class Costs:
         self._dirty_rows: set[LedgerKey] = set()
         self._dirty_budgets: set[str] = set()
         self._alerts: list[Alert] = []
+        # Each budget's current period start as of the last tick: when one moves on, work
+        # the scheduler held back for that budget may start.
+        self._periods: dict[str, float] = {}
         # Told of each alert once its txn is built (metrics).
         self.alert_observers: list[Callable[[Alert], None]] = []
 
@@ -164,7 +168,20 @@ class Costs:
             txn.puts.append((EventKind.COST, WATERMARK, watermark))
             self._write(txn)
             self._stop_spent(txn, now)
+        self._new_periods(now)
         return txn
+
+    def _new_periods(self, now: float) -> None:
+        """Asks for a scheduling pass when a budget period began since the last tick."""
+        periods = {
+            tenant: Period.of(q.budget).start(now)
+            for tenant, q in self.core.state.quotas.items()
+            if q.budget is not None and q.budget.amount > 0
+        }
+        began = any(self._periods.get(t, start) != start for t, start in periods.items())
+        self._periods = periods
+        if began:
+            self.core.scheduling.changed()
 
     def _stop_spent(self, txn: Txn, now: float) -> None:
         """Ends the running work under each spent budget that says `stop_running`."""
@@ -237,8 +254,9 @@ class Costs:
         budget = quota.budget if quota is not None else None
         if budget is None or budget.amount <= 0:
             return
-        spend = self._spend_of(tenant, budget.period_seconds, start)
-        for piece_start, seconds in cost.split(start, until, budget.period_seconds):
+        period = Period.of(budget)
+        spend = self._spend_of(tenant, period, start)
+        for piece_start, seconds in cost.split(start, until, period):
             if piece_start > spend.period_start:
                 spend.period_start, spend.spent, spend.alerted = piece_start, 0.0, 0
             elif piece_start < spend.period_start:
@@ -251,11 +269,13 @@ class Costs:
             self._alerts.append(Alert(tenant, percent, spend.spent, budget.amount))
         self._dirty_budgets.add(tenant)
 
-    def _spend_of(self, tenant: str, period_seconds: int, at: float) -> BudgetSpend:
+    def _spend_of(self, tenant: str, period: Period, at: float) -> BudgetSpend:
         spend = self.budgets.get(tenant)
-        if spend is None or spend.period_seconds != period_seconds:
-            # New budget, or a new period length: counting starts afresh.
-            spend = BudgetSpend(tenant, period_seconds, cost.period_start(at, period_seconds))
+        if spend is None or spend.period != period:
+            # New budget, or a new period (length or calendar): counting starts afresh.
+            spend = BudgetSpend(
+                tenant, period.seconds, period.start(at), calendar=int(period.calendar)
+            )
             self.budgets[tenant] = spend
         return spend
 
@@ -279,9 +299,10 @@ class Costs:
                 spent=alert.spent,
                 amount=alert.amount,
                 period_seconds=spend.period_seconds,
+                period=quota_pb2.BudgetPeriod.ValueType(spend.calendar),
             )
             start = codec.ts(spend.period_start)
-            if spend.period_seconds and start is not None:
+            if spend.period.resets and start is not None:
                 msg.period_start.CopyFrom(start)
             # The event carries the alert; the stored object stays the counter above.
             self.core.committer.emit(
@@ -300,18 +321,29 @@ class Costs:
     def budget_spend(self, tenant: str, now: float) -> tuple[float, float]:
         """(spend in the current period, budget amount) of a budgeted tenant's subtree;
         (0, 0) without a budget."""
+        left = self.budget_left(tenant, now)
+        return (left.spent, left.amount) if left is not None else (0.0, 0.0)
+
+    def budget_left(self, tenant: str, now: float) -> BudgetLeft | None:
+        """A budgeted tenant's spend in its current period; None without a budget."""
         quota = self.core.state.quotas.get(tenant)
         budget = quota.budget if quota is not None else None
         if budget is None or budget.amount <= 0:
-            return 0.0, 0.0
+            return None
+        period = Period.of(budget)
         spend = self.budgets.get(tenant)
-        if (
-            spend is None
-            or spend.period_seconds != budget.period_seconds
-            or spend.period_start != cost.period_start(now, budget.period_seconds)
-        ):
-            return 0.0, budget.amount
-        return spend.spent, budget.amount
+        if spend is None or spend.period != period or spend.period_start != period.start(now):
+            return BudgetLeft(0.0, budget.amount, period)
+        return BudgetLeft(spend.spent, budget.amount, period)
+
+    def budgets_left(self, now: float) -> dict[str, BudgetLeft]:
+        """Every budgeted tenant's spend in its current period (for the scheduler)."""
+        out = {}
+        for tenant in self.core.state.quotas:
+            left = self.budget_left(tenant, now)
+            if left is not None:
+                out[tenant] = left
+        return out
 
     def usage(self, tenant: str, now: float) -> tuple[float, float]:
         """GetUsage's (cost, budget_used_fraction): the subtree's spend in the current
@@ -331,30 +363,10 @@ class Costs:
         """QuotaExceeded when a budget of the tenant or an ancestor cannot cover `request`
         for its `max_duration_seconds` (with none: once the budget is spent)."""
         now = self.core.clock.now()
-        shape = request.shape
-        need = cost.request_cost(
-            request.count * shape.gpus,
-            shape.gpu_model,
-            request.count * shape.cpu_millis,
-            request.count * shape.memory_bytes,
-            float(request.max_duration_seconds),
-            self.prices,
-        )
-        for tenant in ancestors(request.tenant):
-            spent, amount = self.budget_spend(tenant, now)
-            if amount <= 0:
-                continue
-            left = amount - spent
-            if request.max_duration_seconds > 0 and need > left:
-                why = (
-                    f"budget of {tenant!r} cannot cover this request: it may cost {need:.2f} "
-                    f"over max_duration_seconds {request.max_duration_seconds}, and "
-                    f"{max(left, 0.0):.2f} of {amount:.2f} is left this period"
-                )
-            elif left <= 0:
-                why = f"budget of {tenant!r} is spent: {spent:.2f} of {amount:.2f} this period"
-            else:
-                continue
+        budgets = {t: b for t in ancestors(request.tenant) if (b := self.budget_left(t, now))}
+        block = cost.budget_block(request, budgets, self.prices)
+        if block is not None:
+            tenant, why = block
             raise QuotaExceeded([QuotaViolation(f"budget:{tenant}", why)])
 
 

@@ -371,6 +371,8 @@ class Scheduling:
                 for r in self.state.reservations.values()
                 if not r.state.terminal
             },
+            budgets=self.engine.cost.budgets_left(now),
+            prices=self.engine.cost.prices,
         )
 
     async def _pass(self) -> Txn:

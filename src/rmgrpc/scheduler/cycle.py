@@ -39,6 +39,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from rmgrpc.cost import pending_budget_reason
 from rmgrpc.model import (
     Allocation,
     AllocationState,
@@ -345,6 +346,10 @@ class _Cycle:
         if a.count <= 0:
             self.reasons[a.id] = "count must be at least 1"
             return _INVALID
+        spent = pending_budget_reason(a, self.snapshot.budgets, self.snapshot.prices)
+        if spent is not None:
+            self.reasons[a.id] = spent
+            return _QUOTA
         amt = self.amount(a)
         block = self.ledger.limit_block(a.tenant, amt)
         if block is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from rmgrpc.cost import BudgetLeft, PriceTable
 from rmgrpc.model import Allocation, Node, Placement, Quota, Reservation, Resources
 
 
@@ -55,6 +56,10 @@ class Snapshot:
     # Accepted reservations whose window is not over (private copies): their idle
     # capacity is kept from ordinary work, but for backfill that ends before they start.
     reservations: Mapping[str, Reservation] = field(default_factory=dict)
+    # Budgeted tenants' spend in their current period, and the prices: pending work a
+    # budget of its tenant (or an ancestor) cannot cover is not started (`cost.budget_block`).
+    budgets: Mapping[str, BudgetLeft] = field(default_factory=dict)
+    prices: PriceTable = field(default_factory=PriceTable)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,12 @@ from rmgrpc import auth, authorize, codec
 from rmgrpc.engine import Engine
 from rmgrpc.engine.quotas import quota_etag
 from rmgrpc.errors import InvalidArgument
-from rmgrpc.model import Budget, Quota, Resources, parent_of
+from rmgrpc.model import Budget, BudgetPeriod, Quota, Resources, parent_of
 from rmgrpc.services import validate as val
 from rmgrpc.services.pagination import decode_token, fingerprint, paginate
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import unary
+from rmgrpc.summary import reserved_of
 from rmgrpc.v1 import quota_pb2, quota_pb2_grpc, resources_pb2
 
 MAX_WEIGHT = 1_000_000.0
@@ -126,7 +127,20 @@ def quota_from_request(
     if msg.HasField("budget"):
         v.finite("quota.budget.amount", msg.budget.amount, 0.0, 1e15)
         v.int_range("quota.budget.period_seconds", msg.budget.period_seconds, 0, 10 * 366 * 86400)
-        budget = Budget(msg.budget.amount, msg.budget.period_seconds, msg.budget.stop_running)
+        period = msg.budget.period
+        known_period = period in quota_pb2.BudgetPeriod.values()
+        v.check(known_period, "quota.budget.period", f"unknown value {period}")
+        v.check(
+            not (period and msg.budget.period_seconds),
+            "quota.budget.period",
+            "give a calendar period or period_seconds, not both (clear period_seconds to 0)",
+        )
+        budget = Budget(
+            msg.budget.amount,
+            msg.budget.period_seconds,
+            msg.budget.stop_running,
+            BudgetPeriod(period) if known_period else BudgetPeriod.NONE,
+        )
     # The tree must stay a tree: walking up from the new parent must not reach the tenant.
     seen = {msg.tenant}
     ancestor = parent
@@ -379,6 +393,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.GetUsageResponse:
         self._tenant(request.tenant)
         authorize.read_tenant(auth.current(), request.tenant)
+        # Read with the usage's snapshot, before any await lets the state move on.
+        reserved = reserved_of(self.engine.state.reservations.values(), request.tenant)
         u, revision = await self.engine.usage(request.tenant)
         spent, fraction = self.engine.cost.usage(request.tenant, self.engine.clock.now())
         usage = quota_pb2.TenantUsage(
@@ -400,6 +416,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             fair_share_resources=codec.resources_to_proto(u.fair_share_resources),
             cost=spent,
             budget_used_fraction=fraction,
+            reserved=codec.resources_to_proto(reserved.active),
+            reserved_upcoming=codec.resources_to_proto(reserved.upcoming),
         )
         out = quota_pb2.GetUsageResponse(usage=usage, revision=revision)
         stamp = codec.ts(self.engine.clock.now())

@@ -21,7 +21,7 @@ from rmgrpc.services import validate as val
 from rmgrpc.services.status import Context as Ctx
 from rmgrpc.services.status import stream, unary
 from rmgrpc.summary import ClusterView, current_view
-from rmgrpc.v1 import telemetry_pb2, telemetry_pb2_grpc
+from rmgrpc.v1 import quota_pb2, telemetry_pb2, telemetry_pb2_grpc
 
 DEFAULT_INTERVAL_SECONDS = 5
 MIN_INTERVAL_SECONDS = 1
@@ -45,6 +45,8 @@ def summary_to_proto(view: ClusterView) -> telemetry_pb2.ClusterSummary:
         allocated=codec.resources_to_proto(view.allocated),
         pending=codec.resources_to_proto(view.pending),
         schedulable=codec.resources_to_proto(view.schedulable),
+        reserved=codec.resources_to_proto(view.reserved.active),
+        reserved_upcoming=codec.resources_to_proto(view.reserved.upcoming),
         utilization=telemetry_pb2.ResourceUtilization(gpus=gpu_u, cpu=cpu_u, memory=mem_u),
         allocations_pending=view.pending_count,
         allocations_running=view.running,
@@ -88,6 +90,8 @@ def summary_to_proto(view: ClusterView) -> telemetry_pb2.ClusterSummary:
             weight=u.weight,
             running_allocations=u.running,
             pending_allocations=u.pending_count,
+            reserved=codec.resources_to_proto(t.reserved.active),
+            reserved_upcoming=codec.resources_to_proto(t.reserved.upcoming),
         )
         created = codec.ts(t.oldest_pending_create_time)
         if created is not None and t.oldest_pending_create_time is not None:
@@ -177,6 +181,9 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
                 own_cost=own.cost,
                 budget_amount=amount,
                 budget_period_seconds=budget.period_seconds if budget is not None else 0,
+                budget_period=quota_pb2.BudgetPeriod.ValueType(
+                    budget.period if budget is not None else 0
+                ),
                 budget_spent=spent,
             )
         for model in sorted(got.models):
