@@ -22,6 +22,8 @@ from rmgrpc.engine import Engine
 from rmgrpc.gpu.simulated import simulated_nodes
 from rmgrpc.model import Allocation, AllocationState, Budget, BudgetPeriod, Quota, Shape
 from rmgrpc.scheduler.cycle import dry_run, run_cycle
+from rmgrpc.scheduler.estimate import estimate_starts
+from rmgrpc.scheduler.reservations import when
 from rmgrpc.scheduler.simulate import Simulator, make_node
 from rmgrpc.scheduler.snapshot import Decisions, SchedulerConfig
 from rmgrpc.store import Store
@@ -68,6 +70,60 @@ def test_a_hard_duration_must_fit_what_is_left() -> None:
         "max_duration_seconds 7200, and 10.00 of 100.00 is left this period; "
         "starts with the next period or a raised budget"
     )
+
+
+# -- estimates -----------------------------------------------------------------------------
+
+
+def test_budget_held_work_is_estimated_at_its_next_period_and_takes_no_one_elses_turn() -> None:
+    """The estimate replay starts no budget-held work: its estimate is the next period's
+    start (never the first hard end), and what queues behind it is estimated as if it
+    were not there, as the passes will place it."""
+    s = Simulator([make_node("n1", gpus=2)], (), NO_WAIT)
+    running = s.submit("other", Shape.of(2), duration=600)
+    s.step()
+    assert s.allocations[running.id].state == AllocationState.ALLOCATED
+    held = s.submit("org/a", Shape.of(2), duration=600)
+    behind = s.submit("other", Shape.of(2), duration=600)
+    snap = dataclasses.replace(
+        s.snapshot(), budgets={"org": BudgetLeft(100.0, 100.0, MONTH)}, prices=PRICES
+    )
+    got = estimate_starts(snap, run_cycle(snap), 100)
+    month_end = MONTH.end(MONTH.start(s.now))
+    assert got[held.id].start_time == month_end
+    assert got[held.id].reason.startswith(f"not before {when(month_end)}, when the budget")
+    assert "budget of 'org' cannot cover" in got[held.id].reason
+    # Behind it: the first hard end, not the end of the held work's imagined run.
+    assert got[behind.id].start_time == s.now + 600
+
+
+@pytest.mark.parametrize(
+    ("left", "words"),
+    [
+        (BudgetLeft(5.0, 5.0, Period()), "a new period would not cover it"),
+        # 2 H100 for 2 h cost 16: more than the whole daily budget of 10.
+        (BudgetLeft(1.0, 10.0, Period(86400)), "a new period would not cover it"),
+    ],
+)
+def test_budget_held_work_that_no_new_period_frees_is_unknown(left: BudgetLeft, words: str) -> None:
+    s = Simulator([make_node("n1")], (), NO_WAIT)
+    a = s.submit("t", Shape.of(2), duration=7200)
+    snap = dataclasses.replace(s.snapshot(), budgets={"t": left}, prices=PRICES)
+    got = estimate_starts(snap, run_cycle(snap), 100)
+    assert got[a.id].start_time is None
+    assert got[a.id].reason.startswith("unknown: budget of 't'")
+    assert words in got[a.id].reason
+
+
+def test_a_request_held_by_two_budgets_waits_for_the_later_period() -> None:
+    s = Simulator([make_node("n1")], (), NO_WAIT)
+    a = s.submit("org/a", Shape.of(1), duration=60)
+    day = Period(86400)
+    budgets = {"org": BudgetLeft(10.0, 10.0, MONTH), "org/a": BudgetLeft(3.0, 3.0, day)}
+    snap = dataclasses.replace(s.snapshot(), budgets=budgets, prices=PRICES)
+    got = estimate_starts(snap, run_cycle(snap), 100)
+    later = max(MONTH.end(MONTH.start(s.now)), day.end(day.start(s.now)))
+    assert got[a.id].start_time == later
 
 
 def test_a_budget_that_never_resets_waits_for_a_raise_and_dry_runs_say_so() -> None:

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
+from rmgrpc.cost import BudgetLeft, PriceTable, budget_block
 from rmgrpc.model import Allocation, AllocationState, Placement, Shape
 from rmgrpc.scheduler.cycle import hard_end, queue_key
 from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, fair_shares
@@ -163,9 +164,20 @@ class _Estimator:
         self.queue: list[Allocation] = [
             allocs[aid] for aid, _ in ranked[: max(0, limit)] if aid in allocs
         ]
-        self.skipped = [(aid, st.position) for aid, st in ranked[max(0, limit) :]]
-        self.limit = limit
         self.out: dict[str, Estimate] = {}
+        self.skipped = [(aid, st.position) for aid, st in ranked[max(0, limit) :]]
+        if snapshot.budgets:
+            # Work the budget holds back does not start in the replay (a pass would not
+            # start it either): it waits for its budget period, whatever frees.
+            waiting: list[Allocation] = []
+            for a in self.queue:
+                wait = budget_wait(a, snapshot.budgets, snapshot.prices, now)
+                if wait is None:
+                    waiting.append(a)
+                else:
+                    self.out[a.id] = wait
+            self.queue = waiting
+        self.limit = limit
         self.released = 0
         self.last_released = ""
         self.last_event = ""
@@ -492,6 +504,29 @@ class _Estimator:
         if never is not None:
             return "unknown: " + never
         return NO_HARD_END
+
+
+def budget_wait(
+    a: Allocation, budgets: Mapping[str, BudgetLeft], prices: PriceTable, now: float
+) -> Estimate | None:
+    """When a budget holds `a` back: not before the budget periods that block it begin
+    anew (capacity permitting, so an early bound), or unknown when no period would do
+    (a budget that never resets, or one too small for the request's whole duration)."""
+    block = budget_block(a, budgets, prices)
+    if block is None:
+        return None
+    why = block[1]
+    left = dict(budgets)
+    start = now
+    while block is not None:
+        tenant = block[0]
+        b = left[tenant]
+        if not b.period.resets or b.spent == 0:
+            return Estimate(None, f"unknown: {why}, and a new period would not cover it")
+        start = max(start, b.period.end(b.period.start(now)))
+        left[tenant] = replace(b, spent=0.0)
+        block = budget_block(a, left, prices)
+    return Estimate(start, f"not before {when(start)}, when the budget period begins anew: {why}")
 
 
 class _Timelines:
