@@ -23,6 +23,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
 from prometheus_client import REGISTRY, generate_latest
 
 from rmgrpc import telemetry
@@ -472,7 +473,9 @@ def test_tracing_console_exports_spans_and_can_be_set_up_twice(no_tracing: None)
     with telemetry.tracer().start_as_current_span("scheduling-cycle") as span:
         assert span.get_span_context().is_valid
     second.force_flush()
-    assert '"name": "scheduling-cycle"' in out.getvalue()
+    assert [json.loads(line)["name"] for line in out.getvalue().splitlines()] == [
+        "scheduling-cycle"
+    ]
 
 
 def test_tracing_otlp_without_the_extra_is_a_clear_error(
@@ -533,6 +536,39 @@ def test_tracing_console_writes_one_json_line_per_span_to_a_file(
     provider.force_flush()
     lines = path.read_text().splitlines()
     assert [json.loads(line)["name"] for line in lines] == ["first", "second"]
+
+
+def test_a_console_span_line_carries_the_spans_identity_times_status_and_events(
+    no_tracing: None,
+) -> None:
+    """The compact line keeps OpenTelemetry's `to_json` keys for what a span carries, so
+    a line leads to its trace, its parent and its outcome."""
+    out = io.StringIO()
+    provider = setup_tracing("console", out=out)
+    assert provider is not None
+    tracer = telemetry.tracer()
+    with (
+        tracer.start_as_current_span("parent") as parent,
+        tracer.start_as_current_span("child", attributes={"n": 3}) as child,
+    ):
+        child.add_event("note", {"why": "x"})
+        child.set_status(StatusCode.ERROR, "DEADLINE_EXCEEDED")
+    provider.force_flush()
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (first["name"], second["name"]) == ("child", "parent")
+    ctx = child.get_span_context()
+    assert first["context"] == {
+        "trace_id": f"0x{ctx.trace_id:032x}",
+        "span_id": f"0x{ctx.span_id:016x}",
+    }
+    assert first["parent_id"] == f"0x{parent.get_span_context().span_id:016x}"
+    assert second["parent_id"] is None
+    assert first["status"] == {"status_code": "ERROR", "description": "DEADLINE_EXCEEDED"}
+    assert first["attributes"] == {"n": 3}
+    assert [(e["name"], e["attributes"]) for e in first["events"]] == [("note", {"why": "x"})]
+    assert first["start_time"] <= first["end_time"]
+    assert first["start_time"].endswith("Z")
+    assert "events" not in second
 
 
 def test_tracing_samples_the_configured_share_of_traces(no_tracing: None) -> None:
@@ -606,7 +642,9 @@ async def test_interceptor_records_rpc_spans(
     with pytest.raises(aio.AioRpcError):
         await stub.Check(health_pb2.HealthCheckRequest(service="missing"))
     provider.force_flush()
-    text = out.getvalue()
-    assert f'"name": "{HEALTH}/Check"' in text
-    assert '"rpc.grpc.status_code": "OK"' in text
-    assert '"rpc.grpc.status_code": "NOT_FOUND"' in text
+    spans = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(s["name"], s["attributes"]["rpc.grpc.status_code"]) for s in spans] == [
+        (f"{HEALTH}/Check", "OK"),
+        (f"{HEALTH}/Check", "NOT_FOUND"),
+    ]
+    assert spans[1]["status"]["status_code"] == "ERROR"
