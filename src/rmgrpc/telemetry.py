@@ -975,6 +975,13 @@ def _otlp_exporter(endpoint: str, protocol: str) -> SpanExporter:
     return exporter
 
 
+def tracing_on() -> bool:
+    """Whether spans are recorded anywhere: set up here, or by a global provider."""
+    return _tracer is not None or not isinstance(
+        trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+    )
+
+
 def tracer() -> trace.Tracer:
     """The "rmgrpc" tracer: from `setup_tracing`'s provider, else the global (no-op) one."""
     current = _tracer
@@ -1137,6 +1144,17 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
+            if not tracing_on():
+                # No span to make current: a few per cent of a cheap RPC's cost saved.
+                failed: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as error:
+                    failed = error
+                    raise
+                finally:
+                    code = _status_name(context, failed)
+                    self._metrics.observe_rpc(service, method, code, time.perf_counter() - start)
             span = self._span(service, method)
             # Current for the handler's await, so spans it opens (store, scheduler) nest.
             with trace.use_span(

@@ -379,9 +379,14 @@ async def served() -> AsyncIterator[tuple[Metrics, aio.Channel, health.aio.Healt
         await server.stop(None)
 
 
+@pytest.mark.parametrize("exporter", ["none", "console"])
 async def test_interceptor_counts_ok_and_failed_unary_calls(
     served: tuple[Metrics, aio.Channel, health.aio.HealthServicer],
+    exporter: str,
+    no_tracing: None,
 ) -> None:
+    # Counted alike whether the call runs inside a span or not (no span when tracing is off).
+    setup_tracing(exporter, out=io.StringIO())
     metrics, channel, _ = served
     stub = health_pb2_grpc.HealthStub(channel)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
