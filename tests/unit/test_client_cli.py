@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import textwrap
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -920,6 +922,41 @@ def test_bash_completion(capsys: pytest.CaptureFixture[str]) -> None:
 
     code, zsh, _ = run(capsys, "completion", "zsh")
     assert zsh.startswith("#compdef rmgrpcctl\n") and "bashcompinit" in zsh
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
+def test_zsh_completion(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The zsh script registers the function through bashcompinit, and the function
+    answers under zsh as under bash. It is called as bashcompinit's `compgen -F` calls it
+    (sh emulation, 0-based arrays); zsh then keeps the words that start with the one
+    being typed, as its own matching does."""
+    code, script, _ = run(capsys, "completion", "zsh")
+    assert code == 0
+
+    def complete(*words: str) -> list[str]:
+        probe = (
+            script
+            + 'print -r -- "$_comps[rmgrpcctl]"\n'
+            + "emulate sh; setopt kshglob noshglob braceexpand\n"
+            + f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+            + '_rmgrpcctl; printf "%s\\n" "${COMPREPLY[@]}"\n'
+        )
+        done = subprocess.run(
+            ["zsh", "-f", "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "HOME": str(tmp_path)},  # compinit writes its dump there
+        )
+        registered, *offered = done.stdout.splitlines()
+        assert registered == "_bash_complete -o default -F _rmgrpcctl", done.stdout
+        return [w for w in offered if w.startswith(words[-1])]
+
+    assert complete("rmgrpcctl", "qu") == ["queue", "quota"]
+    assert complete("rmgrpcctl", "quota", "") == ["delete", "get", "list", "set"]
+    assert complete("rmgrpcctl", "--server", "h:1", "list", "--st") == ["--state"]
+    assert "allocated" in complete("rmgrpcctl", "list", "--state", "")
+    assert complete("rmgrpcctl", "nodes", "-o", "w") == ["wide"]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
