@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from rmgrpc import telemetry
 from rmgrpc.server import RunningServer, start
 from rmgrpc.v1 import (
     allocator_pb2,
@@ -575,3 +577,41 @@ def test_serve_refuses_an_unwritable_tracing_file(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "cannot write spans to tracing_file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_each_rpc_and_each_scheduling_pass_is_a_span(tmp_path: Path) -> None:
+    """Spans per RPC and per pass: a release that frees room for waiting work runs a pass,
+    whose span counts what it admitted; the RPCs' spans carry their status codes."""
+    out = io.StringIO()
+    provider = telemetry.setup_tracing("console", out=out)
+    assert provider is not None
+    server = await start(make_settings(tmp_path, simulated_nodes=1))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            alloc = allocator_pb2_grpc.AllocatorServiceStub(channel)
+            request = allocator_pb2.AllocateRequest(tenant="t", count=1, shape=shape(8))
+            first = (await alloc.Allocate(request)).allocation
+            waiting = (await alloc.Allocate(request)).allocation
+            assert waiting.state == allocator_pb2.ALLOCATION_STATE_PENDING
+            await alloc.ReleaseAllocation(allocator_pb2.ReleaseAllocationRequest(id=first.id))
+            get = allocator_pb2.GetAllocationRequest(id=waiting.id)
+            await eventually(
+                lambda: alloc.GetAllocation(get),
+                lambda r: r.allocation.state == allocator_pb2.ALLOCATION_STATE_ALLOCATED,
+            )
+            with pytest.raises(grpc.aio.AioRpcError):
+                await alloc.GetAllocation(allocator_pb2.GetAllocationRequest(id="a-missing"))
+    finally:
+        await server.stop(0)
+        provider.force_flush()
+        telemetry.setup_tracing("none")
+    spans = [json.loads(line) for line in out.getvalue().splitlines()]
+    rpcs = [
+        (s["name"].rsplit("/", 1)[1], s["attributes"]["rpc.grpc.status_code"])
+        for s in spans
+        if s["name"].startswith("rmgrpc.v1.AllocatorService/")
+    ]
+    assert rpcs[:3] == [("Allocate", "OK"), ("Allocate", "OK"), ("ReleaseAllocation", "OK")]
+    assert rpcs[-1] == ("GetAllocation", "NOT_FOUND")
+    passes = [s["attributes"] for s in spans if s["name"] == "rmgrpc.scheduling_cycle"]
+    assert any(p["rmgrpc.admitted"] == 1 for p in passes), passes
