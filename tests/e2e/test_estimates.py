@@ -225,3 +225,52 @@ async def test_grpcurl_prints_the_estimate(tmp_path: Path) -> None:
         assert got["estimate_reason"].startswith("capacity frees at the hard end of")
     finally:
         proc.stop()
+
+
+def test_hard_ends_survive_kill_9_and_expire_after_the_restart(tmp_path: Path) -> None:
+    """A hard end is durable with the answer that placed the work: after kill -9 and a
+    restart past it, the work is EXPIRED with its reason and what waited behind it is
+    placed; work whose hard end is still ahead keeps it, to the second."""
+    proc = ServerProcess(tmp_path / "rmgrpc.db", env={"RMGRPC_SIMULATED_NODES": "1"}).start()
+    try:
+        with grpc.insecure_channel(proc.target) as ch:
+            stub = allocator_pb2_grpc.AllocatorServiceStub(ch)
+
+            def allocate(gpus: int, seconds: int) -> pb.Allocation:
+                shape = Shape(gpus=gpus, cpu_millis=1000, memory_bytes=1 << 30)
+                req = pb.AllocateRequest(
+                    tenant="ml", count=1, shape=shape, max_duration_seconds=seconds
+                )
+                answer: pb.AllocateResponse = stub.Allocate(req, timeout=10)
+                return answer.allocation
+
+            short = allocate(4, 1)
+            long = allocate(4, HOUR)
+            behind = allocate(4, HOUR)
+        assert short.state == long.state == pb.ALLOCATION_STATE_ALLOCATED
+        assert behind.state == pb.ALLOCATION_STATE_PENDING
+        proc.kill()
+        # Past the short one's hard end while the server is down.
+        time.sleep(max(0.0, short.max_end_time.ToNanoseconds() / 1e9 - time.time()) + 0.2)
+        proc.start()
+        with grpc.insecure_channel(proc.target) as ch:
+            stub = allocator_pb2_grpc.AllocatorServiceStub(ch)
+
+            def get(aid: str) -> pb.Allocation:
+                got: pb.GetAllocationResponse = stub.GetAllocation(
+                    pb.GetAllocationRequest(id=aid), timeout=10
+                )
+                return got.allocation
+
+            deadline = time.monotonic() + 20
+            while get(behind.id).state != pb.ALLOCATION_STATE_ALLOCATED:
+                assert time.monotonic() < deadline, get(behind.id)
+                time.sleep(0.05)
+            ended = get(short.id)
+            assert ended.state == pb.ALLOCATION_STATE_EXPIRED
+            assert ended.state_reason == "ran past max_duration_seconds (1 s)"
+            kept = get(long.id)
+            assert kept.state == pb.ALLOCATION_STATE_ALLOCATED
+            assert kept.max_end_time == long.max_end_time
+    finally:
+        proc.stop()

@@ -213,6 +213,34 @@ async def test_the_four_alerts_fire_once_each_per_period(engines: Any) -> None:
     assert budget == seen
 
 
+async def test_alerts_already_sent_are_not_sent_again_after_a_restart(
+    engines: Any, tmp_path: Path
+) -> None:
+    """An alert is durable with its event: a restarted server goes on from the highest
+    threshold already crossed this period."""
+    db = str(tmp_path / "alerts.db")
+    clock = ManualClock()
+    engine, _ = await engines(clock, db=db)
+    await engine.set_quota(Quota("org", budget=Budget(100.0, 0)))
+    await engine.allocate(request("org/a", gpus=1), dry_run=False)  # 4 an hour
+    for _ in range(20):  # 80 %: the 50 and 75 % alerts
+        clock.advance(3600)
+        await engine.committer.wait(engine.cost.tick())
+    await engine.stop()
+    await engine.store.close()
+
+    again, _ = await engines(clock, db=db)
+    seen: list[int] = []
+    again.cost.alert_observers.append(lambda a: seen.append(a.percent))
+    start_rev = again.revision
+    for _ in range(6):  # 104 %
+        clock.advance(3600)
+        await again.committer.wait(again.cost.tick())
+    assert seen == [90, 100]
+    events = await again.store.read_events(start_rev, 1000)
+    assert [e.type for e in events if e.kind == EventKind.BUDGET] == [90, 100]
+
+
 async def test_accrual_survives_a_restart_and_a_crash(engines: Any, tmp_path: Path) -> None:
     db = str(tmp_path / "cost.db")
     clock = ManualClock()
