@@ -19,7 +19,7 @@ from rmgrpc.engine import Engine, GpuReport, scheduling
 from rmgrpc.engine.passes import ThreadRunner
 from rmgrpc.errors import Unavailable
 from rmgrpc.gpu.simulated import simulated_nodes
-from rmgrpc.model import Allocation, AllocationState, Event, EventKind, Shape
+from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Event, EventKind, Shape
 from rmgrpc.store import Store
 from rmgrpc.v1 import allocator_pb2
 from tests.conftest import make_settings
@@ -215,9 +215,9 @@ async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_be
     engine_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A queue first seen all at once (after a restart, or a burst written straight into
-    the store) gets its first reasons in transactions of at most FIRST_BUDGET, with other
+    the store) gets its first reasons in transactions of at most REASON_SLICE, with other
     work of the event loop running between them, until every one is written."""
-    monkeypatch.setattr(scheduling, "FIRST_BUDGET", 5)
+    monkeypatch.setattr(scheduling, "REASON_SLICE", 5)
     engine, _ = await engine_factory(nodes=1, gpus=8)
     await engine.allocate(request(gpus=8), dry_run=False)
     waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(12)]
@@ -231,9 +231,9 @@ async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_be
     between: list[int] = []
     write = sched._write_reasons
 
-    def counting(txn: Any, *, first_only: bool) -> bool:
+    def counting(txn: Any) -> bool:
         before = sum(a.pending_reason != scheduling.QUEUED for a in waiting)
-        more = write(txn, first_only=first_only)
+        more = write(txn)
         written.append(sum(a.pending_reason != scheduling.QUEUED for a in waiting) - before)
         asyncio.get_running_loop().call_soon(lambda: between.append(len(written)))
         return more
@@ -251,6 +251,53 @@ async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_be
     events = await engine.store.read_events(0, 10_000)
     updated = {e.object_id for e in events if e.type == 3}
     assert updated >= {a.id for a in waiting}
+
+
+async def _reasons_given(engine: Engine, reasons: dict[str, str]) -> int:
+    """Hands `reasons` to the scheduler as a pass's changed reasons; how many UPDATED
+    events that writes (the first slice and the slices that follow it)."""
+    before = engine.revision
+    with engine.committer.transaction() as txn:
+        engine.scheduling._statuses(txn, reasons)
+    for _ in range(20):
+        await asyncio.sleep(0)  # the slices that follow, each a callback of its own
+    await engine.wait_committed()
+    events = await engine.store.read_events(before, 10_000)
+    return sum(e.type == AllocationEventType.UPDATED for e in events)
+
+
+async def test_changed_reasons_are_written_once_per_interval_and_budget_per_pass(
+    engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reason that keeps changing is written at most once per REASON_EVERY per request
+    (on the engine's clock) and at most REASON_BUDGET per pass, in slices; the change
+    written when due is the latest; a request forgotten meanwhile is dropped."""
+    monkeypatch.setattr(scheduling, "REASON_BUDGET", 3)
+    monkeypatch.setattr(scheduling, "REASON_SLICE", 2)
+    engine, clock = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(5)]
+    await engine.schedule_now()
+    assert all(a.pending_reason not in ("", scheduling.QUEUED) for a in waiting)
+    sched = engine.scheduling
+    for a in waiting:  # as if each had just been written
+        sched._reason_at[a.id] = clock.now()
+
+    assert await _reasons_given(engine, {a.id: "r1" for a in waiting}) == 0  # not due yet
+    clock.advance(scheduling.REASON_EVERY - 1)
+    assert await _reasons_given(engine, {a.id: "r2" for a in waiting}) == 0
+    clock.advance(1)
+    # All due: this pass's budget writes 3 of the 5, the latest reason each.
+    assert await _reasons_given(engine, {}) == 3
+    first = [a for a in waiting if a.pending_reason == "r2"]
+    assert len(first) == 3
+    # The next pass writes the other two; the three just written wait their interval.
+    assert await _reasons_given(engine, {a.id: "r3" for a in first}) == 2
+    assert [a.pending_reason for a in waiting] == ["r2"] * 5
+    clock.advance(scheduling.REASON_EVERY)
+    sched.forget(first[0].id)  # placed or released meanwhile
+    assert await _reasons_given(engine, {}) == 2
+    assert [a.pending_reason for a in first] == ["r2", "r3", "r3"]
 
 
 async def test_a_grace_over_by_the_clock_is_handled_before_the_pass_looks(

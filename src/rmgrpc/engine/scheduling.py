@@ -17,23 +17,28 @@ pass, which may preempt for it. When the queue is not settled the request waits 
 next pass, as the fair order requires. Either way a request costs the same however long
 the queue is, except when it has to wait for a pass.
 
-**Where passes run.** In a worker process by default (`engine.passes`): a pass over a
-deep queue then never holds the GIL against the event loop. It comes back summed up
+**Where passes run.** In a worker thread or, with `pass_runner = "process"`, a worker
+process (`engine.passes`), where a pass over a deep queue never holds the GIL against the
+event loop. It comes back summed up
 (`scheduler.result.PassResult`): the plan, a position per pending request, and only the
 reasons that changed, so applying it costs what changed, not the depth of the queue.
 
 **Status.** A pass's reasons for waiting are state (they are what `pending_reason`
 says at a revision), so a changed reason is written as an UPDATED event — at once for a
 request's first reason, then at most once per `REASON_EVERY` seconds per request and
-`REASON_BUDGET` per pass, so a long queue cannot flood the log. Queue positions are
+`REASON_BUDGET` per pass, so a long queue cannot flood the log; they are written in
+slices of `REASON_SLICE` with the event loop free between, and only those due are looked
+at, so a pass costs the event loop what it writes, not the depth of the queue. Queue positions are
 status only: the last pass's map, served fresh by Get/List, never part of a revision.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -63,9 +68,9 @@ QUEUED = "queued: the scheduler has not considered it yet"
 REASON_EVERY = 30.0
 # ...and at most this many per pass (first reasons always go).
 REASON_BUDGET = 1000
-# First reasons (replacing "queued") written per txn; more go in the next slice at once.
-# Each one is encoded on the event loop (~40 us): 250 keep a slice near 10 ms.
-FIRST_BUDGET = 250
+# Reasons written per txn; more go in the next slice at once, with the event loop free
+# between. Each is encoded on the event loop (~40-90 us): 250 keep a slice near 10-20 ms.
+REASON_SLICE = 250
 # With work pending, a pass runs at least this often (starvation holds, positions).
 REFRESH_EVERY = 5.0
 # A pass asked only to refresh positions and reasons waits this long after the last.
@@ -95,9 +100,17 @@ class Scheduling:
         self._last_pending = 0
         # Status: each pending request's position as of the last pass.
         self.positions: dict[str, int] = {}
-        # The reason the last pass gave each pending request, where its `pending_reason`
-        # still says something else (held back by the rate limits).
-        self._wanted: dict[str, str] = {}
+        # Reasons passes gave that are not written yet: first reasons (replacing
+        # "queued"), in the order passes gave them, and later changes, each due once
+        # `REASON_EVERY` has passed since that request's last write (`_due`, a heap of
+        # (due time, id) with one entry per id in `_changes`). Writing takes the due
+        # ones off the top, so a pass costs what is written, never the depth of a
+        # queue whose reasons keep changing.
+        self._firsts: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._changes: dict[str, str] = {}
+        self._due: list[tuple[float, str]] = []
+        # Changed reasons the last pass may still write (`REASON_BUDGET` per pass).
+        self._budget = 0
         settings = engine.settings
         self.runner: PassRunner = make_runner(
             settings.pass_runner,
@@ -291,7 +304,8 @@ class Scheduling:
         self._pending.discard(allocation_id)
         self._unconsidered.discard(allocation_id)
         self._reason_at.pop(allocation_id, None)
-        self._wanted.pop(allocation_id, None)
+        self._firsts.pop(allocation_id, None)
+        self._changes.pop(allocation_id, None)  # its `_due` entry is dropped when popped
 
     def position(self, allocation_id: str) -> int:
         """Where a pending request stands in admission order (0: not placed by a pass yet)."""
@@ -507,64 +521,72 @@ class Scheduling:
         return ok
 
     def _statuses(self, txn: Txn, changed: dict[str, str]) -> None:
-        """Writes the reasons that changed, within the rate limits; those held back are
-        kept and tried again after the next pass (which names only new changes)."""
+        """Takes a pass's changed reasons and writes the first slice of what is ready;
+        the rest follows in slices of their own, with the event loop free between them.
+        Changes held back by the rate limit are kept and written once due, by a later
+        pass (which names only new changes)."""
         live = self.state.live
+        now = self.engine.clock.now()
         for aid, reason in changed.items():
             a = live.get(aid)
-            if a is not None and a.state == AllocationState.PENDING:
-                self._wanted[aid] = reason
-        if self._write_reasons(txn, first_only=False):
-            asyncio.get_running_loop().call_soon(self._more_first_reasons)
-
-    def _write_reasons(self, txn: Txn, *, first_only: bool) -> bool:
-        """Writes wanted reasons into `txn`: at most `FIRST_BUDGET` first reasons (so a
-        queue of tens of thousands seen for the first time, as after a restart, is
-        written in slices with the event loop free between them) and, unless
-        `first_only`, changes within `REASON_BUDGET` and `REASON_EVERY`. True when first
-        reasons are left for another slice."""
-        wanted = self._wanted
-        live = self.state.live
-        now = time.monotonic()
-        budget = REASON_BUDGET
-        firsts = FIRST_BUDGET
-        tr = self.engine.transitions
-        done = []
-        more = False
-        for aid, reason in wanted.items():
-            a = live.get(aid)
-            if a is None or a.state != AllocationState.PENDING or reason == a.pending_reason:
-                done.append(aid)
+            if a is None or a.state != AllocationState.PENDING:
                 continue
             if a.pending_reason in ("", QUEUED):
-                if firsts <= 0:
-                    more = True
-                    if first_only:
-                        break  # the rest is for the next slice: do not walk it now
-                    continue
-                firsts -= 1
-            else:
+                self._firsts[aid] = reason
+                continue
+            if aid not in self._changes:
                 last = self._reason_at.get(aid)
-                if first_only or budget <= 0 or (last is not None and now - last < REASON_EVERY):
-                    continue
-                budget -= 1
-            a.pending_reason = reason
-            self._reason_at[aid] = now
-            tr.allocation(txn, a, AllocationEventType.UPDATED)
-            done.append(aid)
-        for aid in done:
-            del wanted[aid]
-        return more
+                due = now if last is None else last + REASON_EVERY
+                heapq.heappush(self._due, (due, aid))
+            self._changes[aid] = reason
+        self._budget = REASON_BUDGET
+        if self._write_reasons(txn):
+            asyncio.get_running_loop().call_soon(self._more_reasons)
 
-    def _more_first_reasons(self) -> None:
-        """The next slice of first reasons, in a txn of its own."""
+    def _write_reasons(self, txn: Txn) -> bool:
+        """Writes at most `REASON_SLICE` wanted reasons into `txn`: first reasons, then
+        changes that are due, within the pass's `REASON_BUDGET`. Each is encoded on the
+        event loop, so a queue of tens of thousands seen for the first time (as after a
+        restart) is written slice by slice. True when more are ready for another slice.
+        """
+        live = self.state.live
+        now = self.engine.clock.now()
+        room = REASON_SLICE
+        firsts, changes, due = self._firsts, self._changes, self._due
+        while firsts and room > 0:
+            aid, reason = firsts.popitem(last=False)
+            a = live.get(aid)
+            if a is None or a.state != AllocationState.PENDING or reason == a.pending_reason:
+                continue
+            self._write(txn, a, reason, now)
+            room -= 1
+        while due and room > 0 and self._budget > 0 and due[0][0] <= now:
+            _, aid = heapq.heappop(due)
+            change = changes.pop(aid, None)
+            a = live.get(aid)
+            if change is None or a is None or a.state != AllocationState.PENDING:
+                continue  # forgotten since: its entry was stale
+            if change == a.pending_reason:
+                continue
+            self._write(txn, a, change, now)
+            room -= 1
+            self._budget -= 1
+        return bool(firsts) or bool(due and self._budget > 0 and due[0][0] <= now)
+
+    def _write(self, txn: Txn, a: Allocation, reason: str, now: float) -> None:
+        a.pending_reason = reason
+        self._reason_at[a.id] = now
+        self.engine.transitions.allocation(txn, a, AllocationEventType.UPDATED)
+
+    def _more_reasons(self) -> None:
+        """The next slice of reasons, in a txn of its own."""
         try:
             with self.engine.committer.transaction() as txn:
-                more = self._write_reasons(txn, first_only=True)
+                more = self._write_reasons(txn)
         except Unavailable:
             return  # the store failed: the server is stopping
         if more:
-            asyncio.get_running_loop().call_soon(self._more_first_reasons)
+            asyncio.get_running_loop().call_soon(self._more_reasons)
 
     # -- quick decisions -------------------------------------------------------------
 
