@@ -152,6 +152,12 @@ class ClusterState:
     def holds(self, a: Allocation) -> bool:
         return a.id in self._held
 
+    def holding(self) -> list[Allocation]:
+        """The live allocations that hold capacity (placed, or preempted in their grace),
+        in creation order: found from the held set, not by a walk over a deep queue."""
+        live = self.live
+        return sorted((live[aid] for aid in self._held if aid in live), key=_by_seq)
+
     def forget(self, a: Allocation) -> None:
         """Drops an ended allocation past its retention."""
         self.free(a)
@@ -245,3 +251,7 @@ class ClusterState:
         for a in sorted(allocations, key=lambda a: (a.seq, a.id)):
             state.add(a, now)
         return state
+
+
+def _by_seq(a: Allocation) -> int:
+    return a.seq

@@ -56,6 +56,7 @@ def test_indexes_match_a_scan(ops: list[tuple[str, int, int]]) -> None:
                 state.forget(ended[0])
         # holders and per-node totals
         held = [a for a in state.live.values() if a.state == AllocationState.ALLOCATED]
+        assert [a.id for a in state.holding()] == [a.id for a in held if a.placements]
         assert set(state.holders) == {
             (p.node_id, i) for a in held for p in a.placements for i in p.gpu_indices
         }

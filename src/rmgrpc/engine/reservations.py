@@ -71,9 +71,8 @@ class ReservationCommands(EngineCore):
     def occupied(self, *, skip_reservation: str = "") -> list[core.Busy]:
         """What occupies capacity from now on: running work and accepted reservations."""
         state = self.state
-        holding = (a for a in state.live.values() if state.holds(a))
         return core.occupied(
-            holding,
+            state.holding(),
             state.reservations.values(),
             self.clock.now(),
             skip_reservation=skip_reservation,

@@ -487,8 +487,7 @@ class Scheduling:
         live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
         if not live or not decisions.admissions:
             return decisions, []
-        holding = [a for a in state.live.values() if state.holds(a)]
-        reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
+        reserved = Reserved(live, state.nodes, state.holding(), self.engine.clock.now())
         kept, off = [], []
         for adm in decisions.admissions:
             a = state.live.get(adm.allocation_id)
@@ -509,7 +508,7 @@ class Scheduling:
         def ok(a: Allocation, placements: Sequence[Placement]) -> bool:
             nonlocal ledger
             if ledger is None:
-                ledger = self._ledger()
+                ledger = self._ledger(self.state.holding())
             amt = Amount.of_placed(
                 dataclasses.replace(a, placements=tuple(placements)), ledger.gpu_models
             )
@@ -590,12 +589,11 @@ class Scheduling:
 
     # -- quick decisions -------------------------------------------------------------
 
-    def _ledger(self) -> Ledger:
-        holding = {aid: a for aid, a in self.state.live.items() if self.state.holds(a)}
+    def _ledger(self, holding: Sequence[Allocation]) -> Ledger:
         snap = Snapshot(
             now=self.engine.clock.now(),
             nodes=self.state.nodes,
-            allocations=holding,
+            allocations={a.id: a for a in holding},
             quotas=self.state.quotas,
             config=self.engine.config,
         )
@@ -604,7 +602,8 @@ class Scheduling:
     def _structures(self) -> tuple[CapacityView, Ledger]:
         if self._quick is None:
             state = self.state
-            view = CapacityView(state.nodes, (a for a in state.live.values() if state.holds(a)))
+            holding = state.holding()
+            view = CapacityView(state.nodes, holding)
             for gang_id, node_ids in self._last.held_nodes.items():
                 gang = state.live.get(gang_id)
                 if gang is not None and gang.state == AllocationState.PENDING:
@@ -620,17 +619,12 @@ class Scheduling:
             # Between passes nothing backfills: idle reserved capacity is withheld whole.
             live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
             if live:
-                holding = [a for a in state.live.values() if state.holds(a)]
                 self._reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
                 self._reserved.withhold(view)
-            self._quick = (view, self._ledger())
+            self._quick = (view, self._ledger(holding))
             # The ledger counts victims still in their grace as leaving.
-            self._leaving_ids = {
-                a.id
-                for a in state.live.values()
-                if a.state == AllocationState.PREEMPTED and state.holds(a)
-            }
-            running = [a for a in state.live.values() if a.state == AllocationState.ALLOCATED]
+            self._leaving_ids = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
+            running = [a for a in holding if a.state == AllocationState.ALLOCATED]
             self._min_priority = min((a.priority for a in running), default=None)
             self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
         return self._quick
