@@ -119,6 +119,9 @@ class _Cycle:
         self.view = CapacityView(snapshot.nodes, holding)
         self.reserved = Reserved(snapshot.reservations, snapshot.nodes, holding, self.now)
         self.reserved.withhold(self.view)
+        # What was free at the start, for `_fitted_at_start`: copies of the nodes now are
+        # a few times cheaper than a second view built from the snapshot, and the same.
+        self._start_nodes = {nid: n._copy() for nid, n in self.view.nodes.items()}
         self.ledger = Ledger(snapshot)
         self._pool: VictimPool | None = None
         self.budget = max(0, self.config.max_preemptions_per_cycle)
@@ -131,10 +134,12 @@ class _Cycle:
         self.handled: set[str] = set()
         self._preempt_failed: set[tuple[object, ...]] = set()
         self._amounts: dict[str, Amount] = {}
+        self._amounts_alike: dict[tuple[Shape, int], Amount] = {}
         self._explained: dict[tuple[object, ...], str] = {}
         self._initial: CapacityView | None = None
         self._initial_fits: dict[_FailKey, bool] = {}
         self._sharing: bool | None = None
+        self._policies: dict[str, Policy] = {}
         # The queue, in the hierarchical fair order (built when the queue is served).
         self.fair_queue: FairQueue | None = None
 
@@ -152,9 +157,15 @@ class _Cycle:
         return self._pool
 
     def amount(self, a: Allocation) -> Amount:
+        """What `a` asks for in all. Read-only: requests of one shape and count share one
+        (it depends on nothing else), so a long queue makes a few hundred, not one each."""
         amt = self._amounts.get(a.id)
         if amt is None:
-            amt = self._amounts[a.id] = Amount.of_request(a)
+            key = (a.shape, a.count)
+            amt = self._amounts_alike.get(key)
+            if amt is None:
+                amt = self._amounts_alike[key] = Amount.of_request(a)
+            self._amounts[a.id] = amt
         return amt
 
     def placed_amount(self, a: Allocation, placements: Sequence[Placement]) -> Amount:
@@ -429,7 +440,9 @@ class _Cycle:
         amt = self.amount(a)
         modes = []
         pool = self.pool
-        if self.budget <= 0 and len(pool) and self._by_priority(a, pool):
+        policy = self._policy(a.tenant)
+        by_priority = self._by_priority(a, pool, policy)
+        if self.budget <= 0 and len(pool) and by_priority:
             # The limit is reached and a mode applies: nothing else to learn (skips the
             # guarantee and fair-share sums for most of a full cluster's queue).
             self.budget_hit.add(a.id)
@@ -439,11 +452,10 @@ class _Cycle:
             if inside:
                 self.reasons[a.id] = self._reclaim_text(a)
             return None
-        policy = Policy.of(self.snapshot.quotas.get(a.tenant))
         if inside:
             modes.append(Mode.GUARANTEE)
         equal_ok = policy.within == WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY
-        if self._by_priority(a, pool, policy):
+        if by_priority:
             modes.append(Mode.PRIORITY)
         if block is None and self.ledger.below_fair_share(a.tenant, amt):
             modes.append(Mode.FAIR_SHARE)
@@ -481,9 +493,17 @@ class _Cycle:
     def _by_priority(self, a: Allocation, pool: VictimPool, policy: Policy | None = None) -> bool:
         """Whether `a` may look for victims by priority (its own quota's policy)."""
         if policy is None:
-            policy = Policy.of(self.snapshot.quotas.get(a.tenant))
+            policy = self._policy(a.tenant)
         equal_ok = policy.within == WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY
         return a.priority > pool.min_priority or (equal_ok and a.priority >= pool.min_priority)
+
+    def _policy(self, tenant: str) -> Policy:
+        """`Policy.of` the tenant's quota, made once per tenant: the quotas are the
+        snapshot's, fixed for the pass, and most of a long queue asks it."""
+        got = self._policies.get(tenant)
+        if got is None:
+            got = self._policies[tenant] = Policy.of(self.snapshot.quotas.get(tenant))
+        return got
 
     def _reclaim_text(self, a: Allocation) -> str:
         """What a tenant under its guarantee is waiting to reclaim, and from whom."""
@@ -575,11 +595,7 @@ class _Cycle:
         got = self._initial_fits.get(key)
         if got is None:
             if self._initial is None:
-                snap = self.snapshot
-                self._initial = CapacityView(snap.nodes, self.holding)
-                Reserved(snap.reservations, snap.nodes, self.holding, self.now).withhold(
-                    self._initial
-                )
+                self._initial = CapacityView.of_copies(self._start_nodes)
             shape, count, _, _, models, _ = key
             got = self._initial.fits(shape, count, models=models)
             self._initial_fits[key] = got
@@ -607,6 +623,7 @@ class _Cycle:
 
     def _explain(self) -> None:
         limit = self.config.max_preemptions_per_cycle
+        notes: dict[tuple[str, bool], str] = {}
         for pos, aid in enumerate(self.order, start=1):
             key = self.fail_keys.get(aid)
             parts = []
@@ -616,7 +633,13 @@ class _Cycle:
                 parts.append(self.reasons[aid])
             if key is not None:
                 parts.append(self._capacity_text(key))
-                note = self._share_note(self.by_id[aid])
+                a = self.by_id[aid]
+                # The note reads only the tenant and whether GPUs are asked for, and the
+                # ledger no longer changes: one per tenant, not one per waiting request.
+                memo = (a.tenant, a.shape.gpus > 0)
+                note = notes.get(memo)
+                if note is None:
+                    note = notes[memo] = self._share_note(a)
                 if note:
                     parts.append(note)
             if aid in self.budget_hit:

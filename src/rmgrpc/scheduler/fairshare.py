@@ -331,6 +331,8 @@ class Ledger:
         self._ver: dict[str, int] = {}
         self._own_ver: dict[str, int] = {}
         self._within_memo: dict[tuple[object, ...], tuple[tuple[int, ...], bool]] = {}
+        self._guarantees: dict[str, bool] = {}
+        self._limits: dict[str, bool] = {}
         self._score_memo: dict[
             tuple[str, bool, tuple[int, int, int]], tuple[int, tuple[int, int, float, float]]
         ] = {}
@@ -345,23 +347,41 @@ class Ledger:
         self.recent: dict[str, list[float]] = {}
         self.own_recent: dict[str, list[float]] = {}
         decay = math.log(2) / self.half_life if self.half_life > 0 else 0.0
+        # Amounts and counts are summed per tenant first, then carried up each tenant's
+        # chain once: thousands of allocations of a handful of tenants walk the tree a
+        # handful of times, not once each. Sound: integer sums in any grouping are the
+        # same, and tenants are taken in the order of their first allocation, so every
+        # table gets its keys in the order the walk per allocation gave them
+        # (test_scheduler_shortcuts compares with that walk). Recent usage is a float sum
+        # and stays per allocation, in the same order.
+        held_by: dict[str, Amount] = {}
+        leaving_by: dict[str, Amount] = {}
+        running_by: dict[str, int] = {}
+        waiting_by: dict[str, int] = {}
         for a in sorted(allocs, key=lambda a: a.id):
             if a.holds_capacity(now):
                 amt = self.placed[a.id] = Amount.of_placed(a, self.gpu_models)
-                self.add_held(a.tenant, amt)
+                self._bump(held_by, a.tenant, amt)
                 if a.state == AllocationState.PREEMPTED:
-                    self.add_leaving(a.tenant, amt)
-                for t in self.tree.chain(a.tenant):
-                    self.running[t] = self.running.get(t, 0) + 1
+                    self._bump(leaving_by, a.tenant, amt)
+                running_by[a.tenant] = running_by.get(a.tenant, 0) + 1
                 if decay:
                     start = a.allocate_time if a.allocate_time is not None else a.create_time
                     self._add_recent(a.tenant, amt.vector(), running_weight(now - start, decay))
             elif a.state == AllocationState.PENDING:
-                amt = Amount.of_request(a)
-                self._bump(self.own_pending, a.tenant, amt)
-                for t in self.tree.chain(a.tenant):
-                    self._bump(self.pending, t, amt)
-                    self.waiting[t] = self.waiting.get(t, 0) + 1
+                self._bump(self.own_pending, a.tenant, Amount.of_request(a))
+                waiting_by[a.tenant] = waiting_by.get(a.tenant, 0) + 1
+        for tenant, amt in held_by.items():
+            self.add_held(tenant, amt)
+        for tenant, amt in leaving_by.items():
+            self.add_leaving(tenant, amt)
+        for tenant, n in running_by.items():
+            for t in self.tree.chain(tenant):
+                self.running[t] = self.running.get(t, 0) + n
+        for tenant, amt in self.own_pending.items():
+            for t in self.tree.chain(tenant):
+                self._bump(self.pending, t, amt)
+                self.waiting[t] = self.waiting.get(t, 0) + waiting_by[tenant]
         if decay:
             for t, vec in sorted(snapshot.ended_usage.items()):
                 self._add_recent(t, vec, 1.0)
@@ -573,6 +593,8 @@ class Ledger:
     ) -> QuotaBlock | None:
         """The first tenant on the chain whose limit `amt` would break, or None."""
         for t in self.tree.chain(tenant):
+            if not self._limited(t):
+                continue  # nothing bounded: no amount could break it
             lim = self.tree.limit(t)
             held = self.held_of(t)
             if freed is not None and t in freed:
@@ -588,6 +610,16 @@ class Ledger:
                 if cap is not None and ask > 0 and have + ask > cap:
                     return QuotaBlock(t, tenant, "gpus", m, have, cap, ask)
         return None
+
+    def _limited(self, t: str) -> bool:
+        """Whether `t`'s limit bounds anything (a resource or a GPU model). Most levels of
+        a tree bound nothing (no quota, or a guarantee only); `limit_block` skips them
+        without reading what they hold. Quotas are fixed for a ledger, as in `_static`."""
+        got = self._limits.get(t)
+        if got is None:
+            lim = self.tree.limit(t)
+            got = self._limits[t] = _any_bound(lim) or bool(lim.gpus_by_model)
+        return got
 
     def kept_idle(self, t: str) -> tuple[int, int, int]:
         """Guarantee `t` does not lend while idle: guaranteed minus lending limit minus
@@ -660,6 +692,8 @@ class Ledger:
     def within_guarantee(self, tenant: str, amt: Amount) -> bool:
         """`_within_guarantee`, remembered per (tenant, amount) until the usage of a
         tenant on its chain changes (the queue asks it at every pop)."""
+        if not self._guarantees_something(tenant):
+            return False
         chain = self.tree.chain(tenant)
         vers = tuple(self._ver.get(t, 0) for t in chain)
         key = (tenant, amt.gpus, amt.cpu, amt.mem, *sorted(amt.models.items()))
@@ -671,6 +705,22 @@ class Ledger:
             self._within_memo.clear()
         self._within_memo[key] = (vers, ok)
         return ok
+
+    def _guarantees_something(self, tenant: str) -> bool:
+        """Whether the tenant's own quota guarantees a positive amount of anything. Only
+        that can make `_within_guarantee` true (its `explicit` is set at the tenant's own
+        level alone), so for every other tenant (most, in a typical tree) the answer is
+        False whatever anyone holds: no usage versions, no memo. Quotas are fixed for a
+        ledger, as in `_static`."""
+        got = self._guarantees.get(tenant)
+        if got is None:
+            g = self.tree.guaranteed(tenant)
+            got = self.tree.has_explicit_guarantee(tenant) and (
+                any(c is not None and c > 0 for c in _limit_dims(g))
+                or any(c > 0 for c in g.gpus_by_model.values())
+            )
+            self._guarantees[tenant] = got
+        return got
 
     def _within_guarantee(self, tenant: str, amt: Amount) -> bool:
         """Does the request fit inside the tenant's guarantee (and its ancestors' explicit ones)?"""

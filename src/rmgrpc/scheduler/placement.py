@@ -609,6 +609,23 @@ class CapacityView:
             self.nodes[nid] = NodeCapacity(nodes[nid])
         for a in holding:
             self._hold_existing(a)
+        self._setup()
+
+    @classmethod
+    def of_copies(cls, nodes: Mapping[str, NodeCapacity]) -> CapacityView:
+        """A view over detached node copies (`NodeCapacity._copy`, made while no node was
+        held), which it takes over: what another view had free when they were copied,
+        without building every node and taking every holder's capacity again."""
+        view = cls.__new__(cls)
+        view.nodes = {}
+        for nid in sorted(nodes):
+            n = view.nodes[nid] = nodes[nid]
+            n.cls = -1  # the class id was the other view's
+        view._setup()
+        return view
+
+    def _setup(self) -> None:
+        """Everything a view keeps beside its nodes: models, indexes, memos, classes."""
         max_by_model: dict[str, int] = {}
         for n in self.nodes.values():
             for m, c in n.healthy_by_model.items():

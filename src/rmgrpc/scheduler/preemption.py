@@ -107,8 +107,10 @@ class Victim:
     alloc: Allocation
     amount: Amount
     chain: tuple[str, ...]
-    # Node id -> (GPU indices, CPU millis, memory bytes) the victim frees there.
-    on_node: dict[str, tuple[list[int], int, int]] = field(default_factory=dict)
+    # Node id -> (GPU indices, CPU millis, memory bytes) the victim frees there (tuples:
+    # thousands of victims live through the pass, and tuples of numbers leave the
+    # garbage collector's sight where lists would be scanned by every full collection).
+    on_node: dict[str, tuple[tuple[int, ...], int, int]] = field(default_factory=dict)
     # (GPUs, CPU millis, memory bytes) it frees in all.
     vec: tuple[int, int, int] = (0, 0, 0)
     # The allocation's id, read in hot loops (a plain field, not a property).
@@ -153,15 +155,30 @@ def set_cost(vs: Sequence[Victim]) -> tuple[int, int, int, float, int, tuple[str
 
 class AllowedVictims:
     """The victims one search may take, in victim order (shared, never changed, by the
-    searches that allow the same)."""
+    searches that allow the same).
 
-    __slots__ = ("_by_node", "_sums", "ids", "victims")
+    Built from an earlier set (`parent`, the pool's last one) when it allows a subset of
+    it, as a set does once victims are taken: a node none of whose victims left has the
+    same allowed victims, so it keeps the parent's list and running sums, and only the
+    nodes of the victims that left are worked out again (test_scheduler_shortcuts
+    compares with sets built from scratch).
+    """
 
-    def __init__(self, victims: list[Victim]) -> None:
+    __slots__ = ("_by_node", "_dirty", "_parent", "_sums", "ids", "victims")
+
+    def __init__(self, victims: list[Victim], parent: AllowedVictims | None = None) -> None:
         self.victims = victims
         self.ids = {v.id for v in victims}
         self._by_node: tuple[dict[str, list[Victim]], list[str]] | None = None
         self._sums: dict[str, tuple[list[int], list[int], list[int]]] = {}
+        # Nodes of the parent's victims this set leaves out (None: not derived).
+        self._dirty: set[str] | None = None
+        self._parent: AllowedVictims | None = None
+        if parent is not None and victims and self.ids <= parent.ids:
+            dirty = {nid for v in parent.victims if v.id not in self.ids for nid in v.on_node}
+            self._dirty = dirty
+            self._parent = parent
+            self._sums = {nid: got for nid, got in parent._sums.items() if nid not in dirty}
 
     def sums_on(self, nid: str) -> tuple[list[int], list[int], list[int]]:
         """Per resource (GPUs, CPU, memory), the running sums of what the node's victims
@@ -187,11 +204,23 @@ class AllowedVictims:
         """The victims by node (in victim order), and those nodes in id order: what each
         replica's search ranks, grouped once."""
         if self._by_node is None:
-            on: dict[str, list[Victim]] = {}
-            for v in self.victims:
-                for nid in v.on_node:
-                    on.setdefault(nid, []).append(v)
-            self._by_node = (on, sorted(on))
+            parent, dirty = self._parent, self._dirty
+            self._parent = None  # used once: no chain of sets kept alive
+            if parent is not None and dirty is not None and parent._by_node is not None:
+                on, nodes = dict(parent._by_node[0]), parent._by_node[1]
+                for nid in dirty:
+                    kept = [v for v in on.get(nid, ()) if v.id in self.ids]
+                    if kept:
+                        on[nid] = kept
+                    else:
+                        on.pop(nid, None)
+                self._by_node = (on, [nid for nid in nodes if nid in on])
+            else:
+                on = {}
+                for v in self.victims:
+                    for nid in v.on_node:
+                        on.setdefault(nid, []).append(v)
+                self._by_node = (on, sorted(on))
         return self._by_node
 
 
@@ -218,9 +247,9 @@ class VictimPool:
                 amt = Amount.of_placed(a, ledger.gpu_models)
             v = Victim(a, amt, ledger.tree.chain(a.tenant), vec=amt.vector())
             for p in a.placements:
-                gpus, cpu, mem = v.on_node.get(p.node_id, ([], 0, 0))
+                gpus, cpu, mem = v.on_node.get(p.node_id, ((), 0, 0))
                 v.on_node[p.node_id] = (
-                    gpus + list(p.gpu_indices),
+                    gpus + tuple(p.gpu_indices),
                     cpu + a.shape.cpu_millis,
                     mem + a.shape.memory_bytes,
                 )
@@ -246,6 +275,8 @@ class VictimPool:
             self.class_of.append(cid)
         # Verdicts of `_Search._allowed` (per class, taken count, own tenant's) -> answer.
         self.allowed_memo: dict[tuple[object, ...], AllowedVictims] = {}
+        # The last non-empty set built: the next one is derived from it when it can be.
+        self.last_allowed: AllowedVictims | None = None
         # Chosen this cycle: never chosen twice.
         self.taken: set[str] = set()
         self.min_priority = min((v.priority for v in self.ordered), default=math.inf)
@@ -392,7 +423,9 @@ class _Search:
                 out.append(v)
         if len(pool.allowed_memo) >= _ALLOWED_KEPT:
             pool.allowed_memo.clear()
-        got = pool.allowed_memo[key] = AllowedVictims(out)
+        got = pool.allowed_memo[key] = AllowedVictims(out, pool.last_allowed)
+        if out:  # an empty set has nothing to hand on
+            pool.last_allowed = got
         return got
 
     def _inside_own_tree(self, v: Victim) -> bool:
