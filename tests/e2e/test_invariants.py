@@ -16,6 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rmgrpc.engine import Engine
+from rmgrpc.scheduler.fairshare import Amount, Ledger
+from rmgrpc.scheduler.snapshot import Snapshot
 from rmgrpc.server import RunningServer, start
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import (
@@ -66,6 +69,37 @@ async def check(
     # The listing also shows preempted allocations still inside their grace period.
     assert {k: v for k, v in listed_holders.items() if v in {a.id for a in holding}} == held
     assert set(held) <= set(listed_holders)
+
+
+def check_quick_ledger(engine: Engine) -> None:
+    """The quick decisions' ledger, followed change by change across passes (rebuilt only
+    on node and quota changes), says what a ledger built afresh says."""
+    sched = engine.scheduling
+    kept = sched._quick_ledger
+    if kept is None:
+        return
+    holding = engine.state.holding()
+    # Built as of time 0, so victims whose grace the clock has passed but whose timer has
+    # not fired yet count as held, as the state (and the followed ledger) still counts them.
+    fresh = Ledger(
+        Snapshot(
+            now=0.0,
+            nodes=engine.state.nodes,
+            allocations={a.id: a for a in holding},
+            quotas=engine.state.quotas,
+            config=engine.config,
+        )
+    )
+
+    def amounts(table: dict[str, Amount]) -> dict[str, tuple[int, int, int, dict[str, int]]]:
+        out = {
+            t: (a.gpus, a.cpu, a.mem, {m: n for m, n in a.models.items() if n})
+            for t, a in table.items()
+        }
+        return {t: v for t, v in out.items() if v != (0, 0, 0, {})}
+
+    assert amounts(kept.held) == amounts(fresh.held)
+    assert amounts(kept.leaving) == amounts(fresh.leaving)
 
 
 @dataclass
@@ -150,6 +184,7 @@ async def test_random_operations_keep_the_invariants(
                 await c.nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
             await c.running.engine.schedule_now()  # releases do not wait for their cycle
             await check(c.alloc, c.nodes)
+            check_quick_ledger(c.running.engine)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -125,6 +125,11 @@ class Scheduling:
         # the last pass that made them (every `estimate_interval_seconds`).
         self.estimates: dict[str, tuple[float | None, str]] = {}
         self._quick: tuple[CapacityView, Ledger] | None = None
+        # The quick ledger outlives the view: holds moved by a pass change only the view,
+        # and the ledger (quota and guarantee checks, no ordering) follows every change
+        # of what is held in place, so rebuilding it (every running allocation, ~100 ms
+        # at thousands) is left to node and quota changes.
+        self._quick_ledger: Ledger | None = None
         # Reasons the quick view gave, while it has not changed: a full cluster explains
         # the same shape the same way, and a filter-chain walk over every node is the
         # dearest part of a quick decision.
@@ -159,11 +164,14 @@ class Scheduling:
         self._models = None
         self._unsettle()
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, *, ledger: bool = True) -> None:
+        """Drops the quick view (and, unless `ledger` is False, the quick ledger)."""
         self._quick = None
         self._reserved = None
-        self._leaving_ids.clear()
         self._explained.clear()
+        if ledger:
+            self._quick_ledger = None
+            self._leaving_ids.clear()
 
     @property
     def gpu_models(self) -> tuple[str, ...]:
@@ -180,22 +188,24 @@ class Scheduling:
     def _follow(self, a: Allocation, sign: int) -> None:
         """`a` takes (+1) or gives back (-1) its placements' capacity: the quick view and
         ledger follow."""
+        ledger = self._quick_ledger
+        if ledger is not None:
+            amt = Amount.of_placed(a, ledger.gpu_models)
+            ledger.add_held(a.tenant, amt, sign)
+            if sign < 0 and a.id in self._leaving_ids:
+                ledger.add_leaving(a.tenant, amt, -1)
         if self._quick is None:
             return
         if self._reserved and self._reserved.touches(a):
             # Reserved GPUs change hands: the quick view rebuilds what it withholds.
-            self._invalidate()
+            self._invalidate(ledger=False)
             return
-        view, ledger = self._quick
+        view = self._quick[0]
         st = view.statement()  # committed at once: keeps the view's undo journal empty
         for p in a.placements:
             change = view.take if sign > 0 else view.give
             change(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
         st.commit()
-        amt = Amount.of_placed(a, ledger.gpu_models)
-        ledger.add_held(a.tenant, amt, sign)
-        if sign < 0 and a.id in self._leaving_ids:
-            ledger.add_leaving(a.tenant, amt, -1)
         self._explained.clear()
 
     def usage_history(self) -> UsageHistory:
@@ -235,9 +245,9 @@ class Scheduling:
 
     def _leaving(self, victim: Allocation) -> None:
         """A pass preempted `victim`; while it keeps its capacity (grace) it is leaving."""
-        if self._quick is None or not self.state.holds(victim):
+        ledger = self._quick_ledger
+        if ledger is None or not self.state.holds(victim):
             return
-        ledger = self._quick[1]
         ledger.add_leaving(victim.tenant, Amount.of_placed(victim, ledger.gpu_models))
         self._leaving_ids.add(victim.id)
 
@@ -473,7 +483,8 @@ class Scheduling:
         )
         self._last = decisions
         if holds_moved:
-            self._invalidate()  # the quick view keeps off what the last pass held
+            # The quick view keeps off what the last pass held; the ledger is unchanged.
+            self._invalidate(ledger=False)
         if applied.placed or applied.preempted:
             log.debug("pass placed %d, preempted %d", len(applied.placed), len(applied.preempted))
         return txn
@@ -590,8 +601,17 @@ class Scheduling:
     # -- quick decisions -------------------------------------------------------------
 
     def _ledger(self, holding: Sequence[Allocation]) -> Ledger:
+        """A ledger of what the state holds now. A victim whose grace the clock has
+        passed still holds until its grace timer fires (and `freed` takes it out of the
+        followed ledger then): the ledger is taken as of a time it still counts, or the
+        followed ledger would take it out twice."""
+        now = self.engine.clock.now()
+        for a in holding:
+            end = a.grace_end_time
+            if a.state == AllocationState.PREEMPTED and end is not None and end <= now:
+                now = end - 1e-6
         snap = Snapshot(
-            now=self.engine.clock.now(),
+            now=now,
             nodes=self.state.nodes,
             allocations={a.id: a for a in holding},
             quotas=self.state.quotas,
@@ -621,9 +641,11 @@ class Scheduling:
             if live:
                 self._reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
                 self._reserved.withhold(view)
-            self._quick = (view, self._ledger(holding))
-            # The ledger counts victims still in their grace as leaving.
-            self._leaving_ids = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
+            if self._quick_ledger is None:
+                self._quick_ledger = self._ledger(holding)
+                # The ledger counts victims still in their grace as leaving.
+                self._leaving_ids = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
+            self._quick = (view, self._quick_ledger)
             running = [a for a in holding if a.state == AllocationState.ALLOCATED]
             self._min_priority = min((a.priority for a in running), default=None)
             self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
