@@ -25,7 +25,9 @@ child processes (so the server's process only serves), never through the engine'
 Filling is bounded by `--fill-limit` seconds per step; a step that runs out says how far
 it got, and what follows measures the queue as it stands. `--fill store` writes the
 pending requests of steps 3 and 5 straight into the database of the stopped server and
-restarts it (same settings, same database), for servers too slow to fill through gRPC.
+restarts it (same settings, same database), for servers too slow to fill through gRPC;
+the step after a restart begins once the server's first pass has ranked the recovered
+queue (how long that took is printed: the cost of a restart onto a deep queue).
 """
 
 from __future__ import annotations
@@ -334,11 +336,17 @@ class _Served:
         await self.server.stop(0)
         await _seed_pending(self.settings.db, first, count)
         self.server = await start(self.settings)
+        t1 = time.perf_counter()
+        # What follows measures a server serving a deep queue, not one restarting: wait
+        # for its first pass over the recovered queue (until then nothing is ranked).
+        ranked = await _ranked(self.target, limit)
         # Seeded requests that found free GPUs were placed by the first cycle: count again.
         depth = await _count_pending(self.target)
         print(
             f"fill        {count} PENDING written to the database, server restarted on it, "
-            f"in {time.perf_counter() - t0:.1f} s; {depth} pending now",
+            f"in {t1 - t0:.1f} s; its first pass ranked the queue "
+            f"{'after' if ranked else 'not within'} {time.perf_counter() - t1:.1f} s; "
+            f"{depth} pending now",
             flush=True,
         )
         return depth
@@ -379,6 +387,20 @@ async def _seed_pending(db: str, first: int, count: int) -> None:
             await store.commit(Write(events=events, puts=puts))
     finally:
         await store.close()
+
+
+async def _ranked(target: str, limit: float) -> bool:
+    """Waits (at most `limit` s) until a pass has ranked the pending queue."""
+    deadline = time.monotonic() + limit
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = allocator_pb2_grpc.AllocatorServiceStub(channel)
+        request = pb.ListAllocationsRequest(states=[pb.ALLOCATION_STATE_PENDING], page_size=1)
+        while time.monotonic() < deadline:
+            page = await stub.ListAllocations(request)
+            if not page.allocations or page.allocations[0].queue_position > 0:
+                return True
+            await asyncio.sleep(0.1)
+    return False
 
 
 async def _count_pending(target: str) -> int:
