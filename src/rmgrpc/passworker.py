@@ -96,9 +96,13 @@ def serve(conn: Connection) -> None:
             # The mirror may be half updated: the server resends everything next time.
             nodes.clear()
             allocations.clear()
-            conn.send(("error", traceback.format_exc()))
-            continue
-        conn.send(("ok", result))
+            answer: tuple[str, object] = ("error", traceback.format_exc())
+        else:
+            answer = ("ok", result)
+        try:
+            conn.send(answer)
+        except OSError:
+            return  # the server went away (stopped) while this pass ran
 
 
 def snapshot_rest(snap: Snapshot) -> dict[str, Any]:

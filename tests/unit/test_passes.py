@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from rmgrpc import passworker
 from rmgrpc.engine.passes import ProcessRunner, ThreadRunner, make_runner
 from rmgrpc.model import Allocation, AllocationState, NodeState, Placement, Shape
 from rmgrpc.scheduler import cycle as scheduler_cycle
@@ -223,3 +224,25 @@ async def test_a_thread_runner_hands_estimates_over_after_the_pass() -> None:
     assert len(got) == 1 and set(got[0]) == set(first.positions)
     inline = await ThreadRunner(policy).run(state, lambda: _snapshot(state))
     assert inline.estimates == got[0]
+
+
+def test_the_worker_ends_quietly_when_the_server_is_gone_before_its_answer() -> None:
+    """A server that stops while a pass runs closes its end: the worker's answer meets a
+    broken pipe, and it ends without a traceback on the server's stderr."""
+
+    class Gone:
+        def __init__(self) -> None:
+            self.asked = False
+
+        def recv(self) -> tuple[str, object]:
+            if self.asked:
+                raise EOFError
+            self.asked = True
+            return ("pass", object())  # not a Delta: the worker answers with an error
+
+        def send(self, answer: object) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    conn = Gone()
+    passworker.serve(conn)  # type: ignore[arg-type]
+    assert conn.asked
