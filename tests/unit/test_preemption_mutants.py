@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
-
 from rmgrpc.model import (
     Allocation,
     AllocationState,
@@ -606,18 +604,12 @@ def test_a_node_needing_as_few_victims_is_still_searched() -> None:
     assert admitted(d) == [req.id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a quota-bound search starts its exact search at the capacity bound "
-    "(1 victim) and spends its 256-set budget on sizes that cannot free enough quota "
-    "(385 sets of 1-4 of 10 candidates), so the greedy fallback answers with 6 victims "
-    "where 5 suffice (found by test_priority_victims_are_strictly_lower_and_minimal)",
-)
 def test_quota_bound_request_takes_the_fewest_victims_among_ten() -> None:
     """Preemption, "the fewest victims" (issue 9: no larger than any single-node
     alternative): org holds 15 GPUs against its limit of 7, so a 2-GPU request of
     org/a must free 10: r02 (3) with r01, r03, r05 (2 each) and one 1-GPU allocation
-    do it with 5 victims."""
+    do it with 5 victims. (The exact search once started at 1 victim and spent its
+    budget on sets too small to free the quota; the greedy fallback then took 6.)"""
     quotas = [Quota("org", limit=Resources(gpus=7))]
     s = cluster(
         [("n0", 6, "H100"), ("n1", 2, "H100"), ("n2", 6, "H100"), ("n3", 4, "H100")], quotas

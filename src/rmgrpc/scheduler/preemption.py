@@ -54,7 +54,7 @@ from rmgrpc.model import (
     ReclaimPolicy,
     WithinTenantPreemption,
 )
-from rmgrpc.scheduler.fairshare import Amount, Ledger, QuotaBlock
+from rmgrpc.scheduler.fairshare import Amount, Ledger, QuotaBlock, _limit_dims
 from rmgrpc.scheduler.placement import (
     CapacityView,
     NodeCapacity,
@@ -547,6 +547,44 @@ class _Search:
                 return acc
         return None
 
+    def _quota_bound(self, cands: Sequence[Victim]) -> int:
+        """Fewest of `cands` whose removal could bring every limit the request breaks
+        back within bounds: per limit on its chain (a resource, or a GPU model), the
+        largest victims inside that subtree summed until they cover the excess. A lower
+        bound, so the exact search starts there rather than spending its budget on sets
+        too small to free the quota (and falling back to a greedy answer with more
+        victims than needed). More than `len(cands)` when no subset can."""
+        ledger = self.ledger
+        ask = self.ask
+        need = 1
+        for t in ledger.tree.chain(self.request.tenant):
+            lim = ledger.tree.limit(t)
+            caps = _limit_dims(lim)
+            if all(c is None for c in caps) and not lim.gpus_by_model:
+                continue
+            held = ledger.held_of(t)
+            inside = [v for v in cands if t in v.chain]
+            excess: list[tuple[int, list[int]]] = []
+            for i, (have, want, cap) in enumerate(
+                zip(held.vector(), ask.vector(), caps, strict=True)
+            ):
+                if cap is not None and want > 0 and have + want > cap:
+                    excess.append((have + want - cap, [v.amount.vector()[i] for v in inside]))
+            for m, want in ask.models.items():
+                cap = lim.gpus_by_model.get(m)
+                have = held.models.get(m, 0)
+                if cap is not None and want > 0 and have + want > cap:
+                    excess.append((have + want - cap, [v.amount.models.get(m, 0) for v in inside]))
+            for over, gives in excess:
+                got, k = 0, 0
+                for g in sorted(gives, reverse=True):
+                    if got >= over:
+                        break
+                    got += g
+                    k += 1
+                need = max(need, k if got >= over else len(cands) + 1)
+        return need
+
     def _lower_bound(self, n: NodeCapacity, cands: Sequence[Victim]) -> float:
         """Fewest of `cands` that could cover what one replica lacks on `n` (counting
         free GPUs of every model together, so never more than truly needed)."""
@@ -637,7 +675,8 @@ class _Search:
         ):
             if not quota:
                 return []
-            consider(self._cheapest(self._quota_candidates(taken), None, True, 1))
+            cands = self._quota_candidates(taken)
+            consider(self._cheapest(cands, None, True, self._quota_bound(cands)))
         qc = self._quota_candidates(taken) if quota else []
         ranked: list[tuple[float, tuple[int, float, int, str], str, list[Victim]]] = []
         # The candidate nodes (`VictimPool.candidate_nodes`) that hold allowed victims.
@@ -670,6 +709,7 @@ class _Search:
                 cands = sorted(
                     on + [v for v in qc if v.id not in ids], key=lambda v: victim_order(v.alloc)
                 )
+                lb = max(lb, self._quota_bound(cands))
             consider(self._cheapest(cands, view.nodes[nid], quota, int(lb)))
         return best
 
