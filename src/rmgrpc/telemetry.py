@@ -29,11 +29,12 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -939,7 +940,10 @@ def setup_tracing(
     if span_exporter is not None:
         provider = TracerProvider(
             resource=Resource.create({"service.name": "rmgrpc"}),
-            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+            # Every trace at 1.0: ALWAYS_ON skips the ratio test per span.
+            sampler=ParentBased(
+                ALWAYS_ON if sample_ratio >= 1.0 else TraceIdRatioBased(sample_ratio)
+            ),
         )
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
     with _provider_lock:
@@ -1163,17 +1167,20 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                     code = _status_name(context, failed)
                     self._metrics.observe_rpc(service, method, code, time.perf_counter() - start)
             span = self._span(service, method)
-            # Current for the handler's await, so spans it opens (store, scheduler) nest.
-            with trace.use_span(
-                span, end_on_exit=True, record_exception=False, set_status_on_exception=False
-            ):
-                try:
-                    response = await behavior(request, context)
-                except BaseException as error:
-                    self._finish(span, context, service, method, start, error)
-                    raise
+            # Current for the handler's await, so spans it opens nest and its log lines
+            # carry the trace id (attached by hand: `use_span` costs a generator more).
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                response = await behavior(request, context)
+            except BaseException as error:
+                self._finish(span, context, service, method, start, error)
+                raise
+            else:
                 self._finish(span, context, service, method, start, None)
                 return response
+            finally:
+                otel_context.detach(token)
+                span.end()
 
         return wrapped
 
