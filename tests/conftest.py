@@ -30,6 +30,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "nvml": "off",
         "preemption_grace_seconds": 0.0,
         "min_runtime_seconds": 0.0,
+        # In-process servers are many and short-lived here: passes in a thread, no child
+        # process each. The default (a worker process) runs wherever a test starts the
+        # real `rmgrpc serve` (ServerProcess: crash, signal and grpcurl tests) or asks.
+        "pass_runner": "thread",
     }
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)

@@ -169,9 +169,9 @@ class Settings:
     )
     pass_runner: str = _s(
         "scheduler",
-        "where full scheduling passes run: thread (in the server's process) or process "
-        "(experimental: a worker process, so a deep queue slows RPCs less)",
-        default="thread",
+        "where full scheduling passes run: process (a worker process, so a deep queue "
+        "slows RPCs little) or thread (in the server's own process, for embedding)",
+        default="process",
     )
 
     watch_buffer_events: int = _s(

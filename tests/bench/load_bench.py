@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pass-runner",
         choices=("process", "thread"),
-        default="thread",
+        default="process",
         help="where the server runs full scheduling passes ([scheduler] pass_runner)",
     )
     asyncio.run(bench(parser.parse_args(argv)))

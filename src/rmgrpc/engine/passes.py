@@ -1,11 +1,11 @@
-"""Where full scheduling passes run: a worker thread (the default) or a worker process.
+"""Where full scheduling passes run: a worker process (the default) or a worker thread.
 
-The process runner is opt-in and experimental. Its mirror once took new allocations in
-a set's order instead of creation order, and under the random-operations invariant test
-with a preemption grace period a tenant's ALLOCATED GPUs then passed its limit (about
-one run in six). The mirror keeps creation order now (0 in 32 runs since), but a core
-whose decisions can break a limit when the snapshot iterates in another order is a bug
-of its own: the default stays `thread` until the core is shown order-independent.
+The process runner is the default since the core was shown order-independent
+(`tests/unit/test_order_independence.py`: shuffled snapshots give identical decisions;
+its mirror once took new allocations in a set's order, which with an order-dependent
+core let a tenant pass its limit). On the load bench it is what keeps Health/Check p99
+under 20 ms while a 10,000-deep queue is scheduled again and again, and Allocate at
+0.64x its empty-queue rate with 30,000 pending (the thread runner: 26 ms and 0.30x).
 
 `[scheduler] pass_runner` chooses:
 
