@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from rmgrpc import codec
 from rmgrpc.server import RunningServer
 from rmgrpc.v1 import allocator_pb2 as pb
 from rmgrpc.v1 import allocator_pb2_grpc, gpu_manager_pb2, gpu_manager_pb2_grpc
@@ -53,6 +54,38 @@ async def test_allocate_places_get_list_release(
     assert released.revision > a.revision
     again = (await stub.ReleaseAllocation(pb.ReleaseAllocationRequest(id=a.id))).allocation
     assert again == released  # idempotent: same answer, nothing new
+
+
+async def test_answers_reusing_the_events_message_are_what_a_fresh_build_gives(
+    server: RunningServer, stub: allocator_pb2_grpc.AllocatorServiceStub
+) -> None:
+    """Allocate and Release answer with the message their event encoded (work no longer
+    pending has no status to add): the same as building the answer afresh; a PENDING
+    answer is built with its status (its position is not in the event)."""
+    engine = server.engine
+
+    def fresh(aid: str) -> pb.Allocation:
+        a = engine.state.allocations[aid]
+        sched = engine.scheduling
+        return codec.allocation_to_proto(
+            a,
+            engine.state.uuid_of,
+            position=sched.positions.get(aid),
+            estimate=sched.estimates.get(aid),
+        )
+
+    placed = (await stub.Allocate(req(gpus=8))).allocation
+    assert (
+        placed.state == ALLOCATED
+        and engine.transitions.encoded(engine.state.allocations[placed.id]) is not None
+    )
+    assert placed == fresh(placed.id)
+    waiting = (await stub.Allocate(req(gpus=8, count=2))).allocation
+    assert waiting.state == pb.ALLOCATION_STATE_PENDING
+    released = (await stub.ReleaseAllocation(pb.ReleaseAllocationRequest(id=placed.id))).allocation
+    assert released.state == pb.ALLOCATION_STATE_RELEASED and released == fresh(placed.id)
+    got = (await stub.GetAllocation(pb.GetAllocationRequest(id=placed.id))).allocation
+    assert got == released
 
 
 async def test_best_fit_packs_onto_the_fullest_node(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from rmgrpc import codec
@@ -28,10 +29,13 @@ from rmgrpc.model import (
 )
 from rmgrpc.scheduler import apply
 from rmgrpc.state import ClusterState
+from rmgrpc.v1 import allocator_pb2
 
 log = logging.getLogger("rmgrpc.engine")
 
 _ALLOCATION_TIMERS: tuple[TimerKind, ...] = ("lease", "max", "grace")
+# Encoded allocation revisions kept for answers (a few ms of traffic, ~1 KB each).
+_ENCODED_KEPT = 4096
 
 
 class Transitions:
@@ -49,6 +53,16 @@ class Transitions:
         # Set by the engine: told (in the txn) when placed work stops running, so its
         # final cost is written with the event that ends it.
         self.on_ending: Callable[[Txn, Allocation], None] = lambda txn, a: None
+        # The last revisions encoded, by allocation id: a revision's message is also
+        # the answer about it (with no status to add, as for work no longer pending),
+        # so Allocate and Release need not build it twice. Bounded, oldest out first.
+        self._encoded: OrderedDict[str, tuple[int, allocator_pb2.Allocation]] = OrderedDict()
+
+    def encoded(self, a: Allocation) -> allocator_pb2.Allocation | None:
+        """The message of `a`'s current revision as its event carries it, if still kept
+        (read-only: it may be handed out again)."""
+        hit = self._encoded.get(a.id)
+        return hit[1] if hit is not None and hit[0] == a.revision else None
 
     # -- events ----------------------------------------------------------------------
 
@@ -58,6 +72,11 @@ class Transitions:
             if not a.seq:
                 a.seq = rev
             msg = codec.allocation_to_proto(a, self.state.uuid_of, status=False)
+            kept = self._encoded
+            kept[a.id] = (rev, msg)
+            kept.move_to_end(a.id)
+            if len(kept) > _ENCODED_KEPT:
+                kept.popitem(last=False)
             return msg.SerializeToString()
 
         nodes = dict.fromkeys(p.node_id for p in a.placements)

@@ -104,6 +104,11 @@ class AllocatorService(allocator_pb2_grpc.AllocatorServiceServicer):
         return msg
 
     def _proto(self, a: Allocation) -> allocator_pb2.Allocation:
+        if a.state != AllocationState.PENDING:
+            # No status to add (position, estimate): the revision's own message.
+            encoded = self.engine.transitions.encoded(a)
+            if encoded is not None:
+                return encoded
         scheduling = self.engine.scheduling
         return codec.allocation_to_proto(
             a,
