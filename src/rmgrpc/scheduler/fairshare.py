@@ -35,7 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rmgrpc.model import Allocation, AllocationState, Node, Quota, Resources, parent_of
@@ -592,6 +592,14 @@ class Ledger:
         self, tenant: str, amt: Amount, freed: Mapping[str, Amount] | None = None
     ) -> QuotaBlock | None:
         """The first tenant on the chain whose limit `amt` would break, or None."""
+        return next(self.limit_breaches(tenant, amt, freed), None)
+
+    def limit_breaches(
+        self, tenant: str, amt: Amount, freed: Mapping[str, Amount] | None = None
+    ) -> Iterator[QuotaBlock]:
+        """Every limit on the chain `amt` would break (with `freed` given back per
+        tenant), nearest tenant first; per tenant its resources in `DIMS` order, then
+        its per-model GPU limits by model."""
         for t in self.tree.chain(tenant):
             if not self._limited(t):
                 continue  # nothing bounded: no amount could break it
@@ -603,13 +611,12 @@ class Ledger:
                 DIMS, held.vector(), amt.vector(), _limit_dims(lim), strict=True
             ):
                 if cap is not None and ask > 0 and have + ask > cap:
-                    return QuotaBlock(t, tenant, dim, "", have, cap, ask)
+                    yield QuotaBlock(t, tenant, dim, "", have, cap, ask)
             for m, ask in sorted(amt.models.items()):
                 cap = lim.gpus_by_model.get(m)
                 have = held.models.get(m, 0)
                 if cap is not None and ask > 0 and have + ask > cap:
-                    return QuotaBlock(t, tenant, "gpus", m, have, cap, ask)
-        return None
+                    yield QuotaBlock(t, tenant, "gpus", m, have, cap, ask)
 
     def _limited(self, t: str) -> bool:
         """Whether `t`'s limit bounds anything (a resource or a GPU model). Most levels of

@@ -54,7 +54,7 @@ from rmgrpc.model import (
     ReclaimPolicy,
     WithinTenantPreemption,
 )
-from rmgrpc.scheduler.fairshare import Amount, Ledger, QuotaBlock, _limit_dims
+from rmgrpc.scheduler.fairshare import DIMS, Amount, Ledger, QuotaBlock
 from rmgrpc.scheduler.placement import (
     CapacityView,
     NodeCapacity,
@@ -554,35 +554,22 @@ class _Search:
         bound, so the exact search starts there rather than spending its budget on sets
         too small to free the quota (and falling back to a greedy answer with more
         victims than needed). More than `len(cands)` when no subset can."""
-        ledger = self.ledger
-        ask = self.ask
         need = 1
-        for t in ledger.tree.chain(self.request.tenant):
-            lim = ledger.tree.limit(t)
-            caps = _limit_dims(lim)
-            if all(c is None for c in caps) and not lim.gpus_by_model:
-                continue
-            held = ledger.held_of(t)
-            inside = [v for v in cands if t in v.chain]
-            excess: list[tuple[int, list[int]]] = []
-            for i, (have, want, cap) in enumerate(
-                zip(held.vector(), ask.vector(), caps, strict=True)
-            ):
-                if cap is not None and want > 0 and have + want > cap:
-                    excess.append((have + want - cap, [v.amount.vector()[i] for v in inside]))
-            for m, want in ask.models.items():
-                cap = lim.gpus_by_model.get(m)
-                have = held.models.get(m, 0)
-                if cap is not None and want > 0 and have + want > cap:
-                    excess.append((have + want - cap, [v.amount.models.get(m, 0) for v in inside]))
-            for over, gives in excess:
-                got, k = 0, 0
-                for g in sorted(gives, reverse=True):
-                    if got >= over:
-                        break
-                    got += g
-                    k += 1
-                need = max(need, k if got >= over else len(cands) + 1)
+        for b in self.ledger.limit_breaches(self.request.tenant, self.ask):
+            over = b.held + b.need - b.limit
+            inside = [v for v in cands if b.tenant in v.chain]
+            if b.model:
+                gives = [v.amount.models.get(b.model, 0) for v in inside]
+            else:
+                i = DIMS.index(b.dim)
+                gives = [v.amount.vector()[i] for v in inside]
+            got, k = 0, 0
+            for g in sorted(gives, reverse=True):
+                if got >= over:
+                    break
+                got += g
+                k += 1
+            need = max(need, k if got >= over else len(cands) + 1)
         return need
 
     def _lower_bound(self, n: NodeCapacity, cands: Sequence[Victim]) -> float:
