@@ -100,6 +100,14 @@ def _seconds(x: float) -> str:
     return f"{max(0, round(x))} s"
 
 
+def frees_at(a: Allocation) -> float | None:
+    """When placed work gives its capacity back at the latest: a victim when its grace
+    ends, other work at its hard end (None: it has none)."""
+    if a.state == AllocationState.PREEMPTED:
+        return a.grace_end_time
+    return a.max_end_time
+
+
 def hard_end(a: Allocation, now: float) -> float:
     """When `a` would have to end if placed at `now` (inf: it has no hard end)."""
     return now + a.max_duration_seconds if a.max_duration_seconds > 0 else math.inf
@@ -321,7 +329,7 @@ class _Cycle:
 
         windows = self.snapshot.reservations
         for h in self.holding:
-            end = h.grace_end_time if h.grace_end_time is not None else h.max_end_time
+            end = frees_at(h)
             end = math.inf if end is None else end
             if h.reservation_id in windows:
                 end = min(end, windows[h.reservation_id].end_time)  # expires with it

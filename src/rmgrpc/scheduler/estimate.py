@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 
 from rmgrpc.cost import BudgetLeft, PriceTable, budget_block
 from rmgrpc.model import Allocation, AllocationState, Placement, Shape
-from rmgrpc.scheduler.cycle import hard_end, queue_key
+from rmgrpc.scheduler.cycle import frees_at, hard_end, queue_key
 from rmgrpc.scheduler.fairshare import Amount, FairQueue, Ledger, fair_shares
 from rmgrpc.scheduler.placement import (
     CapacityView,
@@ -73,12 +73,6 @@ class Estimate:
 class _Running:
     alloc: Allocation
     end: float | None
-
-
-def _end_of(a: Allocation) -> float | None:
-    if a.state == AllocationState.PREEMPTED:
-        return a.grace_end_time
-    return a.max_end_time
 
 
 class _Estimator:
@@ -135,7 +129,7 @@ class _Estimator:
         grace = self.config.preemption_grace_seconds
         victims = {p.allocation_id for p in decisions.preemptions}
         for a in holding:
-            end = _end_of(a)
+            end = frees_at(a)
             if a.id in victims:
                 end = now + grace  # preempted by this pass: gone when its grace ends
                 self.ledger.add_leaving(a.tenant, Amount.of_placed(a, self.models_of))
@@ -179,7 +173,6 @@ class _Estimator:
             self.queue = waiting
         self.limit = limit
         self.released = 0
-        self.last_released = ""
         self.last_event = ""
 
     # -- the timeline -------------------------------------------------------------------
@@ -219,7 +212,6 @@ class _Estimator:
                 self.leaving.discard(aid)
                 self.ledger.add_leaving(a.tenant, amt, -1)
             self.released += 1
-            self.last_released = aid
             self.last_event = f"the hard end of {aid}"
         if self.reservations:
             self._windows_over(t)
@@ -258,7 +250,8 @@ class _Estimator:
                 upto = t
             self._release_until(upto)
             # Each pass holds nodes for starving gangs afresh, at their turn.
-            _clear_holds(self.view)
+            # (A pass builds a fresh view; the replay keeps one across its timeline.)
+            self.view.lift_holds()
             if self._may_fit():
                 self._round(t, upto)
         for a in self.queue:
@@ -632,23 +625,6 @@ def _sort_buckets(
         if list(b) != order:
             b.clear()
             b.update(dict.fromkeys(order))
-
-
-def _clear_holds(view: CapacityView) -> None:
-    """Lift every hold for starving gangs: each pass of the cycle builds a fresh view and
-    holds again at the gang's turn; the simulation keeps one view across its timeline."""
-    if not view.holders:
-        return
-    for nodes in view.holders.values():
-        for nid in nodes:
-            n = view.nodes[nid]
-            n.held_for = ""
-            n.held_priority = 0
-            n.held_until = -math.inf
-            view._classify(n)
-    view.holders.clear()
-    view._verdicts.clear()
-    view.generation += 1  # others may use those nodes now: forget what did not fit
 
 
 def estimate_starts(

@@ -860,6 +860,22 @@ class CapacityView:
         self.holders[owner] = tuple(node_ids)
         self._verdicts.clear()
 
+    def lift_holds(self) -> None:
+        """Lifts every hold for starving gangs: others may use those nodes now, so what
+        did not fit while they were held is forgotten."""
+        if not self.holders:
+            return
+        for nodes in self.holders.values():
+            for nid in nodes:
+                n = self.nodes[nid]
+                n.held_for = ""
+                n.held_priority = 0
+                n.held_until = -math.inf
+                self._classify(n)
+        self.holders.clear()
+        self._verdicts.clear()
+        self.generation += 1
+
     def never_fits(self, shape: Shape, count: int) -> str | None:
         """`never_fits_text` over every node of the view, remembered per request shape
         (nodes come and go only with a new view)."""
