@@ -17,19 +17,20 @@ pass, which may preempt for it. When the queue is not settled the request waits 
 next pass, as the fair order requires. Either way a request costs the same however long
 the queue is, except when it has to wait for a pass.
 
-**Where passes run.** In a worker thread or, with `pass_runner = "process"`, a worker
-process (`engine.passes`), where a pass over a deep queue never holds the GIL against the
-event loop. It comes back summed up
-(`scheduler.result.PassResult`): the plan, a position per pending request, and only the
-reasons that changed, so applying it costs what changed, not the depth of the queue.
+**Where passes run.** In a worker process by default (`engine.passes`), so a pass over a
+deep queue never holds the GIL against the event loop (`pass_runner = "thread"`: in a
+thread of this process). It comes back summed up (`scheduler.result.PassResult`): the
+plan, a position per pending request, and only the reasons that changed, so applying it
+costs what changed, not the depth of the queue.
 
 **Status.** A pass's reasons for waiting are state (they are what `pending_reason`
 says at a revision), so a changed reason is written as an UPDATED event — at once for a
 request's first reason, then at most once per `REASON_EVERY` seconds per request and
 `REASON_BUDGET` per pass, so a long queue cannot flood the log; they are written in
 slices of `REASON_SLICE` with the event loop free between, and only those due are looked
-at, so a pass costs the event loop what it writes, not the depth of the queue. Queue positions are
-status only: the last pass's map, served fresh by Get/List, never part of a revision.
+at, so a pass costs the event loop what it writes, not the depth of the queue. Queue
+positions are status only: the last pass's map, served fresh by Get/List, never part of
+a revision.
 """
 
 from __future__ import annotations
