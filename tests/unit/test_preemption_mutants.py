@@ -21,6 +21,7 @@ from rmgrpc.model import (
     ReclaimPolicy,
     Resources,
     Shape,
+    WithinTenantPreemption,
 )
 from rmgrpc.scheduler.simulate import Simulator, make_node
 from rmgrpc.scheduler.snapshot import Decisions, SchedulerConfig
@@ -218,6 +219,8 @@ def test_reclaim_policy_lower_priority_takes_the_next_lower_priority() -> None:
         d = s.step()
         assert victims(d) == ({"borrowed"} if taken else set()), prio
         assert (admitted(d) == [req.id]) is taken
+        if taken:  # reclaimed as a guarantee, not merely preempted by priority
+            assert "reclaims its guaranteed quota from borrower b" in d.preemptions[0].reason
 
 
 def test_borrowing_preemptor_takes_up_to_its_priority_threshold() -> None:
@@ -635,3 +638,397 @@ def test_quota_bound_request_takes_the_fewest_victims_among_ten() -> None:
     d = s.step()
     assert admitted(d) == [req.id]
     assert len(victims(d)) == 5
+
+
+def _placed(
+    s: Simulator,
+    tenant: str,
+    spots: Sequence[tuple[str, Sequence[int]]],
+    *,
+    priority: int,
+    aid: str,
+    age: float = 1000.0,
+) -> Allocation:
+    """A running allocation with one replica per (node, GPU indices) of `spots`."""
+    a = s.submit(
+        tenant, Shape.of(len(spots[0][1])), count=len(spots), priority=priority, alloc_id=aid
+    )
+    a.state = AllocationState.ALLOCATED
+    a.placements = tuple(Placement(n, tuple(g)) for n, g in spots)
+    a.allocate_time = s.now - age
+    return a
+
+
+def test_exact_search_reaches_a_set_of_all_but_one_candidate() -> None:
+    """Preemption by priority within others' guarantees: of three victims on the only
+    node, g's two may not both go (g keeps its guarantee), so the one sufficient set is
+    g2 with x, two of three candidates. The exact search must try sets that large
+    (kills `_cheapest` stopping two sizes short, where the greedy fallback, having taken
+    g1 first, can no longer take g2 and finds nothing)."""
+    quotas = [Quota("g", guaranteed=Resources(gpus=1))]
+    s = cluster([("n1", 4, "H100")], quotas)
+    run(s, "g", "n1", [0], priority=-4, aid="g1")
+    run(s, "g", "n1", [1, 2], priority=-3, aid="g2")
+    run(s, "y", "n1", [3], priority=-2, aid="x")
+    req = s.submit("r", h100(3), priority=1)
+    d = s.step()
+    assert victims(d) == {"g2", "x"}
+    assert admitted(d) == [req.id]
+    assert s.held_gpus("g") >= 1  # the guarantee kept
+
+
+def test_greedy_search_of_a_later_replica_counts_the_earlier_replicas_victims() -> None:
+    """Preemption of a gang within others' guarantees: g may lose one allocation in all
+    (it holds 24 against a guarantee of 23). Both nodes exhaust the exact search's
+    budget (its first 256 sets all hold two of g's), so the greedy fallback answers for
+    each replica; the first replica takes one of g's, and the second must skip g's
+    (judged with the first's victims) and take four of o's instead (kills the greedy
+    skip forgetting the earlier replicas' victims: it then takes one of g's first, can
+    never fit the guarantee again, and leaves the gang pending)."""
+    quotas = [Quota("g", guaranteed=Resources(gpus=23))]
+    s = cluster([("n1", 16, "H100"), ("n2", 16, "H100")], quotas)
+    for k, node in enumerate(("n1", "n2")):
+        for i in range(12):
+            run(s, "g", node, [i], priority=-3, aid=f"g{k}{i:02d}", age=100.0 + 20 * k + i)
+        for i in range(4):
+            run(s, "o", node, [12 + i], priority=-1, aid=f"o{k}{i}", age=500.0 + 20 * k + i)
+    req = s.submit("r", h100(4), count=2, priority=1)
+    d = s.step()
+    assert admitted(d) == [req.id]
+    taken = victims(d)
+    assert len(taken) == 8
+    assert len([v for v in taken if v.startswith("g")]) == 1  # g keeps its guarantee
+    assert s.held_gpus("g") >= 23
+
+
+def test_greedy_search_frees_quota_as_well_as_capacity() -> None:
+    """Quota: admission never lets a tenant exceed its limit, also when preemption's
+    exact search runs out of budget (24 candidates, sets of 4 too small for the 8
+    victims needed) and the greedy fallback answers: it must go on past the victims
+    that free the node (y's, first in victim order) until t's own free its quota, and
+    its trim must keep those (kills the greedy's fit and its trim judging the node
+    only: the set then frees no quota, fails the whole request's check, and the request
+    stays pending though 8 victims admit it)."""
+    s = cluster([("n1", 16, "H100"), ("n2", 8, "A100")], [Quota("t", limit=Resources(gpus=8))])
+    for i in range(16):
+        run(s, "y", "n1", [i], priority=-2, aid=f"y{i:02d}", age=100.0 + i)
+    for i in range(8):
+        run(s, "t", "n2", [i], priority=-1, aid=f"t{i}", age=200.0 + i)
+    req = s.submit("t", h100(4), priority=1)
+    d = s.step()
+    assert admitted(d) == [req.id]
+    # The newest four of each (least work lost): four free the node, four t's quota.
+    assert victims(d) == {"y00", "y01", "y02", "y03", "t0", "t1", "t2", "t3"}
+    assert s.held_gpus("t") <= 8
+
+
+HOLD = SchedulerConfig(
+    min_runtime_seconds=0,
+    preemption_grace_seconds=0,
+    max_preemptions_per_cycle=64,
+    starvation_seconds=0,
+    max_held_gangs=1,
+)
+
+
+def test_preemptor_below_a_starving_gang_reclaims_beside_its_held_node() -> None:
+    """Holds for starving gangs keep work of the gang's priority or lower off the held
+    node ("no head-of-line blocking ... yet it is not starved"), also for a preemptor:
+    gang G (16 GPUs, priority -1) holds n1, whose 4 free GPUs a priority -2 gang of 2x4
+    may not take. It preempts V1 (n2) and V2 (n3) instead, and is placed whole (kills the
+    search judging a replica's fit, or placing it on trial, without its priority: it
+    then counts n1's held GPUs as its own, picks too few victims and stays pending)."""
+    s = cluster([("n1", 16, "H100"), ("n2", 8, "H100"), ("n3", 4, "H100")], config=HOLD)
+    run(s, "x", "n1", range(12), priority=5, aid="X")
+    run(s, "x", "n2", [0, 1], priority=5, aid="Y")
+    run(s, "v", "n2", range(2, 8), priority=-3, aid="V1", age=100)  # newest: chosen first
+    run(s, "v", "n3", range(4), priority=-3, aid="V2", age=200)
+    gang = s.submit("g", h100(16), priority=-1)
+    req = s.submit("r", h100(4), count=2, priority=-2)
+    d = s.step()
+    assert list(d.held_nodes[gang.id]) == ["n1"]
+    assert victims(d) == {"V1", "V2"}
+    assert admitted(d) == [req.id]
+    placed = {p.node_id for a in d.admissions for p in a.placements}
+    assert placed == {"n2", "n3"}
+
+
+def test_a_gangs_replicas_stay_on_gpu_models_its_quota_allows() -> None:
+    """Quota per GPU model: a tenant whose limit allows no A100 never gets one, also
+    when preemption places a gang replica by replica: the idle A100 node is no place for
+    its first replica (kills the trial placement ignoring the allowed models: the
+    second replica then finds room where the first one's victim left it, too few
+    victims are chosen, and the gang stays pending)."""
+    quotas = [Quota("r", limit=Resources(gpus_by_model={"A100": 0}))]
+    s = cluster([("n1", 4, "A100"), ("n2", 8, "H100"), ("n3", 4, "H100")], quotas)
+    run(s, "x", "n2", [0, 1], priority=5, aid="Y")
+    run(s, "v", "n2", range(2, 8), priority=-3, aid="V1", age=100)
+    run(s, "v", "n3", range(4), priority=-3, aid="V2", age=200)
+    req = s.submit("r", Shape.of(4), count=2, priority=1)
+    d = s.step()
+    assert victims(d) == {"V1", "V2"}
+    assert admitted(d) == [req.id]
+    placed = {p.node_id for a in d.admissions for p in a.placements}
+    assert placed == {"n2", "n3"}
+
+
+def test_final_minimality_drops_the_most_valuable_redundant_victim() -> None:
+    """Preemption: minimality (removing any one victim leaves the preemptor unplaceable)
+    and "the lowest priority": a 3x4 gang's replicas take A (n1), then B (n2), then the
+    2-node gang C (n3, n4), which alone frees two replicas' room, so A or B is
+    redundant. The final pass drops the most valuable of them first, B, and keeps
+    {A, C}, the cheapest sufficient set (kills the pass dropped, run least valuable
+    first, which keeps the costlier {B, C}, or testing single victims alone)."""
+    s = cluster([("n1", 8, "H100"), ("n2", 8, "H100"), ("n3", 4, "H100"), ("n4", 4, "H100")])
+    run(s, "x", "n1", range(4), priority=5, aid="X1")
+    run(s, "x", "n2", range(4), priority=5, aid="X2")
+    run(s, "a", "n1", range(4, 8), priority=-5, aid="A")
+    run(s, "b", "n2", range(4, 8), priority=-3, aid="B")
+    _placed(s, "c", [("n3", range(4)), ("n4", range(4))], priority=-2, aid="C")
+    req = s.submit("r", h100(4), count=3, priority=1)
+    d = s.step()
+    assert victims(d) == {"A", "C"}
+    assert admitted(d) == [req.id]
+
+
+def test_a_node_whose_victims_cannot_free_enough_does_not_end_the_search() -> None:
+    """Preemption, "compared across all nodes": n1 (first by id) passes the placement
+    filters but its only victim frees 1 of the 2 GPUs the request lacks there; the
+    search passes over it to n2 (kills the scan of candidate nodes stopping at the
+    first node its victims cannot free)."""
+    s = cluster([("n1", 2, "H100"), ("n2", 2, "H100")])
+    run(s, "x", "n1", [0], priority=5, aid="keep")
+    run(s, "y", "n1", [1], priority=-1, aid="too_small")
+    run(s, "y", "n2", [0, 1], priority=-1, aid="enough")
+    req = s.submit("r", h100(2), priority=1)
+    d = s.step()
+    assert victims(d) == {"enough"}
+    assert admitted(d) == [req.id]
+
+
+def test_greedy_answers_for_a_gang_replica_by_replica() -> None:
+    """Preemption of a gang within others' guarantees, on a node where the exact search
+    runs out of budget for the first replica (its first 256 sets all hold both of g's,
+    of which one may go): the greedy answers replica by replica and the gang is placed
+    whole with 11 victims, g keeping its guarantee. (Written against `_cheapest`'s
+    greedy trim disabled, which it does not kill: the second replica then takes the
+    same 11 in the end; see MUTANTS.md.)"""
+    quotas = [Quota("g", guaranteed=Resources(gpus=1))]
+    s = cluster([("n1", 16, "H100")], quotas)
+    run(s, "g", "n1", [0], priority=-4, aid="g1", age=50)
+    run(s, "g", "n1", [1], priority=-4, aid="g2", age=60)
+    for i in range(4):
+        run(s, "y", "n1", [2 + i], priority=-3, aid=f"x{i}", age=100.0 * (i + 1))
+    run(s, "y", "n1", [6, 7], priority=-2, aid="pair", age=500)
+    for i in range(8):
+        run(s, "y", "n1", [8 + i], priority=-1, aid=f"o{i}", age=600.0 + i)
+    req = s.submit("r", h100(6), count=2, priority=1)
+    d = s.step()
+    assert admitted(d) == [req.id]
+    assert len(victims(d)) == 11
+    assert victims(d) >= {"g1", "x0", "x1", "x2", "x3", "pair"}
+    assert "g2" not in victims(d)  # g keeps its guarantee
+
+
+def test_a_gang_keeps_the_victims_found_when_the_check_budget_runs_out() -> None:
+    """Preemption of a gang on a large cluster: the search is bounded (`CHECK_BUDGET`
+    feasibility checks per request, documented), and when the budget runs out it
+    settles for the best set found so far. Here 40 nodes each cost the exact search its
+    whole budget of sets (each set's first two victims are g's, of which one may go)
+    and the first two replicas spend 18,000 checks; the third finds a set on its first
+    node and runs out of checks on the next ones: it keeps that set, and the gang is
+    placed whole (kills the search dropping the set found when the budget runs out)."""
+    n_nodes = 40
+    quotas = [Quota("g", guaranteed=Resources(gpus=12 * n_nodes - 1))]
+    s = cluster([(f"n{k:02d}", 16, "H100") for k in range(n_nodes)], quotas)
+    for k in range(n_nodes):
+        node = f"n{k:02d}"
+        for i in range(12):
+            run(s, "g", node, [i], priority=-3, aid=f"g{k:02d}{i:02d}", age=100.0 + 20 * k + i)
+        for i in range(4):
+            run(s, "o", node, [12 + i], priority=-1, aid=f"o{k:02d}{i}", age=5000.0 + 20 * k + i)
+    req = s.submit("r", h100(4), count=3, priority=1)
+    d = s.step()
+    assert admitted(d) == [req.id]
+    taken = victims(d)
+    assert len(taken) == 12  # four per replica, each exactly what its node lacks
+    assert len([v for v in taken if v.startswith("g")]) == 1  # g keeps its guarantee
+    assert all("priority 1 over" in p.reason for p in d.preemptions)
+
+
+def test_equal_priority_own_work_is_judged_one_by_one_by_arrival() -> None:
+    """Per-tenant policy "within the tenant: lower or newer at equal priority": of two
+    alike allocations of the requester's own tenant at its priority, only the one that
+    arrived after the request may go, even when the older one started last (first in
+    victim order) (kills the own tenant's victims judged by their class's first member,
+    as other tenants' are: the newer one was then refused with the older one)."""
+    quotas = [
+        Quota("t", within_tenant_preemption=WithinTenantPreemption.LOWER_OR_NEWER_EQUAL_PRIORITY)
+    ]
+    s = cluster([("n1", 2, "H100")], quotas)
+    run(s, "t", "n1", [0], priority=0, aid="older", age=100)  # arrived first, started last
+    req = s.submit("t", h100(1), priority=0)
+    run(s, "t", "n1", [1], priority=0, aid="newer", age=1000)  # arrived after the request
+    d = s.step()
+    assert victims(d) == {"newer"}
+    assert admitted(d) == [req.id]
+
+
+def test_a_victim_taken_on_another_node_is_not_offered_again() -> None:
+    """Preemption: "no GPU is ever held by two live allocations": two requests each
+    preempt one of two victims on two nodes. The second request's victims are derived
+    from the first's minus the one it took, and the node that victim leaves without
+    victims must drop out (kills the derived set keeping that node, or its stale list of
+    victims: the taken victim was offered again)."""
+    s = cluster([("n1", 2, "H100"), ("n2", 2, "H100")])
+    run(s, "y", "n1", [0, 1], priority=-1, aid="v1", age=100)
+    run(s, "y", "n2", [0, 1], priority=-1, aid="v2", age=200)
+    first = s.submit("r", h100(2), priority=1)
+    second = s.submit("r", h100(2), priority=1)
+    d = s.step()
+    assert [p.allocation_id for p in d.preemptions] == ["v1", "v2"]
+    assert admitted(d) == [first.id, second.id]
+    assert {p.node_id for a in d.admissions for p in a.placements} == {"n1", "n2"}
+
+
+def test_fewest_victims_under_a_per_model_limit() -> None:
+    """Quota per GPU model and "the fewest victims": org may hold 7 H100 and holds 15,
+    so a 2-GPU H100 request of org/a must free 10 H100 GPUs: 5 victims do it, and the
+    exact search must start from the per-model bound, not give up on it (kills the
+    quota bound mis-reading the per-model amounts: it crashes, or says no set can, and
+    the greedy fallback takes 6)."""
+    quotas = [Quota("org", limit=Resources(gpus_by_model={"H100": 7}))]
+    s = cluster(
+        [("n0", 6, "H100"), ("n1", 2, "H100"), ("n2", 6, "H100"), ("n3", 4, "H100")], quotas
+    )
+    gang = s.submit("org/a", h100(1), count=2, priority=0, alloc_id="r01")
+    gang.state = AllocationState.ALLOCATED
+    gang.placements = (Placement("n0", (0,)), Placement("n1", (0,)))
+    gang.allocate_time = s.now - 3884
+    layout = [
+        ("r02", "org/a", "n0", [1, 2, 3], 2, 1787),
+        ("r03", "org/ab", "n0", [4, 5], 2, 6812),
+        ("r04", "org/a", "n1", [1], 1, 54),
+        ("r05", "org/a", "n2", [0, 1], 0, 6018),
+        ("r06", "org/a", "n2", [2], 1, 637),
+        ("r07", "org/a", "n2", [3], 2, 694),
+        ("r08", "org/a", "n2", [4], 0, 572),
+        ("r09", "org/a", "n2", [5], 1, 1946),
+        ("r10", "org/a", "n3", [0], -1, 255),
+    ]
+    for aid, tenant, node, gpus, prio, age in layout:
+        a = s.submit(tenant, h100(len(gpus)), priority=prio, alloc_id=aid)
+        a.state = AllocationState.ALLOCATED
+        a.placements = (Placement(node, tuple(gpus)),)
+        a.allocate_time = s.now - age
+    req = s.submit("org/a", h100(2), priority=3)
+    d = s.step()
+    assert admitted(d) == [req.id]
+    assert len(victims(d)) == 5
+    assert s.held_gpus("org") <= 7
+
+
+def test_a_per_model_limit_is_freed_by_that_model_only() -> None:
+    """Quota per GPU model: t may hold 2 H100 and holds them; its lower-priority A100
+    allocation frees none of that limit, so the H100 one goes, alone (kills the quota
+    bound reading a victim without that model as None: the search crashed)."""
+    quotas = [Quota("t", limit=Resources(gpus_by_model={"H100": 2}))]
+    s = cluster([("n1", 2, "H100"), ("n2", 2, "H100"), ("n3", 2, "A100")], quotas)
+    run(s, "t", "n2", [0, 1], priority=-1, aid="h100")
+    a = s.submit("t", Shape.of(1, "A100"), priority=-2, alloc_id="a100")
+    a.state = AllocationState.ALLOCATED
+    a.placements = (Placement("n3", (0,)),)
+    a.allocate_time = s.now - 1000
+    req = s.submit("t", h100(2), priority=1)
+    d = s.step()
+    assert victims(d) == {"h100"}
+    assert admitted(d) == [req.id]
+
+
+def test_final_minimality_keeps_the_later_arrival_on_a_tie() -> None:
+    """Preemption, "then the newest": as in the minimality case above, but A and B have
+    the same priority and start time; A arrived first. The final pass drops the one
+    that arrived first, keeping {B, C} (kills victim order's arrival tie-break
+    reversed)."""
+    s = cluster([("n1", 8, "H100"), ("n2", 8, "H100"), ("n3", 4, "H100"), ("n4", 4, "H100")])
+    run(s, "x", "n1", range(4), priority=5, aid="X1")
+    run(s, "x", "n2", range(4), priority=5, aid="X2")
+    run(s, "a", "n1", range(4, 8), priority=-3, aid="A")
+    run(s, "b", "n2", range(4, 8), priority=-3, aid="B")
+    _placed(s, "c", [("n3", range(4)), ("n4", range(4))], priority=-2, aid="C")
+    req = s.submit("r", h100(4), count=3, priority=1)
+    d = s.step()
+    assert victims(d) == {"B", "C"}
+    assert admitted(d) == [req.id]
+
+
+def test_a_victim_frees_exactly_the_cpu_and_memory_it_holds() -> None:
+    """Preemption frees what victims hold, to the milli and the byte: on n1, A frees
+    one milli (or byte) too little for the request, so B on n2 goes, though A is the
+    cheaper victim (kills a victim counted as freeing one milli or byte more)."""
+    gib = 1024**3
+    for cpu, mem in ((4000, 0), (0, 4 * gib)):
+        s = cluster([("n1", 0, "H100"), ("n2", 0, "H100")])
+        for n in ("n1", "n2"):
+            s.nodes[n].cpu_millis, s.nodes[n].memory_bytes = 8000, 8 * gib
+        spots = [
+            ("X", "n1", 5, cpu and cpu + 1, mem and mem + 1, 1000.0),
+            ("A", "n1", -2, cpu and cpu - 1, mem and mem - 1, 100.0),
+            ("Y", "n2", 5, cpu, mem, 1000.0),
+            ("B", "n2", -1, cpu, mem, 1000.0),
+        ]
+        for aid, node, prio, c, m, age in spots:
+            a = s.submit(
+                "y", Shape.of(0, cpu_millis=c, memory_bytes=m), priority=prio, alloc_id=aid
+            )
+            a.state = AllocationState.ALLOCATED
+            a.placements = (Placement(node, ()),)
+            a.allocate_time = s.now - age
+        req = s.submit("r", Shape.of(0, cpu_millis=cpu, memory_bytes=mem), priority=1)
+        d = s.step()
+        assert victims(d) == {"B"}, (cpu, mem)
+        assert admitted(d) == [req.id], (cpu, mem)
+
+
+def test_victims_on_a_gpu_model_the_quota_forbids_are_not_sought() -> None:
+    """Quota per GPU model: r may hold no A100, so the cheaper victim on the A100 node
+    frees nothing it may use; the H100 node's victim goes (kills the search's replica
+    filter ignoring the allowed models: it chose the A100 victim, could not place the
+    request there, and left it pending)."""
+    quotas = [Quota("r", limit=Resources(gpus_by_model={"A100": 0}))]
+    s = cluster([("n1", 2, "A100"), ("n2", 2, "H100")], quotas)
+    run(s, "y", "n1", [0, 1], priority=-3, aid="on_a100", age=100)
+    run(s, "y", "n2", [0, 1], priority=-1, aid="on_h100")
+    req = s.submit("r", Shape.of(2), priority=1)
+    d = s.step()
+    assert victims(d) == {"on_h100"}
+    assert admitted(d) == [req.id]
+
+
+def test_nodes_tied_on_bound_and_best_victim_rank_by_node_id() -> None:
+    """Preemption "compared across all nodes": the gang victim C is the best victim on
+    both n1 and n2, which need two victims each; the search ranks them by node id and
+    takes C with the newer of D and E (kills ranking ties by the nodes' victim lists,
+    which cannot be compared)."""
+    s = cluster([("n1", 4, "H100"), ("n2", 4, "H100")])
+    _placed(s, "c", [("n1", [0, 1]), ("n2", [0, 1])], priority=-5, aid="C")
+    run(s, "y", "n1", [2, 3], priority=-1, aid="D", age=100)
+    run(s, "y", "n2", [2, 3], priority=-1, aid="E", age=200)
+    req = s.submit("r", h100(4), priority=1)
+    d = s.step()
+    assert victims(d) == {"C", "D"}
+    assert admitted(d) == [req.id]
+
+
+def test_a_limit_no_allowed_victim_can_free_leaves_the_request_pending() -> None:
+    """Quota: t is at its limit with work of higher priority than its request, so no
+    victim may free its quota; another tenant's lower-priority work frees none of it and
+    stays, and the request waits with the limit as its reason (kills the fallback
+    candidate list of `_quota_candidates` mis-built: the search crashed)."""
+    s = cluster([("n1", 4, "H100"), ("n2", 4, "A100")], [Quota("t", limit=Resources(gpus=2))])
+    run(s, "t", "n2", [0, 1], priority=5, aid="mine")
+    run(s, "y", "n2", [2, 3], priority=-1, aid="other")
+    req = s.submit("t", h100(2), priority=1)
+    d = s.step()
+    assert victims(d) == set()
+    assert "over quota of tenant t" in d.pending[req.id].reason
