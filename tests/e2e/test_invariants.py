@@ -18,6 +18,7 @@ import pytest
 
 from rmgrpc.engine import Engine
 from rmgrpc.scheduler.fairshare import Amount, Ledger
+from rmgrpc.scheduler.placement import CapacityView
 from rmgrpc.scheduler.snapshot import Snapshot
 from rmgrpc.server import RunningServer, start
 from rmgrpc.v1 import allocator_pb2 as pb
@@ -100,6 +101,32 @@ def check_quick_ledger(engine: Engine) -> None:
 
     assert amounts(kept.held) == amounts(fresh.held)
     assert amounts(kept.leaving) == amounts(fresh.leaving)
+    check_quick_view(engine)
+
+
+def check_quick_view(engine: Engine) -> None:
+    """The quick view, followed in place as holders come and go and passes move their holds
+    for gangs and set-asides for preemptors, has free per node what one built afresh has:
+    the same free GPUs of each model, CPU and memory, and the same hold."""
+    sched = engine.scheduling
+    if sched._quick is None:
+        return
+    followed = sched._quick[0]
+    fresh, _, _ = sched._build_view(engine.state.holding())
+
+    def free(view: CapacityView) -> dict[str, tuple[object, ...]]:
+        return {
+            nid: (
+                {m: tuple(lst) for m, lst in n.free.items()},
+                n.cpu_free,
+                n.mem_free,
+                n.held_for,
+            )
+            for nid, n in view.nodes.items()
+        }
+
+    assert free(followed) == free(fresh)
+    assert followed.holders == fresh.holders
 
 
 @dataclass
@@ -182,6 +209,7 @@ async def test_random_operations_keep_the_invariants(
                     gpu_manager_pb2.NODE_STATE_DRAINED,
                 )
                 await c.nodes.UncordonNode(gpu_manager_pb2.UncordonNodeRequest(node_id=node))
+            check_quick_ledger(c.running.engine)  # between passes, too
             await c.running.engine.schedule_now()  # releases do not wait for their cycle
             await check(c.alloc, c.nodes)
             check_quick_ledger(c.running.engine)
@@ -200,7 +228,10 @@ async def test_concurrent_random_operations_keep_the_invariants(tmp_path: Path, 
         async def checker() -> None:
             for _ in range(20):
                 await check(c.alloc, c.nodes, settled=False)
+                # Mid-run, quick decisions and passes interleaved: the view follows each.
+                check_quick_ledger(c.running.engine)
 
         await asyncio.gather(*(worker(n) for n in range(8)), checker())
         await c.running.engine.schedule_now()  # the last releases' cycle
         await check(c.alloc, c.nodes)
+        check_quick_ledger(c.running.engine)

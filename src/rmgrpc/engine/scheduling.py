@@ -15,7 +15,10 @@ preemptors) takes it at once, since no pending request could have used it; one t
 does not fit is answered PENDING with the filter chain's reason and left for the next
 pass, which may preempt for it. When the queue is not settled the request waits for the
 next pass, as the fair order requires. Either way a request costs the same however long
-the queue is, except when it has to wait for a pass.
+the queue is, except when it has to wait for a pass. The quick view is built once and
+then followed in place — each change of what is held, each pass that moves its holds or
+set-asides, each preemptor or held gang that stops waiting — to what a view built afresh
+would be (a rebuild walks every node and running allocation on the event loop).
 
 **Where passes run.** In a worker process by default (`engine.passes`), so a pass over a
 deep queue never holds the GIL against the event loop (`pass_runner = "thread"`: in a
@@ -52,7 +55,7 @@ from rmgrpc.errors import Unavailable
 from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Placement
 from rmgrpc.scheduler import apply
 from rmgrpc.scheduler.fairshare import Amount, Ledger, UsageHistory
-from rmgrpc.scheduler.placement import CapacityView, gpus_text
+from rmgrpc.scheduler.placement import CapacityView, SetAsides, gpus_text
 from rmgrpc.scheduler.reservations import Reserved
 from rmgrpc.scheduler.result import EstimatePolicy, PassResult
 from rmgrpc.scheduler.snapshot import Decisions, DryRun, Snapshot
@@ -126,6 +129,9 @@ class Scheduling:
         # the last pass that made them (every `estimate_interval_seconds`).
         self.estimates: dict[str, tuple[float | None, str]] = {}
         self._quick: tuple[CapacityView, Ledger] | None = None
+        # The last pass's preemptor set-asides as the quick view took them: followed in
+        # place as holders come and go and passes move them (`_holds_moved`).
+        self._asides: SetAsides | None = None
         # The quick ledger outlives the view: holds moved by a pass change only the view,
         # and the ledger (quota and guarantee checks, no ordering) follows every change
         # of what is held in place, so rebuilding it (every running allocation, ~100 ms
@@ -168,6 +174,7 @@ class Scheduling:
     def _invalidate(self, *, ledger: bool = True) -> None:
         """Drops the quick view (and, unless `ledger` is False, the quick ledger)."""
         self._quick = None
+        self._asides = None
         self._reserved = None
         self._explained.clear()
         if ledger:
@@ -197,14 +204,19 @@ class Scheduling:
                 ledger.add_leaving(a.tenant, amt, -1)
         if self._quick is None:
             return
-        if self._reserved and self._reserved.touches(a):
-            # Reserved GPUs change hands: the quick view rebuilds what it withholds.
+        asides = self._asides
+        assert asides is not None  # built with the view
+        if self._reserved and (
+            self._reserved.touches(a) or any(asides.on(p.node_id) for p in a.placements)
+        ):
+            # Reserved GPUs change hands, or set-asides would be taken again under what
+            # is withheld: the quick view rebuilds both.
             self._invalidate(ledger=False)
             return
         view = self._quick[0]
         st = view.statement()  # committed at once: keeps the view's undo journal empty
+        change = asides.take if sign > 0 else asides.give
         for p in a.placements:
-            change = view.take if sign > 0 else view.give
             change(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
         st.commit()
         self._explained.clear()
@@ -303,8 +315,9 @@ class Scheduling:
     def settled(self) -> bool:
         return self.epoch == self._settled_epoch and not self._unconsidered
 
-    def forget(self, allocation_id: str) -> None:
-        """`allocation_id` is no longer pending."""
+    def forget(self, allocation_id: str, *, by_pass: bool = False) -> None:
+        """`allocation_id` is no longer pending (`by_pass`: a pass placed it, and that
+        pass saw what was set aside or held for it as free already)."""
         tenant = self._pending_tenant.pop(allocation_id, None)
         if tenant is not None:
             left = self.pending_of[tenant] - 1
@@ -317,6 +330,32 @@ class Scheduling:
         self._reason_at.pop(allocation_id, None)
         self._firsts.pop(allocation_id, None)
         self._changes.pop(allocation_id, None)  # its `_due` entry is dropped when popped
+        if self._unwait(allocation_id) and not by_pass:
+            self._unsettle()  # what was kept for it may let other pending work fit
+
+    def _unwait(self, allocation_id: str) -> bool:
+        """What the quick view set aside or held for `allocation_id` goes, as a view built
+        afresh would leave it out now that it no longer waits. True if it had any."""
+        if self._quick is None:
+            return False
+        view = self._quick[0]
+        asides = self._asides
+        held = allocation_id in view.holders
+        owns = asides is not None and asides.owns(allocation_id)
+        if not held and not owns:
+            return False
+        if self._reserved:
+            self._invalidate(ledger=False)  # set-asides sit under what is withheld
+            return True
+        st = view.statement()  # committed at once: keeps the view's undo journal empty
+        if owns:
+            assert asides is not None
+            asides.drop(allocation_id)
+        if held:
+            self._hold_gangs(view)
+        st.commit()
+        self._explained.clear()
+        return True
 
     def position(self, allocation_id: str) -> int:
         """Where a pending request stands in admission order (0: not placed by a pass yet)."""
@@ -327,8 +366,7 @@ class Scheduling:
     async def loop(self) -> None:
         while True:
             pending = bool(self._last_pending or self._unconsidered)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), REFRESH_EVERY if pending else None)
+            await self._kicked(REFRESH_EVERY if pending else None)
             if not self._urgent:
                 # Only a refresh: leave the CPU to serving for a moment first (an urgent
                 # request cuts the wait short), and the longer passes take, the longer:
@@ -337,8 +375,7 @@ class Scheduling:
                 gap = every - (time.monotonic() - self._last_pass_end)
                 if gap > 0:
                     self._kick.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), gap)
+                    await self._kicked(gap)
             self._kick.clear()
             self._urgent = False
             # Let a burst of requests arrive so one pass serves them all.
@@ -363,6 +400,14 @@ class Scheduling:
             self._last_pass_end = time.monotonic()
             self._done = ticket
             self._release(ticket)
+
+    async def _kicked(self, timeout: float | None) -> None:
+        """Until a pass is asked for, or `timeout` seconds pass. Not `asyncio.wait_for`:
+        on Python 3.11 it swallows a cancellation that lands as the kick does, and the
+        server's stop then waited on a loop that went on running passes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._kick.wait()
 
     def _release(self, ticket: int, error: BaseException | None = None) -> None:
         keep = []
@@ -461,7 +506,7 @@ class Scheduling:
                 tr.preempted(txn, victim)
                 self._leaving(victim)
             for a in applied.placed:
-                self.forget(a.id)
+                self.forget(a.id, by_pass=True)  # before its placements are taken
                 tr.placed(txn, a)
                 self._taken(a)
             for aid, why in applied.refused:
@@ -484,8 +529,7 @@ class Scheduling:
         )
         self._last = decisions
         if holds_moved:
-            # The quick view keeps off what the last pass held; the ledger is unchanged.
-            self._invalidate(ledger=False)
+            self._holds_moved()
         if applied.placed or applied.preempted:
             log.debug("pass placed %d, preempted %d", len(applied.placed), len(applied.preempted))
         return txn
@@ -620,36 +664,79 @@ class Scheduling:
         )
         return Ledger(snap)
 
+    def _holds_moved(self) -> None:
+        """A pass held other nodes for starving gangs, or set aside other capacity for
+        preemptors: the quick view follows in place (rebuilding it, every node and every
+        running allocation, stalled the event loop for 60-150 ms at 1,000 nodes) to what
+        a fresh build would make of it. The ledger is unchanged either way."""
+        if self._quick is None:
+            return
+        if self._reserved:
+            self._invalidate(ledger=False)  # set-asides sit under what is withheld: rare
+            return
+        view = self._quick[0]
+        asides = self._asides
+        assert asides is not None  # built with the view
+        st = view.statement()  # committed at once: keeps the view's undo journal empty
+        asides.clear()
+        self._hold_gangs(view)
+        self._set_aside(asides)
+        st.commit()
+        self._explained.clear()
+        # A fresh build would also look at what runs now (these only ever went down).
+        self._running_bounds(self.state.holding())
+
+    def _hold_gangs(self, view: CapacityView) -> None:
+        """Holds, afresh, the last pass's held nodes of its gangs still PENDING."""
+        view.lift_holds()
+        for gang_id, node_ids in self._last.held_nodes.items():
+            gang = self.state.live.get(gang_id)
+            if gang is not None and gang.state == AllocationState.PENDING:
+                present = [n for n in node_ids if n in view.nodes]
+                view.hold(present, gang_id, gang.priority)
+
+    def _set_aside(self, asides: SetAsides) -> None:
+        """The last pass's set-asides of preemptors still PENDING, in its order."""
+        live = self.state.live
+        for pid, node_id, gpus, cpu, mem in self._last.reserved:
+            p = live.get(pid)
+            if p is not None and p.state == AllocationState.PENDING:
+                asides.add(pid, node_id, gpus, cpu, mem)
+
+    def _running_bounds(self, holding: Sequence[Allocation]) -> None:
+        running = [a for a in holding if a.state == AllocationState.ALLOCATED]
+        self._min_priority = min((a.priority for a in running), default=None)
+        self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
+
+    def _build_view(
+        self, holding: Sequence[Allocation]
+    ) -> tuple[CapacityView, SetAsides, Reserved | None]:
+        """The quick view built afresh: what `holding` leaves free, the last pass's holds
+        for gangs and set-asides for preemptors still waiting, and reserved capacity
+        withheld, in that order (`_holds_moved` and `_follow` keep to what this makes)."""
+        state = self.state
+        view = CapacityView(state.nodes, holding)
+        self._hold_gangs(view)
+        asides = SetAsides(view)
+        self._set_aside(asides)
+        # Between passes nothing backfills: idle reserved capacity is withheld whole.
+        reserved = None
+        live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
+        if live:
+            reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
+            reserved.withhold(view)
+        return view, asides, reserved
+
     def _structures(self) -> tuple[CapacityView, Ledger]:
         if self._quick is None:
-            state = self.state
-            holding = state.holding()
-            view = CapacityView(state.nodes, holding)
-            for gang_id, node_ids in self._last.held_nodes.items():
-                gang = state.live.get(gang_id)
-                if gang is not None and gang.state == AllocationState.PENDING:
-                    present = [n for n in node_ids if n in view.nodes]
-                    view.hold(present, gang_id, gang.priority)
-            for pid, node_id, gpus, cpu, mem in self._last.reserved:
-                p = state.live.get(pid)
-                if p is None or p.state != AllocationState.PENDING or node_id not in view.nodes:
-                    continue
-                n = view.nodes[node_id]
-                free = [i for i in gpus if any(i in lst for lst in n.free.values())]
-                view.take(node_id, free, min(cpu, n.cpu_free), min(mem, n.mem_free))
-            # Between passes nothing backfills: idle reserved capacity is withheld whole.
-            live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
-            if live:
-                self._reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
-                self._reserved.withhold(view)
+            holding = self.state.holding()
+            view, self._asides, self._reserved = self._build_view(holding)
             if self._quick_ledger is None:
                 self._quick_ledger = self._ledger(holding)
                 # The ledger counts victims still in their grace as leaving.
                 self._leaving_ids = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
             self._quick = (view, self._quick_ledger)
-            running = [a for a in holding if a.state == AllocationState.ALLOCATED]
-            self._min_priority = min((a.priority for a in running), default=None)
-            self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
+            self._running_bounds(holding)
         return self._quick
 
     def _may_preempt(self, a: Allocation, amt: Amount, ledger: Ledger) -> bool:

@@ -1209,6 +1209,126 @@ class Statement:
         self.view._depth -= 1
 
 
+@dataclass(slots=True)
+class _Aside:
+    """One set-aside: what a preemptor wanted on a node, and what of it the view took."""
+
+    owner: str
+    wanted_gpus: tuple[int, ...]
+    wanted_cpu: int
+    wanted_mem: int
+    gpus: tuple[int, ...] = ()
+    cpu: int = 0
+    mem: int = 0
+
+
+class SetAsides:
+    """Capacity set aside for preemptors on a view that outlives the pass that set it
+    aside (the engine's quick view), kept as a view built afresh would have it.
+
+    A fresh build takes, per set-aside in the pass's order, the wanted GPUs free at that
+    moment and the wanted CPU and memory up to what is free. Holders come and go after
+    that, so each change of a node with set-asides is made with them lifted, and they are
+    applied again in order: GPUs a victim frees go to the preemptor that wanted them (as
+    a fresh build would give them), instead of staying free for any newcomer. Set-asides
+    only ever touch their own node, so the other nodes are left alone.
+    """
+
+    __slots__ = ("_by_node", "_owners", "view")
+
+    def __init__(self, view: CapacityView) -> None:
+        self.view = view
+        self._by_node: dict[str, list[_Aside]] = {}
+        # Owner -> the nodes it has set-asides on.
+        self._owners: dict[str, dict[str, None]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_node)
+
+    def owns(self, owner: str) -> bool:
+        return owner in self._owners
+
+    def on(self, node_id: str) -> bool:
+        """Does any set-aside stand on `node_id`?"""
+        return node_id in self._by_node
+
+    def add(self, owner: str, node_id: str, gpus: Sequence[int], cpu: int, mem: int) -> None:
+        """Set aside for `owner` on `node_id` (after every set-aside added before)."""
+        n = self.view.nodes.get(node_id)
+        if n is None:
+            return
+        aside = _Aside(owner, tuple(gpus), cpu, mem)
+        self._by_node.setdefault(node_id, []).append(aside)
+        self._owners.setdefault(owner, {})[node_id] = None
+        self._apply(n, aside)
+
+    def take(self, node_id: str, indices: Sequence[int], cpu: int, mem: int) -> None:
+        """A holder takes capacity on `node_id` (`CapacityView.take`, set-asides kept)."""
+        self._change(node_id, indices, cpu, mem, self.view.take)
+
+    def give(self, node_id: str, indices: Sequence[int], cpu: int, mem: int) -> None:
+        """A holder gives capacity back on `node_id`: set-asides there are topped up."""
+        self._change(node_id, indices, cpu, mem, self.view.give)
+
+    def drop(self, owner: str) -> bool:
+        """`owner` no longer waits: what its set-asides took goes back (to later
+        set-asides on the same nodes first). True if it had any."""
+        nodes = self._owners.pop(owner, None)
+        if nodes is None:
+            return False
+        for nid in nodes:
+            asides = self._by_node[nid]
+            self._lift(nid, asides)
+            kept = [a for a in asides if a.owner != owner]
+            if kept:
+                self._by_node[nid] = kept
+                self._reapply(nid, kept)
+            else:
+                del self._by_node[nid]
+        return True
+
+    def clear(self) -> None:
+        """Every set-aside goes, and what each took goes back."""
+        for nid, asides in self._by_node.items():
+            self._lift(nid, asides)
+        self._by_node.clear()
+        self._owners.clear()
+
+    def _change(
+        self,
+        node_id: str,
+        indices: Sequence[int],
+        cpu: int,
+        mem: int,
+        change: Callable[[str, Sequence[int], int, int], None],
+    ) -> None:
+        asides = self._by_node.get(node_id)
+        if asides is None:
+            change(node_id, indices, cpu, mem)
+            return
+        self._lift(node_id, asides)
+        change(node_id, indices, cpu, mem)
+        self._reapply(node_id, asides)
+
+    def _apply(self, n: NodeCapacity, a: _Aside) -> None:
+        # What a fresh build takes: the wanted GPUs free now, CPU and memory up to free.
+        free = tuple(i for i in a.wanted_gpus if any(i in lst for lst in n.free.values()))
+        cpu = min(a.wanted_cpu, n.cpu_free)
+        mem = min(a.wanted_mem, n.mem_free)
+        self.view.take(n.id, free, cpu, mem)
+        a.gpus, a.cpu, a.mem = free, cpu, mem
+
+    def _lift(self, node_id: str, asides: Sequence[_Aside]) -> None:
+        for a in reversed(asides):
+            self.view.give(node_id, a.gpus, a.cpu, a.mem)
+            a.gpus, a.cpu, a.mem = (), 0, 0
+
+    def _reapply(self, node_id: str, asides: Sequence[_Aside]) -> None:
+        n = self.view.nodes[node_id]
+        for a in asides:
+            self._apply(n, a)
+
+
 def place_gang(
     view: CapacityView,
     shape: Shape,
