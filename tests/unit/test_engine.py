@@ -300,6 +300,44 @@ async def test_changed_reasons_are_written_once_per_interval_and_budget_per_pass
     assert [a.pending_reason for a in first] == ["r2", "r3", "r3"]
 
 
+async def _loop_turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_a_pass_s_changed_reasons_are_taken_in_slices_and_a_newer_pass_supersedes(
+    engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deep queue's pass names tens of thousands of changed reasons: they are taken in
+    ABSORB_SLICE at a time, one turn of the event loop each, until all are written. What
+    an older pass left untaken is dropped when a newer pass's reasons arrive (those are
+    every difference from a newer snapshot)."""
+    monkeypatch.setattr(scheduling, "ABSORB_SLICE", 3)
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(10)]
+    await engine.schedule_now()
+    sched = engine.scheduling
+    for a in waiting:  # as if no pass had explained them yet
+        a.pending_reason = scheduling.QUEUED
+
+    with engine.committer.transaction() as txn:
+        sched._statuses(txn, {a.id: "first pass" for a in waiting})
+    # Only the first slice was taken in before the event loop got its turn back.
+    assert [a.pending_reason for a in waiting].count("first pass") == 3
+    await _loop_turns(20)  # the slices that follow, each a callback of its own
+    assert [a.pending_reason for a in waiting] == ["first pass"] * 10
+
+    for a in waiting:
+        a.pending_reason = scheduling.QUEUED
+    with engine.committer.transaction() as txn:
+        sched._statuses(txn, {a.id: "older" for a in waiting})
+        sched._statuses(txn, {a.id: "newer" for a in waiting[8:]})
+    await _loop_turns(20)
+    reasons = [a.pending_reason for a in waiting]
+    assert reasons == ["older"] * 3 + [scheduling.QUEUED] * 5 + ["newer"] * 2
+
+
 async def test_a_grace_over_by_the_clock_is_handled_before_the_pass_looks(
     engine_factory: Any,
 ) -> None:

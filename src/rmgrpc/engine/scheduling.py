@@ -43,9 +43,10 @@ import collections
 import contextlib
 import dataclasses
 import heapq
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from rmgrpc import telemetry
@@ -75,6 +76,9 @@ REASON_BUDGET = 1000
 # Reasons written per txn; more go in the next slice at once, with the event loop free
 # between. Each is encoded on the event loop (~40-90 us): 250 keep a slice near 10-20 ms.
 REASON_SLICE = 250
+# A pass's changed reasons taken in per turn of the event loop (~1.5 us each): a deep
+# queue's pass names tens of thousands, and taken whole they held the loop ~50 ms.
+ABSORB_SLICE = 4096
 # With work pending, a pass runs at least this often (starvation holds, positions).
 REFRESH_EVERY = 5.0
 # A pass asked only to refresh positions and reasons waits this long after the last.
@@ -115,6 +119,8 @@ class Scheduling:
         self._due: list[tuple[float, str]] = []
         # Changed reasons the last pass may still write (`REASON_BUDGET` per pass).
         self._budget = 0
+        # What is left to take in of the last pass's changed reasons (`_absorb`).
+        self._absorbing: Iterator[tuple[str, str]] | None = None
         settings = engine.settings
         self.runner: PassRunner = make_runner(
             settings.pass_runner,
@@ -579,10 +585,28 @@ class Scheduling:
         """Takes a pass's changed reasons and writes the first slice of what is ready;
         the rest follows in slices of their own, with the event loop free between them.
         Changes held back by the rate limit are kept and written once due, by a later
-        pass (which names only new changes)."""
+        pass (which names only new changes).
+
+        They are taken in `ABSORB_SLICE` at a time too. What is left of an older pass's
+        is dropped: this pass's name every difference from a newer snapshot, which
+        already has whatever the older pass's reasons wrote."""
+        self._absorbing = iter(changed.items())
+        self._absorb()
+        self._budget = REASON_BUDGET
+        if self._write_reasons(txn) or self._absorbing is not None:
+            asyncio.get_running_loop().call_soon(self._more_reasons)
+
+    def _absorb(self) -> None:
+        """Takes the next `ABSORB_SLICE` of the last pass's changed reasons into the
+        first reasons and the due changes."""
+        taking = self._absorbing
+        if taking is None:
+            return
         live = self.state.live
         now = self.engine.clock.now()
-        for aid, reason in changed.items():
+        taken = 0
+        for aid, reason in itertools.islice(taking, ABSORB_SLICE):
+            taken += 1
             a = live.get(aid)
             if a is None or a.state != AllocationState.PENDING:
                 continue
@@ -594,9 +618,8 @@ class Scheduling:
                 due = now if last is None else last + REASON_EVERY
                 heapq.heappush(self._due, (due, aid))
             self._changes[aid] = reason
-        self._budget = REASON_BUDGET
-        if self._write_reasons(txn):
-            asyncio.get_running_loop().call_soon(self._more_reasons)
+        if taken < ABSORB_SLICE:
+            self._absorbing = None
 
     def _write_reasons(self, txn: Txn) -> bool:
         """Writes at most `REASON_SLICE` wanted reasons into `txn`: first reasons, then
@@ -634,13 +657,14 @@ class Scheduling:
         self.engine.transitions.allocation(txn, a, AllocationEventType.UPDATED)
 
     def _more_reasons(self) -> None:
-        """The next slice of reasons, in a txn of its own."""
+        """The next slice of reasons taken in and written, in a txn of its own."""
+        self._absorb()
         try:
             with self.engine.committer.transaction() as txn:
                 more = self._write_reasons(txn)
         except Unavailable:
             return  # the store failed: the server is stopping
-        if more:
+        if more or self._absorbing is not None:
             asyncio.get_running_loop().call_soon(self._more_reasons)
 
     # -- quick decisions -------------------------------------------------------------
