@@ -97,6 +97,7 @@ class AllocationCommands(EngineCore):
             log.info("allocation request of tenant %s refused: %s", request.tenant, reason)
             raise QuotaExceeded([QuotaViolation(f"tenant:{request.tenant}", reason)])
         self.cost.check_budget(request)
+        await self.scheduling.quick_ready()
         never = self.scheduling.never_fits(request)
         if never is not None and not self.config.never_fits_pending:
             return await self._reject(request, never, dry_run)

@@ -46,14 +46,14 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rmgrpc import telemetry
 from rmgrpc.engine.passes import PassRunner, make_runner
 from rmgrpc.engine.txn import Txn
 from rmgrpc.errors import Unavailable
-from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Placement
+from rmgrpc.model import Allocation, AllocationEventType, AllocationState, Node, Placement, Quota
 from rmgrpc.scheduler import apply
 from rmgrpc.scheduler.fairshare import Amount, Ledger, UsageHistory
 from rmgrpc.scheduler.placement import CapacityView, SetAsides, gpus_text
@@ -121,6 +121,8 @@ class Scheduling:
         self._budget = 0
         # What is left to take in of the last pass's changed reasons (`_absorb`).
         self._absorbing: Iterator[tuple[str, str]] | None = None
+        # The quick view (and ledger) being built off the event loop (`quick_ready`).
+        self._build: _Build | None = None
         settings = engine.settings
         self.runner: PassRunner = make_runner(
             settings.pass_runner,
@@ -186,6 +188,10 @@ class Scheduling:
         if ledger:
             self._quick_ledger = None
             self._leaving_ids.clear()
+            # Nodes or quotas changed: a build from the older copies is of no use. (A
+            # view-only drop keeps it: it follows what is held, and the holds, set-asides
+            # and reservations are laid on when it is installed.)
+            self._build = None
 
     @property
     def gpu_models(self) -> tuple[str, ...]:
@@ -209,6 +215,8 @@ class Scheduling:
             if sign < 0 and a.id in self._leaving_ids:
                 ledger.add_leaving(a.tenant, amt, -1)
         if self._quick is None:
+            if self._build is not None:
+                self._build.ops.append((_FOLLOW, a, sign))
             return
         asides = self._asides
         assert asides is not None  # built with the view
@@ -255,6 +263,8 @@ class Scheduling:
             history.ended(a.tenant, vec, a.allocate_time, self.engine.clock.now())
         self._follow(a, -1)
         self._leaving_ids.discard(a.id)
+        if self._build is not None and self._build.ledger:
+            self._build.ops.append((_GONE, a, 0))
         self._unsettle()
 
     def _taken(self, a: Allocation) -> None:
@@ -265,7 +275,11 @@ class Scheduling:
     def _leaving(self, victim: Allocation) -> None:
         """A pass preempted `victim`; while it keeps its capacity (grace) it is leaving."""
         ledger = self._quick_ledger
-        if ledger is None or not self.state.holds(victim):
+        if not self.state.holds(victim):
+            return
+        if ledger is None:
+            if self._build is not None and self._build.ledger:
+                self._build.ops.append((_LEAVING, victim, 0))
             return
         ledger.add_leaving(victim.tenant, Amount.of_placed(victim, ledger.gpu_models))
         self._leaving_ids.add(victim.id)
@@ -669,7 +683,12 @@ class Scheduling:
 
     # -- quick decisions -------------------------------------------------------------
 
-    def _ledger(self, holding: Sequence[Allocation]) -> Ledger:
+    def _ledger(
+        self,
+        holding: Sequence[Allocation],
+        nodes: Mapping[str, Node] | None = None,
+        quotas: Mapping[str, Quota] | None = None,
+    ) -> Ledger:
         """A ledger of what the state holds now. A victim whose grace the clock has
         passed still holds until its grace timer fires (and `freed` takes it out of the
         followed ledger then): the ledger is taken as of a time it still counts, or the
@@ -681,9 +700,9 @@ class Scheduling:
                 now = end - 1e-6
         snap = Snapshot(
             now=now,
-            nodes=self.state.nodes,
+            nodes=self.state.nodes if nodes is None else nodes,
             allocations={a.id: a for a in holding},
-            quotas=self.state.quotas,
+            quotas=self.state.quotas if quotas is None else quotas,
             config=self.engine.config,
         )
         return Ledger(snap)
@@ -743,16 +762,109 @@ class Scheduling:
         self._hold_gangs(view)
         asides = SetAsides(view)
         self._set_aside(asides)
-        # Between passes nothing backfills: idle reserved capacity is withheld whole.
-        reserved = None
+        return view, asides, self._withhold_reserved(view, holding)
+
+    def _withhold_reserved(
+        self, view: CapacityView, holding: Sequence[Allocation]
+    ) -> Reserved | None:
+        """Between passes nothing backfills: idle reserved capacity is withheld whole."""
+        state = self.state
         live = {r.id: r for r in state.reservations.values() if not r.state.terminal}
-        if live:
-            reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
-            reserved.withhold(view)
-        return view, asides, reserved
+        if not live:
+            return None
+        reserved = Reserved(live, state.nodes, holding, self.engine.clock.now())
+        reserved.withhold(view)
+        return reserved
+
+    async def quick_ready(self) -> None:
+        """Has the quick view and ledger built, off the event loop, before a request is
+        decided: built on the loop they held it ~70 ms at 1,000 nodes and 8,000 running
+        allocations (after a start, and after each node or quota change). The build
+        reads the state's frozen copies in a thread while the loop goes on; what is held
+        meanwhile is recorded and followed when it is installed. A build made stale by
+        a node or quota change is started again (twice at most; then `_structures`
+        builds on the loop, as it does for any caller that does not wait here)."""
+        for _ in range(3):
+            if self._quick is not None:
+                return
+            build = self._build or self._start_build()
+            await asyncio.shield(build.done)
+
+    def _start_build(self) -> _Build:
+        state = self.state
+        frozen = state.frozen
+        holding = [frozen.get(a.id) or dataclasses.replace(a) for a in state.holding()]
+        build = _Build(ledger=self._quick_ledger is None)
+        nodes = dict(state.frozen_nodes)
+        quotas = dict(state.quotas)
+
+        def make() -> tuple[CapacityView, Ledger | None]:
+            # In a worker thread, from copies no one changes.
+            view = CapacityView(nodes, holding)
+            return view, self._ledger(holding, nodes, quotas) if build.ledger else None
+
+        async def run() -> None:
+            try:
+                view, ledger = await asyncio.to_thread(make)
+            except Exception:
+                log.exception("building the quick view failed; it is built on the loop")
+                if self._build is build:
+                    self._build = None
+                return
+            if self._build is build:
+                self._build = None
+                if self._quick is None:
+                    self._install(build, view, ledger, holding)
+
+        self._build = build
+        build.done = asyncio.ensure_future(run())
+        return build
+
+    def _install(
+        self,
+        build: _Build,
+        view: CapacityView,
+        ledger: Ledger | None,
+        holding: Sequence[Allocation],
+    ) -> None:
+        """A built view (and ledger) brought up to now: what was taken and given back
+        since its copies were made, then the last pass's holds and set-asides and the
+        reservations, as `_build_view` lays them on."""
+        leaving = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
+        st = view.statement()  # committed at once: keeps the view's undo journal empty
+        for op, a, sign in build.ops:
+            if op == _FOLLOW:
+                for p in a.placements:
+                    change = view.take if sign > 0 else view.give
+                    change(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
+            if ledger is None:
+                continue
+            amt = Amount.of_placed(a, ledger.gpu_models)
+            if op == _FOLLOW:
+                ledger.add_held(a.tenant, amt, sign)
+                if sign < 0 and a.id in leaving:
+                    ledger.add_leaving(a.tenant, amt, -1)
+            elif op == _LEAVING:
+                ledger.add_leaving(a.tenant, amt)
+                leaving.add(a.id)
+            else:
+                leaving.discard(a.id)
+        st.commit()
+        if ledger is not None:
+            self._quick_ledger = ledger
+            self._leaving_ids = leaving
+        assert self._quick_ledger is not None
+        self._hold_gangs(view)
+        self._asides = SetAsides(view)
+        self._set_aside(self._asides)
+        self._reserved = self._withhold_reserved(view, self.state.holding())
+        self._quick = (view, self._quick_ledger)
+        self._running_bounds(self.state.holding())
+        self._explained.clear()
 
     def _structures(self) -> tuple[CapacityView, Ledger]:
         if self._quick is None:
+            self._build = None  # built here and now: one in flight is of no use
             holding = self.state.holding()
             view, self._asides, self._reserved = self._build_view(holding)
             if self._quick_ledger is None:
@@ -845,6 +957,22 @@ class Scheduling:
             self._dry_runs[key] = fut
             fut.add_done_callback(lambda _: self._dry_runs.pop(key, None))
         return await asyncio.shield(fut)
+
+
+# What happened to the held capacity while a quick view was being built (`_Build.ops`).
+_FOLLOW, _LEAVING, _GONE = 0, 1, 2
+
+
+@dataclasses.dataclass(eq=False)
+class _Build:
+    """A quick view (and, if `ledger`, a quick ledger) being built in a worker thread:
+    `ops` records, in order, what took or gave back capacity since its copies were made
+    (`_FOLLOW` with +1/-1), and, for the ledger, victims that began leaving (`_LEAVING`)
+    or stopped holding (`_GONE`)."""
+
+    ledger: bool
+    ops: list[tuple[int, Allocation, int]] = dataclasses.field(default_factory=list)
+    done: asyncio.Future[None] = dataclasses.field(init=False)
 
 
 def _probe_key(a: Allocation) -> object:
