@@ -12,13 +12,17 @@ from collections.abc import Sequence
 
 import pytest
 
-from rmgrpc.model import Allocation, AllocationState, Placement, Quota, Resources, Shape
+from rmgrpc.model import Allocation, AllocationState, Node, Placement, Quota, Resources, Shape
 from rmgrpc.scheduler.fairshare import (
     Amount,
     Ledger,
+    QuotaBlock,
+    TenantUsage,
     UsageHistory,
     check_admissible,
+    order_text,
     running_weight,
+    usage_from,
     water_fill,
 )
 from rmgrpc.scheduler.simulate import Simulator, make_node
@@ -784,3 +788,429 @@ def test_a_parents_own_work_and_child_both_below_their_due_go_by_arrival() -> No
     d = s.step()
     assert [a.allocation_id for a in d.admissions] == [own.id]
     assert child.id in d.pending
+
+
+# ---------------------------------------------------------------------------------------
+# Round 3. GetUsage: every number of a tenant and its subtree, and the order in words
+# ("GetUsage shows the decayed usage and the score each tenant is ordered by, in words an
+# operator can check"). Values below are worked out by hand on the 16-GPU cluster.
+
+
+def _usage_case() -> Ledger:
+    """org/a: guaranteed 2 GPUs (1 of them H100), 1 CPU, 1,000 bytes; limit 10 GPUs and
+    12 CPUs; weight 2; lends 1 GPU. It holds 4 H100s, 2.5 CPUs, 500 bytes and asks 1
+    GPU and 0.1 CPU more. org/b holds 2 GPUs; lab (weight 0) 8 CPUs; memhog 5,000 bytes."""
+    quotas = [
+        Quota(
+            "org/a",
+            guaranteed=Resources(
+                gpus=2, cpu_millis=1000, memory_bytes=1000, gpus_by_model={"H100": 1}
+            ),
+            limit=Resources(gpus=10, cpu_millis=12000),
+            weight=2.0,
+            lending_limit=Resources(gpus=1),
+        ),
+        Quota("lab", weight=0.0),
+    ]
+    allocs = [
+        placed("a1", "org/a", "n0", [0, 1, 2, 3], cpu=2500, mem=500),
+        asking("a2", "org/a", gpus=1, cpu=100),
+        placed("b1", "org/b", "n1", [0, 1]),
+        placed("l1", "lab", "n1", [], cpu=8000),
+        placed("m1", "memhog", "n0", [], mem=5000),
+    ]
+    return ledger(allocs, quotas)
+
+
+def test_get_usage_reports_a_tenants_numbers_and_its_subtrees() -> None:
+    """GetUsage (`_usage`): held, pending, guarantee, limit, borrowed (held above the
+    guarantee, per resource and per model, never negative), dominant share (held over
+    the cluster, in the largest resource) and over the weight, the fair share as a
+    fraction and in resources, weight, counts, lending limit; a parent sums its
+    subtree (kills `_usage` reading a wrong resource, guarantee or table, or
+    miscounting borrowed)."""
+    led = _usage_case()
+    a = usage_from(led, "org/a")
+    text_a = (
+        "ordered among the children of org by (4 GPUs held - 2 GPUs guaranteed) / 16 GPUs"
+        " in the cluster / weight 2 = 0.0625 (lower goes first)"
+    )
+    assert a == TenantUsage(
+        tenant="org/a",
+        held=Resources(gpus=4, cpu_millis=2500, memory_bytes=500, gpus_by_model={"H100": 4}),
+        pending=Resources(gpus=1, cpu_millis=100, memory_bytes=0),
+        guaranteed=Resources(gpus=2, cpu_millis=1000, memory_bytes=1000, gpus_by_model={"H100": 1}),
+        limit=Resources(gpus=10, cpu_millis=12000),
+        # 4 - 2 GPUs, 2.5 - 1 CPUs, memory under its guarantee: 0; H100s 4 - 1.
+        borrowed=Resources(gpus=2, cpu_millis=1500, memory_bytes=0, gpus_by_model={"H100": 3}),
+        dominant_share=0.25,  # 4 of 16 GPUs
+        weighted_dominant_share=0.125,
+        fair_share=5 / 16,  # its whole demand fits: 5 GPUs of 16
+        fair_share_resources=Resources(gpus=5, cpu_millis=2600, memory_bytes=500),
+        weight=2.0,
+        running=1,
+        pending_count=1,
+        recent=Resources(gpus=0, cpu_millis=0, memory_bytes=0),
+        order_score=0.0625,  # (4 - 2) / 16 / 2
+        order_text=text_a,
+        lending_limit=Resources(gpus=1),
+    )
+    org = usage_from(led, "org")
+    assert (org.held, org.pending, org.borrowed) == (
+        Resources(gpus=6, cpu_millis=2500, memory_bytes=500, gpus_by_model={"H100": 6}),
+        Resources(gpus=1, cpu_millis=100, memory_bytes=0),
+        Resources(gpus=6, cpu_millis=2500, memory_bytes=500),  # no guarantee of its own
+    )
+    assert (org.running, org.pending_count, org.dominant_share, org.fair_share) == (
+        2,
+        1,
+        6 / 16,
+        7 / 16,
+    )
+    assert org.fair_share_resources == Resources(gpus=7, cpu_millis=2600, memory_bytes=500)
+    lab = usage_from(led, "lab")  # weight 0: its share over the weight is infinite
+    assert (lab.dominant_share, lab.weighted_dominant_share, lab.weight) == (0.5, math.inf, 0)
+    assert lab.fair_share == 0.5 and lab.fair_share_resources.cpu_millis == 8000
+    # A tenant not heard of yet is placed in the tree first: among its parent's children.
+    assert usage_from(led, "org/new").order_text.startswith("ordered among the children of org ")
+    nobody = usage_from(led, "nobody")  # unknown: uses nothing, default weight
+    assert nobody == TenantUsage(
+        tenant="nobody",
+        held=Resources(gpus=0, cpu_millis=0, memory_bytes=0),
+        pending=Resources(gpus=0, cpu_millis=0, memory_bytes=0),
+        borrowed=Resources(gpus=0, cpu_millis=0, memory_bytes=0),
+        fair_share_resources=Resources(gpus=0, cpu_millis=0, memory_bytes=0),
+        recent=Resources(gpus=0, cpu_millis=0, memory_bytes=0),
+        order_text="ordered among the top-level tenants by nothing used or guaranteed = 0"
+        " (lower goes first)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("tenant", "text"),
+    [
+        # The resource it uses most of the cluster's, above its guarantee: GPUs here,
+        # though it holds 2.5 CPUs ((2.5 - 1) / 16 = 0.094 < 0.125).
+        (
+            "org/a",
+            "ordered among the children of org by (4 GPUs held - 2 GPUs guaranteed) / 16"
+            " GPUs in the cluster / weight 2 = 0.0625 (lower goes first)",
+        ),
+        (
+            "org",
+            "ordered among the top-level tenants by 6 GPUs held / 16 GPUs in the cluster /"
+            " weight 1 = 0.375 (lower goes first)",
+        ),
+        (
+            "lab",
+            "ordered among the top-level tenants by 8 CPU held / 16 CPU in the cluster ="
+            " 0.5, after every weighted sibling (weight 0)",
+        ),
+        (
+            "memhog",
+            "ordered among the top-level tenants by 0.00477 MiB memory held / 0.0191 MiB"
+            " memory in the cluster / weight 1 = 0.25 (lower goes first)",
+        ),
+    ],
+)
+def test_the_order_score_in_words_names_the_resource_it_is_taken_from(
+    tenant: str, text: str
+) -> None:
+    """GetUsage's `order_text`: the level it is ordered in, the resource, amount held,
+    guarantee subtracted, cluster total, weight (or the weight-0 tier) and the score
+    (kills `order_text` picking another resource, dropping the guarantee, the parent or
+    the weight, or misplacing the weight-0 tier)."""
+    led = _usage_case()
+    assert order_text(led, tenant) == text
+    assert usage_from(led, tenant).order_text == text
+
+
+def test_the_order_score_in_words_says_when_it_is_recent_usage() -> None:
+    """Decayed usage in GetUsage: a tenant whose work ended is ordered by its recent
+    usage, and says so; the usage shows it, rounded, with the half-life; a guarantee
+    it does not use still names its resource (kills `order_text` calling recent usage
+    "held", `_usage` reading recent usage or the half-life wrongly)."""
+    nodes = [make_node(f"n{i}", 8, cpu_millis=8000, memory_bytes=10_000) for i in range(2)]
+    snap = Snapshot(
+        now=NOW,
+        nodes={n.id: n for n in nodes},
+        allocations={},
+        quotas={"g": Quota("g", guaranteed=Resources(cpu_millis=4000))},
+        config=SchedulerConfig(fair_share_half_life_seconds=600.0),
+        ended_usage={"old": (3.4, 1200.6, 0.0)},
+    )
+    led = Ledger(snap)
+    old = usage_from(led, "old")
+    assert old.recent == Resources(gpus=3, cpu_millis=1201, memory_bytes=0)
+    assert old.half_life_seconds == 600.0
+    assert old.order_text == (
+        "ordered among the top-level tenants by 3.4 GPUs of recent usage / 16 GPUs in the"
+        " cluster / weight 1 = 0.2125 (lower goes first)"
+    )
+    # g uses nothing but is guaranteed CPU: ordered by (0 - 4 CPUs) / 16 CPUs.
+    assert usage_from(led, "g").order_text == (
+        "ordered among the top-level tenants by (0 CPU held - 4 CPU guaranteed) / 16 CPU in"
+        " the cluster / weight 1 = -0.25 (lower goes first)"
+    )
+
+
+def test_get_usage_of_a_per_model_guarantee_the_tenant_holds_none_of() -> None:
+    """GetUsage answers for a tenant guaranteed a GPU model it holds none of (an idle
+    per-model guarantee): it borrows none of it (kills `_usage` reading a model it does
+    not hold as None: a crash)."""
+    quotas = [Quota("t", guaranteed=Resources(gpus=2, gpus_by_model={"A100": 2}))]
+    u = usage_from(ledger([placed("h", "t", "n0", [0, 1, 2])], quotas), "t")
+    assert u.borrowed == Resources(gpus=1, cpu_millis=0, memory_bytes=0, gpus_by_model={})
+    assert u.held.gpus_by_model == {"H100": 3}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "fair_share"),
+    [
+        ([], 0.0),  # no node yet: nothing to share
+        ([make_node("c", 0, cpu_millis=4000, memory_bytes=1000)], 1.0),  # no GPU at all
+        ([make_node("one", 1, cpu_millis=64_000, memory_bytes=10**6)], 1.0),  # one GPU
+    ],
+)
+def test_get_usage_on_clusters_with_no_nodes_no_gpus_or_one_gpu(
+    nodes: list[Node], fair_share: float
+) -> None:
+    """GetUsage answers on any cluster: the fair share as a fraction is taken over the
+    resources the cluster has (one unit counts; none is skipped, never divided by),
+    and is 0 when it has nothing (kills `_usage`'s fraction without a default, with
+    a default of None or 1, over resources of capacity 0, or skipping a capacity of 1)."""
+    running = []
+    if nodes and nodes[0].gpus:
+        running.append(placed("g", "t", nodes[0].id, [0], cpu=1000))
+    elif nodes:
+        running.append(placed("c", "t", nodes[0].id, [], cpu=4000))
+    snap = Snapshot(
+        now=NOW,
+        nodes={n.id: n for n in nodes},
+        allocations={a.id: a for a in running},
+        quotas={},
+        config=SchedulerConfig(),
+    )
+    assert usage_from(Ledger(snap), "t").fair_share == fair_share
+
+
+@pytest.mark.parametrize(
+    ("allocs", "quotas", "text"),
+    [
+        # GPUs 2/16 = 0.125 beat CPU 1.9/16 = 0.119: no unit is taken off either.
+        (
+            [placed("x", "t", "n0", [0, 1], cpu=1900)],
+            [],
+            "by 2 GPUs held / 16 GPUs in the cluster / weight 1 = 0.125",
+        ),
+        # CPU 2.001/16 beats GPUs 2/16 by one milli.
+        (
+            [placed("x", "t", "n0", [0, 1], cpu=2001)],
+            [],
+            "by 2001m CPU held / 16 CPU in the cluster / weight 1 = 0.1251",
+        ),
+        # CPU 8/16 beats GPUs 1/16, the first resource looked at.
+        (
+            [placed("x", "t", "n0", [0], cpu=8000)],
+            [],
+            "by 8 CPU held / 16 CPU in the cluster / weight 1 = 0.5",
+        ),
+        # GPUs above the guarantee (3 - 2)/16 lose to CPU 4/16.
+        (
+            [placed("x", "t", "n0", [0, 1, 2], cpu=4000)],
+            [Quota("t", guaranteed=Resources(gpus=2))],
+            "by 4 CPU held / 16 CPU in the cluster / weight 1 = 0.25",
+        ),
+    ],
+)
+def test_the_order_score_in_words_names_the_largest_share_above_the_guarantee(
+    allocs: list[Allocation], quotas: list[Quota], text: str
+) -> None:
+    """GetUsage's `order_text` spells out the score the queue orders by: the resource
+    whose share of the cluster, above the guarantee, is the largest (kills `order_text`
+    comparing shares with a unit taken off, the guarantee added, or times the total)."""
+    led = ledger(allocs, quotas)
+    assert order_text(led, "t") == f"ordered among the top-level tenants {text} (lower goes first)"
+    assert led.order_score("t")[1] == pytest.approx(float(text.rsplit("= ", 1)[1]), rel=1e-3)
+
+
+def test_the_order_score_in_words_on_one_gpu_or_none() -> None:
+    """`order_text` on any cluster: one GPU in all counts (holding it is a share of 1);
+    a cluster without GPUs skips them, a GPU guarantee included, never dividing by 0
+    (kills `order_text` skipping a capacity or a use of exactly 1, or judging a
+    resource the cluster has none of: a crash)."""
+    one = make_node("one", 1, cpu_millis=64_000, memory_bytes=10**6)
+    cpu_only = make_node("c", 0, cpu_millis=4000, memory_bytes=1000)
+    cases = [
+        (one, placed("g", "t", "one", [0], cpu=1000), {}),
+        (
+            cpu_only,
+            placed("c", "t", "c", [], cpu=1000),
+            {"t": Quota("t", guaranteed=Resources(gpus=2))},
+        ),
+    ]
+    texts = []
+    for node, alloc, quotas in cases:
+        snap = Snapshot(
+            now=NOW,
+            nodes={node.id: node},
+            allocations={alloc.id: alloc},
+            quotas=quotas,
+            config=SchedulerConfig(),
+        )
+        texts.append(order_text(Ledger(snap), "t"))
+    assert texts[0].startswith("ordered among the top-level tenants by 1 GPU")
+    assert texts[0].endswith("held / 1 GPU in the cluster / weight 1 = 1 (lower goes first)")
+    assert texts[1] == (
+        "ordered among the top-level tenants by 1 CPU held / 4 CPU in the cluster / weight 1"
+        " = 0.25 (lower goes first)"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Round 3: every limit a request breaks, and the GPU models per-model limits allow.
+
+
+def _limits_case() -> Ledger:
+    """org: limit 6 GPUs. org/a: limit 4 GPUs, 3 CPUs, 0 bytes, 3 H100s; holds 2 H100s,
+    1 CPU and 100 bytes (over its memory limit, as after a limit was lowered). org/b (no
+    quota of its own) holds 3 GPUs."""
+    quotas = [
+        Quota("org", limit=Resources(gpus=6)),
+        Quota(
+            "org/a",
+            limit=Resources(gpus=4, cpu_millis=3000, memory_bytes=0, gpus_by_model={"H100": 3}),
+        ),
+    ]
+    allocs = [
+        placed("a1", "org/a", "n0", [0, 1], cpu=1000, mem=100),
+        placed("b1", "org/b", "n1", [0, 1, 2]),
+    ]
+    return ledger(allocs, quotas)
+
+
+def test_every_limit_a_request_breaks_is_named_nearest_first() -> None:
+    """Quota: a request is refused by every limit on its chain it would break — per
+    resource it asks for, per GPU model, its own before its parent's — each with what
+    the subtree holds, the limit and the ask; what its victims give back counts (kills
+    `limit_breaches` skipping a level, a resource or a model, reading the wrong amount,
+    judging a resource not asked for, or ignoring what is freed)."""
+    led = _limits_case()
+    ask = Amount(3, 2500, 0, {"H100": 3})
+    assert list(led.limit_breaches("org/a", ask)) == [
+        QuotaBlock("org/a", "org/a", "gpus", "", 2, 4, 3),
+        QuotaBlock("org/a", "org/a", "cpu", "", 1000, 3000, 2500),
+        QuotaBlock("org/a", "org/a", "gpus", "H100", 2, 3, 3),
+        QuotaBlock("org", "org/a", "gpus", "", 5, 6, 3),
+    ]
+    # One H100 of org/a and two GPUs of org/b given back: only the model limit binds
+    # (1 + 3 > 3); org holds 5 - 3 = 2 (2 + 3 <= 6).
+    freed = {
+        "org/a": Amount(1, 0, 0, {"H100": 1}),
+        "org": Amount(3, 0, 0, {"H100": 3}),
+    }
+    assert list(led.limit_breaches("org/a", Amount(3, 0, 0, {"H100": 3}), freed)) == [
+        QuotaBlock("org/a", "org/a", "gpus", "H100", 1, 3, 3),
+    ]
+    # Exactly at each limit is within it; memory, over its limit but not asked for,
+    # binds nothing.
+    assert list(led.limit_breaches("org/a", Amount(1, 2000, 0, {"H100": 1}))) == []
+    assert led.limit_block("org/b", Amount(1)) is None
+    assert led.limit_block("org/b", Amount(2)) == QuotaBlock("org", "org/b", "gpus", "", 5, 6, 2)
+
+
+def test_a_request_naming_no_model_may_use_the_models_its_limits_allow() -> None:
+    """Quota per GPU model: a request naming no model may be placed only on models every
+    per-model limit on its chain still allows for its GPUs; with no per-model limit on
+    the chain, or no GPUs asked, every model is allowed (None) (kills `allowed_models`
+    misreading the chain, the held amount or the ask)."""
+    led = _limits_case()
+    models = ("A100", "H100")
+    assert led.allowed_models("org/a", 1, models) == ("A100", "H100")  # 2 + 1 <= 3
+    assert led.allowed_models("org/a", 2, models) == ("A100",)  # 2 + 2 > 3
+    assert led.allowed_models("org/a", 0, models) is None
+    assert led.allowed_models("org/b", 4, models) is None  # no per-model limit above it
+    quotas = [
+        Quota("org", limit=Resources(gpus_by_model={"A100": 0})),
+        Quota("org/a", limit=Resources(gpus_by_model={"H100": 3})),
+    ]
+    led = ledger([placed("a1", "org/a", "n0", [0, 1])], quotas)
+    # The parent's limit forbids A100s to the whole subtree; org/a's own allows 1 H100.
+    assert led.allowed_models("org/a", 1, models) == ("H100",)
+    assert led.allowed_models("org/a", 2, models) == ()
+    assert led.allowed_models("org/b", 1, models) == ("H100",)
+    # A model limited but not held: up to its limit is allowed.
+    led = ledger([], [Quota("t", limit=Resources(gpus_by_model={"A100": 2}))])
+    assert led.allowed_models("t", 2, models) == ("A100", "H100")
+    assert led.allowed_models("t", 3, models) == ("H100",)
+
+
+def test_a_half_life_of_one_second_still_counts_recent_usage() -> None:
+    """Decayed usage: any positive `fair_share_half_life_seconds` (config accepts >= 0)
+    weighs recent usage; only 0 turns it off (kills `Ledger.__init__` turning decay off
+    for a half-life of 1 s or less)."""
+    nodes = [make_node("n0", 8, cpu_millis=8000, memory_bytes=10_000)]
+    for half_life, want in ((1.0, (2.0, 0.0, 0.0)), (0.0, (0.0, 0.0, 0.0))):
+        snap = Snapshot(
+            now=NOW,
+            nodes={n.id: n for n in nodes},
+            allocations={},
+            quotas={},
+            config=SchedulerConfig(fair_share_half_life_seconds=half_life),
+            ended_usage={"old": (2.0, 0.0, 0.0)},
+        )
+        assert Ledger(snap).recent_of("old") == want, half_life
+
+
+# ---------------------------------------------------------------------------------------
+# Round 3: usage changes within a pass (a victim gone at once, or leaving in its grace).
+
+
+def test_a_victim_gone_at_once_is_counted_as_if_it_never_ran() -> None:
+    """With no preemption grace a victim leaves within the pass (`add_held(..., -1)`):
+    from then on the ledger must count, order and bound every tenant as one built
+    without that victim — the total held (lending limits read it), the parent's own
+    work and its remembered scores included (kills `add_held` ignoring the sign in the
+    total or the own work, or keeping a stale score or effective amount)."""
+    allocs = [
+        placed("own1", "org", "n0", [0, 1], cpu=1000),
+        placed("a1", "org/a", "n1", [0]),
+    ]
+    victim = placed("own2", "org", "n0", [2, 3, 4], cpu=500, mem=100)
+    quotas = [Quota("org", guaranteed=Resources(gpus=6))]
+    full, base = ledger([*allocs, victim], quotas), ledger(allocs, quotas)
+    before = (full.order_score("org", own=True), full.order_score("org"))  # remembered
+    assert before != (base.order_score("org", own=True), base.order_score("org"))
+    assert not full.within_guarantee("org", Amount(1))  # 6 held of 6 (remembered)
+    full.add_held("org", full.placed["own2"], -1)
+    assert full.within_guarantee("org", Amount(1))  # 3 held + 1 <= 6
+    assert full.held_total.vector() == base.held_total.vector() == (3, 1000, 0)
+    assert full.own_held["org"].vector() == base.own_held["org"].vector()
+    assert full.order_score("org", own=True) == base.order_score("org", own=True)
+    assert full.order_score("org") == base.order_score("org")
+    assert full.order_key("org/a") == base.order_key("org/a")
+
+
+def test_a_victim_in_its_grace_counts_as_leaving_until_it_is_gone() -> None:
+    """A victim preempted with a grace period still holds its capacity but is leaving
+    (`add_leaving`): its tenant's effective usage and order drop at once; taking the
+    leaving back (the engine's undo, sign -1) restores them (kills `add_leaving`
+    ignoring the sign, or keeping a stale score, held vector or effective amount)."""
+    quotas = [Quota("org/a", guaranteed=Resources(gpus=2))]
+    allocs = [placed("a1", "org/a", "n1", [0])]
+    victim = placed("a2", "org/a", "n0", [0, 1, 2], cpu=500)
+    full, base = ledger([*allocs, victim], quotas), ledger(allocs, quotas)
+    was = [full.order_score(t) for t in ("org", "org/a")]
+    # 4 GPUs held against a guarantee of 2: one more is not within it (remembered).
+    assert not full.within_guarantee("org/a", Amount(1))
+    amt = full.placed["a2"]
+    full.add_leaving("org/a", amt)
+    for t in ("org", "org/a"):
+        assert full.effective(t).vector() == base.effective(t).vector(), t
+        assert full.order_score(t) == base.order_score(t), t
+        assert full.held_of(t).vector() == (4, 500, 0), t  # still held in its grace
+    assert full.within_guarantee("org/a", Amount(1))  # 1 left + 1 <= 2
+    full.add_leaving("org/a", amt, -1)
+    assert [full.order_score(t) for t in ("org", "org/a")] == was
+    assert full.effective("org").vector() == (4, 500, 0)
+    assert not full.within_guarantee("org/a", Amount(1))

@@ -1032,3 +1032,133 @@ def test_a_limit_no_allowed_victim_can_free_leaves_the_request_pending() -> None
     d = s.step()
     assert victims(d) == set()
     assert "over quota of tenant t" in d.pending[req.id].reason
+
+
+# -- round 3: a victim tenant is judged only in what the request asks for ---------------
+#
+# The policy: a victim tenant's guarantee and fair share are judged only in the resources
+# the preemptor asks for (the contended ones). Kueue does the same: its preemption only
+# considers the flavor-resources the incoming workload needs (`frsNeedPreemption`), e.g.
+# kubernetes-sigs/kueue pkg/scheduler/preemption/preemption_test.go, TestPreemption,
+# "reclaim quota if workload requests 0 resources for a resource at nominal quota".
+
+GIB = 1024**3
+# Per resource (GPUs, CPU millis, memory bytes): the node's capacity of it.
+NODE_CAP = {"gpu": 4, "cpu": 4000, "mem": 4 * GIB}
+
+
+def _shape(amounts: dict[str, int]) -> Shape:
+    return Shape.of(
+        amounts.get("gpu", 0),
+        cpu_millis=amounts.get("cpu", 0),
+        memory_bytes=amounts.get("mem", 0),
+    )
+
+
+def _place(
+    s: Simulator, tenant: str, aid: str, amounts: dict[str, int], gpus: Sequence[int]
+) -> None:
+    a = s.submit(tenant, _shape(amounts), priority=0, alloc_id=aid)
+    a.state = AllocationState.ALLOCATED
+    a.placements = (Placement("n1", tuple(gpus)),)
+    a.allocate_time = s.now - 1000
+
+
+def test_a_cpu_guarantee_does_not_shield_gpu_work_from_a_gpu_only_reclaim() -> None:
+    """Preemption, reclaim: v is under its CPU guarantee (2 of 8 CPUs) but over its GPU
+    guarantee (4 of 1); g, under its GPU guarantee, asks 4 GPUs and no CPU. Only GPUs
+    are judged, so g reclaims v's GPU job though that job holds CPU as well (kills
+    `_Search.__init__` judging CPU or memory the request does not ask for, `dims`
+    `cpu >= 0` / `mem >= 0`, and `_tenants_ok` judging every resource the victims free)."""
+    for res in ("cpu", "mem"):
+        cap = {"cpu": 8000, "mem": 8 * GIB}[res]
+        guaranteed = (
+            Resources(gpus=1, cpu_millis=cap)
+            if res == "cpu"
+            else Resources(gpus=1, memory_bytes=cap)
+        )
+        quotas = [Quota("v", guaranteed=guaranteed), Quota("g", guaranteed=Resources(gpus=4))]
+        s = cluster([("n1", 4, "H100")], quotas)
+        s.nodes["n1"].cpu_millis, s.nodes["n1"].memory_bytes = 16000, 16 * GIB
+        _place(s, "v", "vwork", {"gpu": 4, res: cap // 4}, [0, 1, 2, 3])
+        req = s.submit("g", h100(4), priority=-5)  # reclaim: at any priority
+        d = s.step()
+        assert victims(d) == {"vwork"}, res
+        assert admitted(d) == [req.id], res
+
+
+def test_a_cpu_guarantee_still_protects_cpu_the_request_asks_for() -> None:
+    """Preemption, reclaim, the other side of the rule: when g asks CPU as well, v's CPU
+    guarantee is judged, and v (under it) keeps its job (kills the CPU ask, or an ask
+    of exactly 1 milli, not being judged: `dims` `cpu > 1`; and the same in memory)."""
+    for res in ("cpu", "mem"):
+        cap = {"cpu": 8000, "mem": 8 * GIB}[res]
+        guaranteed = (
+            Resources(gpus=1, cpu_millis=cap)
+            if res == "cpu"
+            else Resources(gpus=1, memory_bytes=cap)
+        )
+        quotas = [Quota("v", guaranteed=guaranteed), Quota("g", guaranteed=Resources(gpus=4))]
+        s = cluster([("n1", 4, "H100")], quotas)
+        s.nodes["n1"].cpu_millis, s.nodes["n1"].memory_bytes = 16000, 16 * GIB
+        _place(s, "v", "vwork", {"gpu": 4, res: cap // 4}, [0, 1, 2, 3])
+        req = s.submit("g", _shape({"gpu": 4, res: 1}), priority=-5)  # 1 milli / 1 byte
+        d = s.step()
+        assert victims(d) == set(), res
+        assert req.id in d.pending, res
+
+
+def _fair_share_case(asked: str, other: str, ask_other: int) -> tuple[Simulator, Allocation]:
+    """n1 is full of v's two jobs, each 2 units of `asked` (half the node) and a little of
+    `other`. w waits, at a low priority, for the whole node's `other`: that resource is
+    contended and v stands at its fair share of it (its whole demand). r, with nothing,
+    asks half the node's `asked` (its fair share) and `ask_other` of `other`."""
+    s = cluster([("n1", NODE_CAP["gpu"], "H100")])
+    s.nodes["n1"].cpu_millis, s.nodes["n1"].memory_bytes = NODE_CAP["cpu"], NODE_CAP["mem"]
+    half = NODE_CAP[asked] // 2
+    little = NODE_CAP[other] // 4 if other != "gpu" else 1
+    gpu_ids = iter(range(NODE_CAP["gpu"]))
+    for aid in ("v1", "v2"):
+        held = {asked: half, other: little}
+        _place(s, "v", aid, held, [next(gpu_ids) for _ in range(held.get("gpu", 0))])
+    s.submit("w", _shape({other: NODE_CAP[other]}), priority=-5, alloc_id="w")
+    req = s.submit("r", _shape({asked: half, other: ask_other}), priority=0)
+    return s, req
+
+
+def test_fair_share_is_judged_only_in_the_resources_the_request_asks_for() -> None:
+    """Preemption, fair share: r, below its fair share in what it asks, takes one of v's
+    two jobs (v keeps its fair share of the asked resource); v is at its fair share of
+    a contended resource r does not ask for, and that does not protect it (kills
+    `_Search.__init__` `dims` judging an unasked resource: `gpus >= 0`, `cpu >= 0`,
+    `mem >= 0`)."""
+    for asked, other in (("gpu", "cpu"), ("gpu", "mem"), ("cpu", "gpu")):
+        s, req = _fair_share_case(asked, other, 0)
+        d = s.step()
+        assert len(victims(d)) == 1 and victims(d) <= {"v1", "v2"}, (asked, other)
+        assert admitted(d) == [req.id], (asked, other)
+
+
+def test_an_ask_of_one_milli_or_byte_has_its_fair_share_judged() -> None:
+    """Preemption, fair share: the same case, but r also asks exactly 1 CPU milli (or 1
+    byte) of the contended resource v stands at its fair share of: that resource is
+    judged, and v keeps its work (kills `dims` `cpu > 1` and `mem > 1`)."""
+    for other in ("cpu", "mem"):
+        s, req = _fair_share_case("gpu", other, 1)
+        d = s.step()
+        assert victims(d) == set(), other
+        assert req.id in d.pending, other
+
+
+def test_a_guarantee_in_an_asked_resource_the_victim_does_not_hold_is_not_judged() -> None:
+    """Preemption: taking a victim lowers its tenant only in what the victim holds. The
+    request asks CPU too, but v's GPU job holds no CPU, so v's unused CPU guarantee does
+    not protect it (kills `_tenants_ok` judging a resource the set frees none of,
+    `s[i] < 0`)."""
+    quotas = [Quota("v", guaranteed=Resources(cpu_millis=4000))]
+    s = cluster([("n1", 2, "H100")], quotas)
+    run(s, "v", "n1", [0, 1], priority=-1, aid="gpu_work")
+    req = s.submit("r", Shape.of(2, "H100", cpu_millis=1000), priority=1)
+    d = s.step()
+    assert victims(d) == {"gpu_work"}
+    assert admitted(d) == [req.id]

@@ -256,7 +256,6 @@ class VictimPool:
             self.ordered.append(v)
             for nid in v.on_node:
                 self.by_node.setdefault(nid, []).append(v)
-        self.node_ids = sorted(self.by_node)
         # Victims alike for `_Search._admissible` (tenant, priority, amount freed), so a
         # search decides once per class, not per victim: class id per victim of `ordered`,
         # and each class's (tenant, priority, members in victim order). A rule there that
@@ -283,11 +282,6 @@ class VictimPool:
 
     def __len__(self) -> int:
         return len(self.ordered) - len(self.taken)
-
-    def candidate_nodes(self, view: CapacityView, req: ReplicaRequest) -> list[str]:
-        """Nodes with victims whose class passes the placement filters (ready, not held
-        for another gang, labels, enough healthy GPUs of an allowed model)."""
-        return view.class_passing(self.node_ids, req)
 
 
 class _Search:
@@ -439,7 +433,8 @@ class _Search:
 
     def _tenants_ok(self, vs: Iterable[Victim]) -> bool:
         """What the set takes from each victim tenant subtree (below the common ancestor
-        with the requester) respects its guarantee, or, reclaiming, its borrowing."""
+        with the requester) respects its guarantee, or, reclaiming, its borrowing, in
+        each resource the request asks for."""
         sums: dict[str, list[int]] = {}
         tops: dict[str, list[int]] = {}
         for v in vs:
@@ -454,11 +449,15 @@ class _Search:
                     s[i] += v.vec[i]
                     m[i] = max(m[i], v.vec[i])
         reclaim = self.mode == Mode.GUARANTEE
+        dims = self._dims
         for y, s in sums.items():
             sl = self._slack_of(y)
             m = tops[y]
             for i in range(3):
-                if s[i] <= 0:
+                # Judged only in what the request asks for (as Kueue, in the resources
+                # the incoming workload needs): a CPU guarantee does not shield GPU work
+                # from a GPU-only ask.
+                if s[i] <= 0 or not dims[i]:
                     continue
                 if reclaim:
                     # Still borrowing before the last (largest) victim is taken.
@@ -666,7 +665,7 @@ class _Search:
             consider(self._cheapest(cands, None, True, self._quota_bound(cands)))
         qc = self._quota_candidates(taken) if quota else []
         ranked: list[tuple[float, tuple[int, float, int, str], str, list[Victim]]] = []
-        # The candidate nodes (`VictimPool.candidate_nodes`) that hold allowed victims.
+        # The nodes that hold allowed victims and whose class passes the placement filters.
         allowed_on, allowed_nodes = self._allowed_set.by_node()
         for nid in view.class_passing(allowed_nodes, self.req):
             on = allowed_on[nid]
