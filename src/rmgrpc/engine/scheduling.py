@@ -208,12 +208,8 @@ class Scheduling:
     def _follow(self, a: Allocation, sign: int) -> None:
         """`a` takes (+1) or gives back (-1) its placements' capacity: the quick view and
         ledger follow."""
-        ledger = self._quick_ledger
-        if ledger is not None:
-            amt = Amount.of_placed(a, ledger.gpu_models)
-            ledger.add_held(a.tenant, amt, sign)
-            if sign < 0 and a.id in self._leaving_ids:
-                ledger.add_leaving(a.tenant, amt, -1)
+        if self._quick_ledger is not None:
+            _follow_ledger(self._quick_ledger, self._leaving_ids, a, sign)
         if self._quick is None:
             if self._build is not None:
                 self._build.ops.append((_FOLLOW, a, sign))
@@ -757,12 +753,18 @@ class Scheduling:
         """The quick view built afresh: what `holding` leaves free, the last pass's holds
         for gangs and set-asides for preemptors still waiting, and reserved capacity
         withheld, in that order (`_holds_moved` and `_follow` keep to what this makes)."""
-        state = self.state
-        view = CapacityView(state.nodes, holding)
+        view = CapacityView(self.state.nodes, holding)
+        return (view, *self._lay_on(view, holding))
+
+    def _lay_on(
+        self, view: CapacityView, holding: Sequence[Allocation]
+    ) -> tuple[SetAsides, Reserved | None]:
+        """Onto a view of what `holding` leaves free: the last pass's holds for gangs and
+        set-asides for preemptors still waiting, then reserved capacity withheld."""
         self._hold_gangs(view)
         asides = SetAsides(view)
         self._set_aside(asides)
-        return view, asides, self._withhold_reserved(view, holding)
+        return asides, self._withhold_reserved(view, holding)
 
     def _withhold_reserved(
         self, view: CapacityView, holding: Sequence[Allocation]
@@ -829,7 +831,7 @@ class Scheduling:
     ) -> None:
         """A built view (and ledger) brought up to now: what was taken and given back
         since its copies were made, then the last pass's holds and set-asides and the
-        reservations, as `_build_view` lays them on."""
+        reservations (`_lay_on`, as for a view built on the spot)."""
         leaving = {a.id for a in holding if a.state == AllocationState.PREEMPTED}
         st = view.statement()  # committed at once: keeps the view's undo journal empty
         for op, a, sign in build.ops:
@@ -839,13 +841,10 @@ class Scheduling:
                     change(p.node_id, p.gpu_indices, a.shape.cpu_millis, a.shape.memory_bytes)
             if ledger is None:
                 continue
-            amt = Amount.of_placed(a, ledger.gpu_models)
             if op == _FOLLOW:
-                ledger.add_held(a.tenant, amt, sign)
-                if sign < 0 and a.id in leaving:
-                    ledger.add_leaving(a.tenant, amt, -1)
+                _follow_ledger(ledger, leaving, a, sign)
             elif op == _LEAVING:
-                ledger.add_leaving(a.tenant, amt)
+                ledger.add_leaving(a.tenant, Amount.of_placed(a, ledger.gpu_models))
                 leaving.add(a.id)
             else:
                 leaving.discard(a.id)
@@ -854,12 +853,10 @@ class Scheduling:
             self._quick_ledger = ledger
             self._leaving_ids = leaving
         assert self._quick_ledger is not None
-        self._hold_gangs(view)
-        self._asides = SetAsides(view)
-        self._set_aside(self._asides)
-        self._reserved = self._withhold_reserved(view, self.state.holding())
+        now_holding = self.state.holding()
+        self._asides, self._reserved = self._lay_on(view, now_holding)
         self._quick = (view, self._quick_ledger)
-        self._running_bounds(self.state.holding())
+        self._running_bounds(now_holding)
         self._explained.clear()
 
     def _structures(self) -> tuple[CapacityView, Ledger]:
@@ -957,6 +954,15 @@ class Scheduling:
             self._dry_runs[key] = fut
             fut.add_done_callback(lambda _: self._dry_runs.pop(key, None))
         return await asyncio.shield(fut)
+
+
+def _follow_ledger(ledger: Ledger, leaving: set[str], a: Allocation, sign: int) -> None:
+    """`a` takes (+1) or gives back (-1) what it holds in `ledger`; one of the victims in
+    `leaving` giving back stops counting as leaving."""
+    amt = Amount.of_placed(a, ledger.gpu_models)
+    ledger.add_held(a.tenant, amt, sign)
+    if sign < 0 and a.id in leaving:
+        ledger.add_leaving(a.tenant, amt, -1)
 
 
 # What happened to the held capacity while a quick view was being built (`_Build.ops`).
