@@ -7,6 +7,8 @@ step of the wall clock (NTP, an operator) never expires leases en masse.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Protocol
 
@@ -51,3 +53,15 @@ class ManualClock:
 
     def step(self, seconds: float) -> None:
         self._now += seconds
+
+
+async def set_or_timeout(event: asyncio.Event, timeout: float | None) -> None:
+    """Until `event` is set or `timeout` seconds pass (None: no timeout).
+
+    Not `asyncio.wait_for(event.wait(), timeout)`: on Python 3.11 it returns normally when
+    the caller is cancelled just as the event is set, swallowing the cancellation, and a
+    background loop waiting this way then never ends: the server's stop, which cancels
+    and awaits it, hung (tests/unit/test_engine.py has the race)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()

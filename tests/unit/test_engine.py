@@ -352,3 +352,30 @@ async def test_a_grace_over_by_the_clock_is_handled_before_the_pass_looks(
     await engine.schedule_now()
     assert high.state == AllocationState.ALLOCATED, high.pending_reason
     assert not engine.state.holds(low)
+
+
+@pytest.mark.parametrize("turns", range(4))
+async def test_stop_ends_every_loop_even_when_a_wake_up_lands_with_the_cancel(
+    tmp_path: Path, turns: int
+) -> None:
+    """A server stop cancels the engine's loops and waits for them. A deadline armed a
+    loop turn or two before the stop (a pass preempting with a grace, a heartbeat) wakes
+    the timer loop as the cancel lands; waited on with `asyncio.wait_for`, Python 3.11
+    swallowed that cancel, the timer loop went on, and the stop hung (a whole CI run)."""
+    clock = ManualClock()
+    store = await Store.open(":memory:")
+    engine = Engine(make_settings(tmp_path, db=":memory:"), store, clock)
+    await engine.start(simulated_nodes(1, 8, now=clock.now()))
+    await asyncio.sleep(0.05)
+    loops = list(engine._tasks)
+    engine._timer_wake.set()
+    engine.scheduling._kick.set()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    try:
+        await engine.stop()
+        assert all(t.done() for t in loops), [t.get_name() for t in loops if not t.done()]
+    finally:
+        for t in loops:
+            t.cancel()
+        await store.close()

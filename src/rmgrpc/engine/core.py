@@ -9,12 +9,11 @@ deadlines (`timers`), the transitions, and the scheduling loop. Background loops
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from rmgrpc.clock import Clock
+from rmgrpc.clock import Clock, set_or_timeout
 from rmgrpc.config import Settings
 from rmgrpc.engine.cost import Costs
 from rmgrpc.engine.recovery import recover
@@ -31,6 +30,9 @@ from rmgrpc.store import EventStore
 log = logging.getLogger("rmgrpc.engine")
 
 T = TypeVar("T")
+
+# How long stop() waits for the cancelled background loops to end.
+STOP_LOOPS_SECONDS = 5.0
 
 
 class EngineCore:
@@ -139,9 +141,14 @@ class EngineCore:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a loop that swallowed its cancellation must not hang the stop.
+            ended, stuck = await asyncio.wait(self._tasks, timeout=STOP_LOOPS_SECONDS)
+            for task in ended:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("engine loop %s had failed: %r", task.get_name(), task.exception())
+            for task in stuck:
+                log.error("engine loop %s did not stop when cancelled", task.get_name())
         self._tasks = []
         self.scheduling.runner.close()
         self.hub.close()
@@ -166,8 +173,7 @@ class EngineCore:
                 log.exception("timer handling failed")
             delay = self.timers.next_delay()
             if delay is None or delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._timer_wake.wait(), min(delay or 3600.0, 1.0))
+                await set_or_timeout(self._timer_wake, min(delay or 3600.0, 1.0))
 
     def fire_timers(self, now: float | None = None) -> bool:
         """Handles every deadline that has come (by the monotonic clock); True when

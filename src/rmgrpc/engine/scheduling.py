@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rmgrpc import telemetry
+from rmgrpc.clock import set_or_timeout
 from rmgrpc.engine.passes import PassRunner, make_runner
 from rmgrpc.engine.txn import Txn
 from rmgrpc.errors import Unavailable
@@ -418,12 +419,8 @@ class Scheduling:
             self._release(ticket)
 
     async def _kicked(self, timeout: float | None) -> None:
-        """Until a pass is asked for, or `timeout` seconds pass. Not `asyncio.wait_for`:
-        on Python 3.11 it swallows a cancellation that lands as the kick does, and the
-        server's stop then waited on a loop that went on running passes."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._kick.wait()
+        """Until a pass is asked for, or `timeout` seconds pass."""
+        await set_or_timeout(self._kick, timeout)
 
     def _release(self, ticket: int, error: BaseException | None = None) -> None:
         keep = []
