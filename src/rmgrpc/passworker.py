@@ -10,7 +10,8 @@ the time, quotas and settings; it answers with a compact `PassResult`.
 
 Speaks pickled messages over the socket inherited as FD (a
 `multiprocessing.connection.Connection`): `("pass", Delta)` → `("ok", PassResult)`,
-`("dry_run", Delta)` → `("ok", DryRun)` for `Delta.probe`, or `("error", text)`.
+`("dry_run", Delta)` → `("ok", DryRun)` for `Delta.probe`, `("view", Delta)` → `("ok",
+ClusterView)` (its revision left 0: the server knows it), or `("error", text)`.
 It exits when the server closes the socket (or dies), so it never
 outlives it. Only the server's own process writes to the socket: nothing untrusted is
 unpickled.
@@ -19,6 +20,7 @@ unpickled.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -30,8 +32,12 @@ from rmgrpc.model import Allocation, Node
 from rmgrpc.scheduler.cycle import dry_run, run_cycle
 from rmgrpc.scheduler.result import EstimatePolicy, PassResult, Summariser
 from rmgrpc.scheduler.snapshot import DryRun, Snapshot
+from rmgrpc.summary import ClusterView
 
 T = TypeVar("T")
+
+# Added to the worker's nice value at its start (lower priority than the server).
+WORKER_NICENESS = 10
 
 
 @dataclass(slots=True)
@@ -81,7 +87,7 @@ def serve(conn: Connection) -> None:
             summarise.estimates = delta.estimates
             apply_delta(nodes, allocations, delta)
             snap = Snapshot(nodes=nodes, allocations=allocations, **delta.rest)
-            result: PassResult | DryRun
+            result: PassResult | DryRun | ClusterView
             if kind == "pass":
                 started = time.perf_counter()
                 decisions = run_cycle(snap)
@@ -90,6 +96,8 @@ def serve(conn: Connection) -> None:
                 if delta.probe is None:
                     raise ValueError("a dry run needs a probe")
                 result = dry_run(snap, delta.probe)
+            elif kind == "view":
+                result = ClusterView.of(snap, 0)
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except Exception:
@@ -115,4 +123,8 @@ def snapshot_rest(snap: Snapshot) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # Serving first: where cores are short, the kernel runs the server's event loop (and
+    # its clients) before a long pass, as Slurm's backfill yields to RPCs. Without it the
+    # deep-queue bench's worst Health/Check latencies were the server waiting for a core.
+    os.nice(WORKER_NICENESS)
     serve(Connection(int(sys.argv[1])))

@@ -225,22 +225,45 @@ _cache: weakref.WeakKeyDictionary[Engine, tuple[int, asyncio.Future[ClusterView]
 )
 
 
-async def current_view(engine: Engine) -> ClusterView:
+async def current_view(engine: Engine, *, background: bool = False) -> ClusterView:
     """The cluster at the newest revision, once that revision is durable, with the latest
-    GPU metrics added (a fresh copy per call: the metrics part is not cached)."""
+    GPU metrics added (a fresh copy per call: the metrics part is not cached).
+
+    `background`: for readers that can wait (the metrics gauges), built where scheduling
+    passes run (the pass worker's process by default) instead of in a thread of the
+    server's, where it competes with the event loop for the GIL; it may wait for a pass
+    in progress, and may be of a revision taken a little later."""
     revision = engine.revision
     cached = _cache.get(engine)
     if cached is None or cached[0] != revision:
-        snap = engine.scheduling.snapshot()
-        built = asyncio.ensure_future(asyncio.to_thread(ClusterView.of, snap, revision))
+        sched = engine.scheduling
+
+        def take() -> tuple[Snapshot, int]:
+            return sched.snapshot(), engine.revision
+
+        if background:
+            built = asyncio.ensure_future(sched.runner.view(engine.state, take))
+        else:
+            built = asyncio.ensure_future(asyncio.to_thread(ClusterView.of, *take()))
         cached = (revision, built)
         _cache[engine] = cached
+        built.add_done_callback(lambda fut: _forget_failed(engine, fut))
     shared = await asyncio.shield(cached[1])
     view = _copy(shared)
     view.read_time = engine.clock.now()
     view.add_gpu_metrics(engine.state.nodes)
-    await engine.wait_committed(revision)
+    await engine.wait_committed(view.revision)
     return view
+
+
+def _forget_failed(engine: Engine, built: asyncio.Future[ClusterView]) -> None:
+    """A failed build is not kept (the next reader tries again), and its error counts as
+    seen even when every reader was cancelled first (a server stopping mid-build)."""
+    if built.cancelled() or built.exception() is None:
+        return
+    cached = _cache.get(engine)
+    if cached is not None and cached[1] is built:
+        del _cache[engine]
 
 
 def _copy(view: ClusterView) -> ClusterView:

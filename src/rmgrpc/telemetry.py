@@ -538,7 +538,7 @@ class StatePublisher:
         m.watch_streams.set(engine.hub.watchers)
         m.event_revision.set(engine.hub.revision)
 
-        view = await current_view(engine)
+        view = await current_view(engine, background=True)
         m.set_allocation_counts(
             {"PENDING": view.pending_count, "ALLOCATED": view.running, "PREEMPTED": view.leaving}
         )

@@ -98,6 +98,32 @@ async def test_quick_decisions_place_at_once_and_explain_a_wait(engine_factory: 
     assert engine.scheduling.passes == passes  # none of that needed a full pass
 
 
+async def test_a_stream_of_arrivals_into_a_full_cluster_waits_for_the_refresh_gap(
+    engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests answered PENDING at once ask only for a refresh pass (their position),
+    which waits `REFRESH_GAP` (or twice the last pass) after the last one: a stream of
+    arrivals must not run passes back to back (at 30,000 pending that kept a core busy
+    and starved serving); an urgent request still cuts the wait short."""
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    await engine.schedule_now()
+    monkeypatch.setattr(scheduling, "REFRESH_GAP", 3600.0)
+    passes = engine.scheduling.passes
+    waiting = []
+    for _ in range(20):
+        a, _ = await engine.allocate(request(gpus=1), dry_run=False)
+        assert a.state == AllocationState.PENDING and a.pending_reason
+        waiting.append(a)
+        await _loop_turns(5)
+    assert engine.scheduling.passes == passes
+    assert all(engine.scheduling.position(a.id) == 0 for a in waiting)
+    await engine.schedule_now()  # urgent
+    assert engine.scheduling.passes == passes + 1
+    assert sorted(engine.scheduling.position(a.id) for a in waiting) == list(range(2, 22))
+
+
 async def test_after_capacity_frees_the_queue_goes_first(engine_factory: Any) -> None:
     """Freed capacity unsettles the queue: a newcomer waits for the pass, which gives the
     GPUs to the request that waited longer."""

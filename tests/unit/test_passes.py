@@ -18,6 +18,7 @@ from rmgrpc.scheduler.result import EstimatePolicy, Summariser
 from rmgrpc.scheduler.simulate import make_node
 from rmgrpc.scheduler.snapshot import Decisions, PendingStatus, Snapshot
 from rmgrpc.state import ClusterState
+from rmgrpc.summary import ClusterView
 
 NOW = 1_000.0
 
@@ -132,6 +133,42 @@ async def test_thread_and_process_runners_agree() -> None:
         assert (a.plan, a.positions, a.reasons) == (b.plan, b.positions, b.reasons)
     finally:
         process.close()
+
+
+async def test_the_worker_builds_the_cluster_summary_a_thread_would() -> None:
+    """The gauges' cluster summary, built in the worker from its mirror (kept up to date
+    by the same deltas as passes, before and after one), is the summary of the snapshot,
+    labelled with the revision the server took it at."""
+    state = _state()
+    for i in range(12):
+        _request(state, i, gpus=1 + i % 3, tenant=("org/a", "org/ab", "lab")[i % 3])
+    runner = ProcessRunner()
+    try:
+        for step in range(3):
+            got = await runner.view(state, lambda step=step: (_snapshot(state), 40 + step))
+            assert got == ClusterView.of(_snapshot(state), 40 + step)
+            if step == 0:
+                await runner.run(state, lambda: _snapshot(state))
+            else:
+                _request(state, 100 + step, gpus=2, tenant="org/ab")
+        assert got.pending_count > 0 and set(got.tenants) >= {"org/a", "org/ab", "lab"}
+    finally:
+        runner.close()
+
+
+async def test_the_worker_runs_at_a_lower_priority_than_the_server() -> None:
+    """Where cores are short the kernel serves RPCs before a long pass."""
+    state = _state()
+    _request(state, 0, gpus=1)
+    runner = ProcessRunner()
+    try:
+        await runner.run(state, lambda: _snapshot(state))
+        assert runner._proc is not None
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        worker = os.getpriority(os.PRIO_PROCESS, runner._proc.pid)
+        assert worker == min(19, ours + passworker.WORKER_NICENESS)
+    finally:
+        runner.close()
 
 
 def test_unknown_runner_is_refused() -> None:

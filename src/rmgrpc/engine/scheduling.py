@@ -384,15 +384,15 @@ class Scheduling:
         while True:
             pending = bool(self._last_pending or self._unconsidered)
             await self._kicked(REFRESH_EVERY if pending else None)
-            if not self._urgent:
-                # Only a refresh: leave the CPU to serving for a moment first (an urgent
-                # request cuts the wait short), and the longer passes take, the longer:
-                # refreshes never take more than a third of the time.
-                every = max(REFRESH_GAP, 2 * self.last_cycle_seconds)
-                gap = every - (time.monotonic() - self._last_pass_end)
-                if gap > 0:
-                    self._kick.clear()
-                    await self._kicked(gap)
+            # Only a refresh: leave the CPU to serving for a moment first (only an urgent
+            # request cuts the wait short: the non-urgent ones of a stream of arrivals
+            # ran passes back to back, a whole core), and the longer passes take, the
+            # longer: refreshes never take more than a third of the time.
+            every = max(REFRESH_GAP, 2 * self.last_cycle_seconds)
+            until = self._last_pass_end + every
+            while not self._urgent and (gap := until - time.monotonic()) > 0:
+                self._kick.clear()
+                await self._kicked(gap)
             self._kick.clear()
             self._urgent = False
             # Let a burst of requests arrive so one pass serves them all.
