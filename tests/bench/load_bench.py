@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import grpc
 
 from rmgrpc.config import Settings
+from rmgrpc.engine.scheduling import QUEUED
 from rmgrpc.model import AllocationEventType, Event, EventKind
 from rmgrpc.server import RunningServer, start
 from rmgrpc.store import Store, Write
@@ -338,15 +339,22 @@ class _Served:
         self.server = await start(self.settings)
         t1 = time.perf_counter()
         # What follows measures a server serving a deep queue, not one restarting: wait
-        # for its first pass over the recovered queue (until then nothing is ranked).
+        # for its first pass over the recovered queue (until then nothing is ranked), and
+        # for the first reasons of every recovered request to be written (an RPC fill
+        # answers each with its reason as it comes; a restart writes them all at once).
         ranked = await _ranked(self.target, limit)
+        t2 = time.perf_counter()
         # Seeded requests that found free GPUs were placed by the first cycle: count again.
-        depth = await _count_pending(self.target)
+        depth, unexplained = await _count_pending(self.target)
+        while unexplained and time.perf_counter() - t2 < limit:
+            await asyncio.sleep(0.5)
+            depth, unexplained = await _count_pending(self.target)
         print(
             f"fill        {count} PENDING written to the database, server restarted on it, "
             f"in {t1 - t0:.1f} s; its first pass ranked the queue "
-            f"{'after' if ranked else 'not within'} {time.perf_counter() - t1:.1f} s; "
-            f"{depth} pending now",
+            f"{'after' if ranked else 'not within'} {t2 - t1:.1f} s, every request had its "
+            f"reason {'after' if not unexplained else 'not within'} "
+            f"{time.perf_counter() - t1:.1f} s; {depth} pending now",
             flush=True,
         )
         return depth
@@ -374,7 +382,7 @@ async def _seed_pending(db: str, first: int, count: int) -> None:
                     shape=request.shape,
                     lease_seconds=request.lease_seconds,
                     state=pb.ALLOCATION_STATE_PENDING,
-                    pending_reason="queued: the scheduler has not considered it yet",
+                    pending_reason=QUEUED,
                     revision=revision,
                     create_revision=revision,
                 )
@@ -403,8 +411,9 @@ async def _ranked(target: str, limit: float) -> bool:
     return False
 
 
-async def _count_pending(target: str) -> int:
-    pending = 0
+async def _count_pending(target: str) -> tuple[int, int]:
+    """How many are pending, and how many of them still wait for their first reason."""
+    pending = unexplained = 0
     token = ""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = allocator_pb2_grpc.AllocatorServiceStub(channel)
@@ -415,9 +424,10 @@ async def _count_pending(target: str) -> int:
                 )
             )
             pending += len(page.allocations)
+            unexplained += sum(a.pending_reason == QUEUED for a in page.allocations)
             token = page.next_page_token
             if not token:
-                return pending
+                return pending, unexplained
 
 
 async def _fill(target: str, first: int, count: int, limit: float, already: int = 0) -> int:

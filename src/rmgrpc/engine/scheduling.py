@@ -75,11 +75,12 @@ REASON_EVERY = 30.0
 # ...and at most this many per pass (first reasons always go).
 REASON_BUDGET = 1000
 # Reasons written per txn; more go in the next slice at once, with the event loop free
-# between. Each is encoded on the event loop (~40-90 us): 250 keep a slice near 10-20 ms.
-REASON_SLICE = 250
-# A pass's changed reasons taken in per turn of the event loop (~1.5 us each): a deep
-# queue's pass names tens of thousands, and taken whole they held the loop ~50 ms.
-ABSORB_SLICE = 4096
+# between. Each is encoded on the event loop (~40-90 us): 100 keep a slice near 4-9 ms
+# (250 made a pass's apply, which writes the first slice, ~38 ms at 30,000 pending).
+REASON_SLICE = 100
+# A pass's changed reasons taken in per turn of the event loop (~1.5-3.5 us each): a
+# deep queue's pass names tens of thousands; taken whole they held the loop ~50 ms.
+ABSORB_SLICE = 1024
 # With work pending, a pass runs at least this often (starvation holds, positions).
 REFRESH_EVERY = 5.0
 # A pass asked only to refresh positions and reasons waits this long after the last.
