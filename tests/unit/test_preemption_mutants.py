@@ -1064,6 +1064,20 @@ def _place(
     a.allocate_time = s.now - 1000
 
 
+def _under_a_cpu_or_memory_guarantee(res: str) -> Simulator:
+    """v guaranteed 1 GPU and 8 CPUs (or 8 GiB) holds a 4-GPU job with a quarter of that
+    CPU (memory): over its GPU guarantee, under its `res` one; g is guaranteed 4 GPUs."""
+    cap = {"cpu": 8000, "mem": 8 * GIB}[res]
+    guaranteed = (
+        Resources(gpus=1, cpu_millis=cap) if res == "cpu" else Resources(gpus=1, memory_bytes=cap)
+    )
+    quotas = [Quota("v", guaranteed=guaranteed), Quota("g", guaranteed=Resources(gpus=4))]
+    s = cluster([("n1", 4, "H100")], quotas)
+    s.nodes["n1"].cpu_millis, s.nodes["n1"].memory_bytes = 16000, 16 * GIB
+    _place(s, "v", "vwork", {"gpu": 4, res: cap // 4}, [0, 1, 2, 3])
+    return s
+
+
 def test_a_cpu_guarantee_does_not_shield_gpu_work_from_a_gpu_only_reclaim() -> None:
     """Preemption, reclaim: v is under its CPU guarantee (2 of 8 CPUs) but over its GPU
     guarantee (4 of 1); g, under its GPU guarantee, asks 4 GPUs and no CPU. Only GPUs
@@ -1071,16 +1085,7 @@ def test_a_cpu_guarantee_does_not_shield_gpu_work_from_a_gpu_only_reclaim() -> N
     `_Search.__init__` judging CPU or memory the request does not ask for, `dims`
     `cpu >= 0` / `mem >= 0`, and `_tenants_ok` judging every resource the victims free)."""
     for res in ("cpu", "mem"):
-        cap = {"cpu": 8000, "mem": 8 * GIB}[res]
-        guaranteed = (
-            Resources(gpus=1, cpu_millis=cap)
-            if res == "cpu"
-            else Resources(gpus=1, memory_bytes=cap)
-        )
-        quotas = [Quota("v", guaranteed=guaranteed), Quota("g", guaranteed=Resources(gpus=4))]
-        s = cluster([("n1", 4, "H100")], quotas)
-        s.nodes["n1"].cpu_millis, s.nodes["n1"].memory_bytes = 16000, 16 * GIB
-        _place(s, "v", "vwork", {"gpu": 4, res: cap // 4}, [0, 1, 2, 3])
+        s = _under_a_cpu_or_memory_guarantee(res)
         req = s.submit("g", h100(4), priority=-5)  # reclaim: at any priority
         d = s.step()
         assert victims(d) == {"vwork"}, res
@@ -1092,16 +1097,7 @@ def test_a_cpu_guarantee_still_protects_cpu_the_request_asks_for() -> None:
     guarantee is judged, and v (under it) keeps its job (kills the CPU ask, or an ask
     of exactly 1 milli, not being judged: `dims` `cpu > 1`; and the same in memory)."""
     for res in ("cpu", "mem"):
-        cap = {"cpu": 8000, "mem": 8 * GIB}[res]
-        guaranteed = (
-            Resources(gpus=1, cpu_millis=cap)
-            if res == "cpu"
-            else Resources(gpus=1, memory_bytes=cap)
-        )
-        quotas = [Quota("v", guaranteed=guaranteed), Quota("g", guaranteed=Resources(gpus=4))]
-        s = cluster([("n1", 4, "H100")], quotas)
-        s.nodes["n1"].cpu_millis, s.nodes["n1"].memory_bytes = 16000, 16 * GIB
-        _place(s, "v", "vwork", {"gpu": 4, res: cap // 4}, [0, 1, 2, 3])
+        s = _under_a_cpu_or_memory_guarantee(res)
         req = s.submit("g", _shape({"gpu": 4, res: 1}), priority=-5)  # 1 milli / 1 byte
         d = s.step()
         assert victims(d) == set(), res
