@@ -180,6 +180,9 @@ class EventHub:
         self.fell_back = 0
         self.cut_off = 0
         self._closed = False
+        # Called with each published batch, on the event loop, after the watchers: for
+        # in-process followers of the log (the metrics' counters); must be cheap.
+        self.listeners: list[Callable[[Sequence[Event]], None]] = []
 
     @property
     def watchers(self) -> int:
@@ -223,6 +226,11 @@ class EventHub:
             self._unregister(sub)
             self._unsynced.add(sub)
         self.fell_back += len(fallen)
+        for listen in self.listeners:
+            try:
+                listen(events)
+            except Exception:  # a follower's bug must not fail the commit it follows
+                log.exception("event listener %r failed", listen)
 
     def _remember(self, event: Event) -> None:
         """Appends `event` to the ring, dropping the oldest past either bound (always

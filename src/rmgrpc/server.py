@@ -187,7 +187,7 @@ def _record_cycle(metrics: telemetry.Metrics) -> Callable[[float, PassResult], N
 async def _gauges_loop(engine: Engine, metrics: telemetry.Metrics, every: float) -> None:
     """Refreshes the gauges, and the counters kept by the store and the hub, every `every` s
     (see `telemetry.StatePublisher`: RPCs never update these themselves)."""
-    publisher = telemetry.StatePublisher(metrics, since=engine.clock.now())
+    publisher = telemetry.StatePublisher(metrics, engine.hub)
     errors = telemetry.RateLimitedLog(log)
     while True:
         try:

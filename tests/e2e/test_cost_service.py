@@ -198,7 +198,7 @@ async def test_a_budget_refuses_work_it_cannot_cover(
     usage = (await quotas.GetUsage(quota_pb2.GetUsageRequest(tenant="team"))).usage
     assert usage.budget_used_fraction == pytest.approx(2.333333 / 2.5)
     # The gauges say the same at their next refresh.
-    await telemetry.StatePublisher(running.metrics, since=0).refresh(running.engine)
+    await telemetry.StatePublisher(running.metrics, running.engine.hub).refresh(running.engine)
     ratio = running.metrics.registry.get_sample_value(
         "rmgrpc_tenant_budget_used_ratio", {"tenant": "team"}
     )

@@ -267,9 +267,7 @@ async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_be
     monkeypatch.setattr(sched, "_write_reasons", counting)
     sched.changed()
     await engine.schedule_now()
-    async with asyncio.timeout(5):
-        while any(a.pending_reason == scheduling.QUEUED for a in waiting):
-            await asyncio.sleep(0)
+    await _slices_written(engine)
     slices = [n for n in written if n]
     assert sum(slices) == 12 and max(slices) <= 5 and len(slices) >= 3, written
     # Another callback ran after each slice before the next one began.
@@ -279,17 +277,75 @@ async def test_first_reasons_of_a_large_queue_go_in_slices_with_the_loop_free_be
     assert updated >= {a.id for a in waiting}
 
 
+async def _slices_written(engine: Engine) -> None:
+    """Until the slices of reasons that follow a pass's first are written and durable
+    (each a callback of its own, after a pause as long as the slice before took)."""
+    async with asyncio.timeout(5):
+        while engine.scheduling.next_slice is not None:
+            await asyncio.sleep(0.001)
+    await engine.wait_committed()
+
+
+async def test_a_stop_cancels_the_reason_slices_still_to_come(
+    engine_factory: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Slices after a pause must not outlive the engine: one firing after a stop would
+    commit to a closed store (logged as a store failure, the server shutting down)."""
+    monkeypatch.setattr(scheduling, "REASON_SLICE", 1)
+    engine, _ = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(6)]
+    with engine.committer.transaction() as txn:
+        engine.scheduling._statuses(txn, {a.id: "later" for a in waiting})
+    assert engine.scheduling.next_slice is not None
+    await engine.stop()
+    assert engine.scheduling.next_slice is None
+    written = [a.pending_reason for a in waiting].count("later")
+    assert written < len(waiting)  # the stop came before the last slice
+    await asyncio.sleep(0.05)
+    assert [a.pending_reason for a in waiting].count("later") == written
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
 async def _reasons_given(engine: Engine, reasons: dict[str, str]) -> int:
     """Hands `reasons` to the scheduler as a pass's changed reasons; how many UPDATED
     events that writes (the first slice and the slices that follow it)."""
     before = engine.revision
     with engine.committer.transaction() as txn:
         engine.scheduling._statuses(txn, reasons)
-    for _ in range(20):
-        await asyncio.sleep(0)  # the slices that follow, each a callback of its own
-    await engine.wait_committed()
+    await _slices_written(engine)
     events = await engine.store.read_events(before, 10_000)
     return sum(e.type == AllocationEventType.UPDATED for e in events)
+
+
+async def test_an_arrival_answered_pending_at_once_has_the_reason_the_next_pass_gives(
+    engine_factory: Any,
+) -> None:
+    """A request that cannot fit is answered PENDING at once with the filter chain's
+    reason; a pass ends the same reason with where the tenant stands against its fair
+    share. The quick answer ends it the same way (as of the last pass), so the next pass
+    finds nothing to rewrite: one event per arrival, not two (at 800 arrivals a second
+    into a full cluster the second ones were a thousand writes a pass). Sibling tenant
+    names keep their own notes."""
+    engine, _ = await engine_factory(nodes=2, gpus=8)
+    for tenant in ("org/a", "org/ab"):
+        await engine.allocate(request(tenant, gpus=8), dry_run=False)
+    for tenant in ("org/a", "org/ab"):
+        await engine.allocate(request(tenant, gpus=1), dry_run=False)
+    await engine.schedule_now()  # a pass: the tenants' share notes
+    before = engine.revision
+    arrivals = []
+    for tenant, gpus in [("org/a", 1), ("org/ab", 2), ("org/a", 4), ("org/ab", 1)]:
+        a, _ = await engine.allocate(request(tenant, gpus=gpus), dry_run=False)
+        assert a.state == AllocationState.PENDING
+        assert a.pending_reason.endswith(f"; tenant {tenant} holds 8 GPUs, fair share 8")
+        arrivals.append((a, a.pending_reason))
+    await engine.schedule_now()
+    await _slices_written(engine)
+    assert [a.pending_reason for a, _ in arrivals] == [r for _, r in arrivals]
+    events = await engine.store.read_events(before, 10_000)
+    updated = [e.object_id for e in events if e.type == AllocationEventType.UPDATED]
+    assert not set(updated) & {a.id for a, _ in arrivals}, updated
 
 
 async def test_changed_reasons_are_written_once_per_interval_and_budget_per_pass(
@@ -351,7 +407,7 @@ async def test_a_pass_s_changed_reasons_are_taken_in_slices_and_a_newer_pass_sup
         sched._statuses(txn, {a.id: "first pass" for a in waiting})
     # Only the first slice was taken in before the event loop got its turn back.
     assert [a.pending_reason for a in waiting].count("first pass") == 3
-    await _loop_turns(20)  # the slices that follow, each a callback of its own
+    await _slices_written(engine)
     assert [a.pending_reason for a in waiting] == ["first pass"] * 10
 
     for a in waiting:
@@ -359,7 +415,7 @@ async def test_a_pass_s_changed_reasons_are_taken_in_slices_and_a_newer_pass_sup
     with engine.committer.transaction() as txn:
         sched._statuses(txn, {a.id: "older" for a in waiting})
         sched._statuses(txn, {a.id: "newer" for a in waiting[8:]})
-    await _loop_turns(20)
+    await _slices_written(engine)
     reasons = [a.pending_reason for a in waiting]
     assert reasons == ["older"] * 3 + [scheduling.QUEUED] * 5 + ["newer"] * 2
 

@@ -330,3 +330,23 @@ async def test_a_start_compacted_away_is_still_revision_compacted() -> None:
 def test_subscriber_has_no_per_instance_dict() -> None:
     # Thousands of watchers: keep each small.
     assert not hasattr(_Subscriber(WatchFilter(), 16, 1, 0.0), "__dict__")
+
+
+def test_listeners_see_every_batch_and_a_failing_one_fails_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In-process followers of the log (the metrics' counters) get each published batch
+    after the watchers; one that raises is logged, and neither the publish (a commit's
+    callback) nor the listeners after it are affected."""
+    log = FakeLog()
+    hub = make_hub(log)
+    seen: list[int] = []
+
+    def broken(events: object) -> None:
+        raise RuntimeError("listener bug")
+
+    hub.listeners.extend([broken, lambda events: seen.extend(e.revision for e in events)])
+    commit(hub, log, 3)
+    commit(hub, log, 2)
+    assert seen == [1, 2, 3, 4, 5] and hub.revision == 5
+    assert sum("listener" in r.getMessage() for r in caplog.records) == 2

@@ -28,7 +28,17 @@ from prometheus_client import REGISTRY, generate_latest
 
 from rmgrpc import telemetry
 from rmgrpc.config import ConfigError, load_settings
-from rmgrpc.model import GpuMetrics, Resources
+from rmgrpc.events import EventHub
+from rmgrpc.model import (
+    Allocation,
+    AllocationEventType,
+    AllocationState,
+    Event,
+    EventKind,
+    GpuMetrics,
+    Resources,
+    Shape,
+)
 from rmgrpc.telemetry import Metrics, MetricsInterceptor, setup_tracing, start_metrics_server
 
 HEALTH = "grpc.health.v1.Health"
@@ -140,6 +150,80 @@ def test_tenant_series_follow_the_tenants_published() -> None:
     m.forget_tenants({"org/a"})
     assert sample(m, "rmgrpc_tenant_preempted_gpu_seconds_total", {"tenant": "org/b"}) is None
     assert sample(m, "rmgrpc_tenant_admitted_total", {"tenant": "org/a"}) == 1
+
+
+def test_admissions_and_preemptions_are_counted_once_from_the_published_events() -> None:
+    """The counters follow the log: each allocation PLACED after the publisher was made
+    counts once as admitted (with its wait), even when it ended before the refresh; one
+    that ENDED PREEMPTED adds its GPU-seconds; work placed before (recovered) and
+    events of other kinds count nothing; a second refresh counts nothing again."""
+
+    async def no_events(after: int, limit: int) -> list[Event]:
+        return []
+
+    hub = EventHub(no_events, last_revision=0, oldest_revision=1)
+    m = Metrics()
+    publisher = telemetry.StatePublisher(m, hub)
+
+    def alloc(aid: str, tenant: str, state: AllocationState, **kw: Any) -> Allocation:
+        shape = Shape(gpus=2)
+        return Allocation(id=aid, tenant=tenant, count=1, shape=shape, state=state, **kw)
+
+    allocations = {
+        "run": alloc("run", "org/a", AllocationState.ALLOCATED, create_time=10, allocate_time=13),
+        "gone": alloc(
+            "gone",
+            "org/a",
+            AllocationState.RELEASED,
+            create_time=10,
+            allocate_time=11,
+            end_time=12,
+        ),
+        "victim": alloc(
+            "victim",
+            "org/ab",
+            AllocationState.PREEMPTED,
+            create_time=0,
+            allocate_time=20,
+            end_time=50,
+        ),
+        "old": alloc("old", "org/ab", AllocationState.ALLOCATED, create_time=0, allocate_time=1),
+        "wait": alloc("wait", "org/a", AllocationState.PENDING, create_time=10),
+    }
+    engine = types.SimpleNamespace(state=types.SimpleNamespace(allocations=allocations))
+    placed, ended, updated = (
+        AllocationEventType.PLACED,
+        AllocationEventType.ENDED,
+        AllocationEventType.UPDATED,
+    )
+    script = [
+        ("run", placed),
+        ("gone", placed),
+        ("gone", ended),
+        ("victim", placed),
+        ("victim", ended),
+        ("wait", updated),
+        ("old", updated),
+    ]
+    hub.publish(
+        [
+            Event(rev, EventKind.ALLOCATION, kind, aid, 0.0, b"")
+            for rev, (aid, kind) in enumerate(script, start=1)
+        ]
+    )
+    hub.publish([Event(8, EventKind.NODE, placed, "run", 0.0, b"")])  # not an allocation
+    for _ in range(2):  # the second refresh has nothing new to count
+        publisher._count_transitions(engine)  # type: ignore[arg-type]
+        assert sample(m, "rmgrpc_tenant_admitted_total", {"tenant": "org/a"}) == 2
+        assert sample(m, "rmgrpc_tenant_admitted_total", {"tenant": "org/ab"}) == 1
+        waits = {"tenant": "org/a"}
+        assert sample(m, "rmgrpc_tenant_admission_wait_seconds_sum", waits) == 4
+        victim = {"tenant": "org/ab"}
+        assert sample(m, "rmgrpc_tenant_preempted_gpu_seconds_total", victim) == 60
+        assert sample(m, "rmgrpc_tenant_preempted_gpu_seconds_total", {"tenant": "org/a"}) in (
+            None,
+            0,
+        )
 
 
 def test_resource_values_in_base_units() -> None:

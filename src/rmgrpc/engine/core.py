@@ -150,7 +150,7 @@ class EngineCore:
             for task in stuck:
                 log.error("engine loop %s did not stop when cancelled", task.get_name())
         self._tasks = []
-        self.scheduling.runner.close()
+        self.scheduling.close()
         self.hub.close()
         self.committer.close()
 

@@ -654,6 +654,7 @@ class _Cycle:
                 parts.append(f"preemption limit of {limit} per cycle reached")
             reason = "; ".join(parts) or "waiting"
             self.decisions.pending[aid] = PendingStatus(reason, pos)
+        self.decisions.share_notes = {t: n for (t, gpus), n in notes.items() if gpus}
 
 
 def _reserved_text(a: Allocation, blocking: Sequence[Reservation]) -> str:

@@ -97,6 +97,11 @@ class Decisions:
     # (preemptor id, node id, GPU indices, CPU millis, memory bytes). Decisions made
     # between passes leave it alone.
     reserved: list[tuple[str, str, tuple[int, ...], int, int]] = field(default_factory=list)
+    # Where each tenant with GPU work waiting for capacity stands against its fair share
+    # (the note that ends such a request's reason; "" when nothing is shared): a quick
+    # decision between passes ends its reason the same way, so the next pass does not
+    # rewrite every arrival's reason only to add the note.
+    share_notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
