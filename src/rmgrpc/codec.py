@@ -115,8 +115,6 @@ def allocation_to_proto(
     encoding of a revision (events, the store) never carries it. `position` is the
     queue position to show (the last pass's); without it, `a.queue_position`.
     `estimate` is a PENDING allocation's (start time or None, reason), also status."""
-    if position is None:
-        position = a.queue_position
     msg = allocator_pb2.Allocation(
         id=a.id,
         tenant=a.tenant,
@@ -130,7 +128,6 @@ def allocation_to_proto(
         state=int(a.state),  # type: ignore[arg-type]
         placements=[placement_to_proto(p, uuid_of) for p in a.placements],
         pending_reason=a.pending_reason if a.state == AllocationState.PENDING else "",
-        queue_position=position if status and a.state == AllocationState.PENDING else 0,
         state_reason=a.state_reason,
         revision=a.revision,
         preempted_by=a.preempted_by,
@@ -149,10 +146,25 @@ def allocation_to_proto(
         "grace_end_time",
     )
     set_stamps(msg, ((name, getattr(a, name)) for name in times))
-    if estimate is not None and status and a.state == AllocationState.PENDING:
+    if status:
+        add_status(msg, a, position, estimate)
+    return msg
+
+
+def add_status(
+    msg: allocator_pb2.Allocation,
+    a: Allocation,
+    position: int | None = None,
+    estimate: tuple[float | None, str] | None = None,
+) -> None:
+    """Adds a PENDING allocation's status (queue position, start estimate) to `msg`, the
+    encoding of its revision (`allocation_to_proto` with `status=False`)."""
+    if a.state != AllocationState.PENDING:
+        return
+    msg.queue_position = a.queue_position if position is None else position
+    if estimate is not None:
         start, msg.estimate_reason = estimate
         set_stamps(msg, (("estimated_start_time", start),))
-    return msg
 
 
 def allocation_from_proto(msg: allocator_pb2.Allocation) -> Allocation:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rmgrpc import codec
 from rmgrpc.model import (
     Allocation,
@@ -60,6 +62,35 @@ def test_pending_fields_only_show_while_pending() -> None:
     )
     msg = codec.allocation_to_proto(a)
     assert msg.pending_reason == "" and msg.queue_position == 0
+
+
+@pytest.mark.parametrize("state", list(AllocationState))
+@pytest.mark.parametrize(
+    ("position", "estimate"),
+    [(None, None), (4, None), (2, (1_800_000_090.5, "")), (0, (None, "x"))],
+)
+def test_a_revision_s_message_with_its_status_added_is_the_full_message(
+    state: AllocationState, position: int | None, estimate: tuple[float | None, str] | None
+) -> None:
+    """Answers about PENDING work copy the message its event carries and add the status
+    (`add_status`): the same message `allocation_to_proto` builds with the status."""
+    a = Allocation(
+        id="a",
+        tenant="org/a",
+        count=1,
+        shape=Shape(gpus=2),
+        state=state,
+        pending_reason="no node with 2 free GPUs",
+        queue_position=7,
+        create_time=1_800_000_000.0,
+        revision=5,
+        seq=5,
+    )
+    full = codec.allocation_to_proto(a, position=position, estimate=estimate)
+    msg = codec.allocation_to_proto(a, status=False)
+    assert msg.queue_position == 0 and not msg.HasField("estimated_start_time")
+    codec.add_status(msg, a, position, estimate)
+    assert msg == full
 
 
 def test_node_round_trip_and_holders() -> None:
