@@ -382,6 +382,60 @@ async def test_changed_reasons_are_written_once_per_interval_and_budget_per_pass
     assert [a.pending_reason for a in first] == ["r2", "r3", "r3"]
 
 
+async def test_a_pass_giving_the_reason_already_written_drops_an_older_change(
+    engine_factory: Any,
+) -> None:
+    """A change held back by the rate limit is dropped when a newer pass gives the reason
+    the allocation already has: the newest pass is what the reason must say, what was
+    already said is not written again, and nothing is left queued for it (a deep queue's
+    passes name thousands of such reasons: each queued one cost a look later)."""
+    engine, clock = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    a, _ = await engine.allocate(request(gpus=2), dry_run=False)
+    await engine.schedule_now()
+    said = a.pending_reason
+    sched = engine.scheduling
+    sched._reason_at[a.id] = clock.now()  # as if just written
+    assert await _reasons_given(engine, {a.id: "changed"}) == 0  # not due yet
+    assert sched._changes == {a.id: "changed"}
+    assert await _reasons_given(engine, {a.id: said}) == 0
+    assert not sched._changes
+    clock.advance(scheduling.REASON_EVERY)
+    assert await _reasons_given(engine, {}) == 0
+    assert a.pending_reason == said
+
+
+async def test_a_slice_of_reasons_looks_at_a_bounded_number_of_entries(
+    engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due changes of requests that ended since cost no write but still cost a look: one
+    slice looks at no more than 4 x REASON_SLICE of them (a pass apply once popped
+    thousands in one turn of the event loop), and the rest follow in later slices."""
+    monkeypatch.setattr(scheduling, "REASON_SLICE", 2)
+    engine, clock = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(30)]
+    await engine.schedule_now()
+    sched = engine.scheduling
+    for a in waiting:
+        sched._reason_at[a.id] = clock.now()
+    sched._absorbing = iter({a.id: "changed" for a in waiting}.items())
+    sched._absorb()
+    for a in waiting[:-1]:
+        await engine.release(a.id)  # ended: their due changes are stale entries
+    clock.advance(scheduling.REASON_EVERY)
+    sched._budget = scheduling.REASON_BUDGET
+    before = len(sched._due)
+    with engine.committer.transaction() as txn:
+        assert sched._write_reasons(txn)  # more to look at
+    assert before - len(sched._due) == 8
+    while True:
+        with engine.committer.transaction() as txn:
+            if not sched._write_reasons(txn):
+                break
+    assert waiting[-1].pending_reason == "changed"
+
+
 async def _loop_turns(n: int) -> None:
     for _ in range(n):
         await asyncio.sleep(0)

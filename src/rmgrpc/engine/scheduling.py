@@ -46,7 +46,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rmgrpc import telemetry
@@ -628,6 +628,11 @@ class Scheduling:
             a = live.get(aid)
             if a is None or a.state != AllocationState.PENDING:
                 continue
+            if reason == a.pending_reason:
+                # Already said (a quick decision gave it): nothing to write, and an older
+                # change still waiting its turn is no longer what the passes say.
+                self._changes.pop(aid, None)
+                continue
             if a.pending_reason in ("", QUEUED):
                 self._firsts[aid] = reason
                 continue
@@ -643,20 +648,25 @@ class Scheduling:
         """Writes at most `REASON_SLICE` wanted reasons into `txn`: first reasons, then
         changes that are due, within the pass's `REASON_BUDGET`. Each is encoded on the
         event loop, so a queue of tens of thousands seen for the first time (as after a
-        restart) is written slice by slice. True when more are ready for another slice.
+        restart) is written slice by slice. Entries that turn out to need no write (ended,
+        superseded) are bounded too: a slice looks at most at 4 x `REASON_SLICE` entries.
+        True when more are ready for another slice.
         """
         live = self.state.live
         now = self.engine.clock.now()
         room = REASON_SLICE
+        looks = 4 * REASON_SLICE
         firsts, changes, due = self._firsts, self._changes, self._due
-        while firsts and room > 0:
+        while firsts and room > 0 and looks > 0:
+            looks -= 1
             aid, reason = firsts.popitem(last=False)
             a = live.get(aid)
             if a is None or a.state != AllocationState.PENDING or reason == a.pending_reason:
                 continue
             self._write(txn, a, reason, now)
             room -= 1
-        while due and room > 0 and self._budget > 0 and due[0][0] <= now:
+        while due and room > 0 and looks > 0 and self._budget > 0 and due[0][0] <= now:
+            looks -= 1
             _, aid = heapq.heappop(due)
             change = changes.pop(aid, None)
             a = live.get(aid)
@@ -743,7 +753,7 @@ class Scheduling:
         st.commit()
         self._explained.clear()
         # A fresh build would also look at what runs now (these only ever went down).
-        self._running_bounds(self.state.holding())
+        self._running_bounds(self.state.holding_unordered())
 
     def _hold_gangs(self, view: CapacityView) -> None:
         """Holds, afresh, the last pass's held nodes of its gangs still PENDING."""
@@ -762,7 +772,7 @@ class Scheduling:
             if p is not None and p.state == AllocationState.PENDING:
                 asides.add(pid, node_id, gpus, cpu, mem)
 
-    def _running_bounds(self, holding: Sequence[Allocation]) -> None:
+    def _running_bounds(self, holding: Iterable[Allocation]) -> None:
         running = [a for a in holding if a.state == AllocationState.ALLOCATED]
         self._min_priority = min((a.priority for a in running), default=None)
         self._first_start = min((a.allocate_time or 0.0 for a in running), default=None)
