@@ -74,10 +74,11 @@ QUEUED = "queued: the scheduler has not considered it yet"
 REASON_EVERY = 30.0
 # ...and at most this many per pass (first reasons always go).
 REASON_BUDGET = 1000
-# Reasons written per txn; more go in the next slice at once, with the event loop free
-# between. Each is encoded on the event loop (~40-90 us): 100 keep a slice near 4-9 ms
-# (250 made a pass's apply, which writes the first slice, ~38 ms at 30,000 pending).
-REASON_SLICE = 100
+# Reasons written per txn; more go in the next slice after a pause (`_next_slice`). Each
+# is encoded on the event loop (~40-120 us): 50 keep a slice near 2-6 ms, which is what
+# an RPC arriving meanwhile may wait (250 made a pass's apply, which writes the first
+# slice, ~38 ms at 30,000 pending; 100, 6-13 ms).
+REASON_SLICE = 50
 # A pass's changed reasons taken in per turn of the event loop (~1.5-3.5 us each): a
 # deep queue's pass names tens of thousands; taken whole they held the loop ~50 ms.
 ABSORB_SLICE = 1024
