@@ -5,7 +5,7 @@ The process runner is the default since the core was shown order-independent
 its mirror once took new allocations in a set's order, which with an order-dependent
 core let a tenant pass its limit). On the load bench it is what keeps Health/Check p99
 under 20 ms while a 10,000-deep queue is scheduled again and again, and Allocate at
-0.65-1.0x its empty-queue rate with 30,000 pending (the thread runner: 26 ms and 0.30x).
+0.7-1.4x its empty-queue rate with 30,000 pending (the thread runner: 26 ms and 0.30x).
 The worker runs at nice +10 (`passworker.WORKER_NICENESS`): where cores are short, the
 kernel serves RPCs before a long pass.
 

@@ -30,10 +30,12 @@ costs what changed, not the depth of the queue.
 says at a revision), so a changed reason is written as an UPDATED event — at once for a
 request's first reason, then at most once per `REASON_EVERY` seconds per request and
 `REASON_BUDGET` per pass, so a long queue cannot flood the log; they are written in
-slices of `REASON_SLICE` with the event loop free between, and only those due are looked
-at, so a pass costs the event loop what it writes, not the depth of the queue. Queue
-positions are status only: the last pass's map, served fresh by Get/List, never part of
-a revision.
+slices of `REASON_SLICE`, each followed by a pause as long as it took, and only those due
+are looked at, so a pass costs the event loop what it writes, not the depth of the queue.
+A request answered PENDING at once gets the reason a pass would give (the filter chain's,
+ending with its tenant's fair-share note from the last pass), so passes rewrite only the
+reasons that really changed. Queue positions are status only: the last pass's map,
+served fresh by Get/List, never part of a revision.
 """
 
 from __future__ import annotations
