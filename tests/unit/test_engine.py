@@ -405,6 +405,17 @@ async def test_a_pass_giving_the_reason_already_written_drops_an_older_change(
     assert a.pending_reason == said
 
 
+async def _waiting_behind_a_full_node(
+    engine_factory: Any, n: int
+) -> tuple[Engine, ManualClock, list[Allocation]]:
+    """One node of 8 GPUs held whole, and `n` 2-GPU requests waiting, explained by a pass."""
+    engine, clock = await engine_factory(nodes=1, gpus=8)
+    await engine.allocate(request(gpus=8), dry_run=False)
+    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(n)]
+    await engine.schedule_now()
+    return engine, clock, waiting
+
+
 async def test_a_slice_of_reasons_looks_at_a_bounded_number_of_entries(
     engine_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -412,10 +423,7 @@ async def test_a_slice_of_reasons_looks_at_a_bounded_number_of_entries(
     slice looks at no more than 4 x REASON_SLICE of them (a pass apply once popped
     thousands in one turn of the event loop), and the rest follow in later slices."""
     monkeypatch.setattr(scheduling, "REASON_SLICE", 2)
-    engine, clock = await engine_factory(nodes=1, gpus=8)
-    await engine.allocate(request(gpus=8), dry_run=False)
-    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(30)]
-    await engine.schedule_now()
+    engine, clock, waiting = await _waiting_behind_a_full_node(engine_factory, 30)
     sched = engine.scheduling
     for a in waiting:
         sched._reason_at[a.id] = clock.now()
@@ -449,10 +457,7 @@ async def test_a_pass_s_changed_reasons_are_taken_in_slices_and_a_newer_pass_sup
     an older pass left untaken is dropped when a newer pass's reasons arrive (those are
     every difference from a newer snapshot)."""
     monkeypatch.setattr(scheduling, "ABSORB_SLICE", 3)
-    engine, _ = await engine_factory(nodes=1, gpus=8)
-    await engine.allocate(request(gpus=8), dry_run=False)
-    waiting = [(await engine.allocate(request(gpus=2), dry_run=False))[0] for _ in range(10)]
-    await engine.schedule_now()
+    engine, _, waiting = await _waiting_behind_a_full_node(engine_factory, 10)
     sched = engine.scheduling
     for a in waiting:  # as if no pass had explained them yet
         a.pending_reason = scheduling.QUEUED
