@@ -554,6 +554,8 @@ class StatePublisher:
         self._seen = counts_now
         m.watch_streams.set(engine.hub.watchers)
         m.event_revision.set(engine.hub.revision)
+        # First: it empties what the listener gathered, whatever fails after it.
+        self._count_transitions(engine)
 
         view = await current_view(engine, background=True)
         m.set_allocation_counts(
@@ -586,7 +588,6 @@ class StatePublisher:
         budgets = {t: engine.cost.budget_spend(t, now) for t in engine.state.quotas}
         m.set_budgets({t: sa for t, sa in budgets.items() if sa[1] > 0})
         await self._gpus(engine)
-        self._count_transitions(engine)
         state = engine.state
         m.forget_tenants(set(state.by_tenant) | set(state.quotas) | set(view.tenants))
 
